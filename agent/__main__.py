@@ -1,0 +1,5 @@
+import sys
+
+from clawbot.cli import main
+
+sys.exit(main())

@@ -1,0 +1,60 @@
+"""`clawbot` command line: a thin dispatcher that imports only the subcommand it runs.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
+Importing lazily keeps `clawbot validate` fast (no FastAPI, pyinfra or ansible on its path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Add new subcommands here.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "validate": ("clawbot.validate", "check clawbot.json (and an inventory) against the schema"),
+    "agent": ("clawbot.agentmain", "run the node agent (--role model|chat)"),
+    "preflight": ("clawbot.preflight", "check that the model fits this node before rollout"),
+    "bench": ("clawbot.bench", "measure first-token latency and throughput of a gateway"),
+    "build-engine": ("clawbot.engine", "build llama-server from the pinned llama-cpp-python sdist"),
+    "make-model": ("clawbot.modelgen", "write a shape-faithful random-weight GGUF for tests and benchmarks"),
+    "status": ("clawbot.status", "show every node's agent, model and certificate state"),
+    "docs": ("clawbot.schemadocs", "regenerate docs/configuration.md from the schema"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: clawbot COMMAND [options]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `clawbot COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from clawbot import __version__
+
+        print(f"clawbot {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        print(f"clawbot: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"clawbot {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
