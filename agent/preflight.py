@@ -1,0 +1,553 @@
+"""`clawbot preflight`: will this model run on this node, and with what settings?
+
+Run on a node before (or instead of) a rollout. It sizes the model exactly from its GGUF header
+(clawbot.sizing), reads what the node really has (memory, cgroup limit, huge pages, disk, GPU), runs two
+short probes (memory bandwidth, model-file read speed) and checks the article's rules of thumb:
+
+* error:   the exact need (weights + KV cache + compute buffers) exceeds available memory -> exit 1
+* warning: memory < 1.2 × parameter count (the article's rule, in bytes at 8 bits per weight)
+* warning: memory bandwidth < 60 GB/s (decode speed is bandwidth-bound)
+* warning: storage read < 500 MB/s (load time)
+
+It recommends a huge-page count for staging, the largest context per slot that fits, the slots that fit
+and, with an NVIDIA GPU, the layers to offload. `evaluate` is pure, so deploy can run the same checks
+against a host's declared memory (`clawbot validate --inventory`) without touching the host.
+
+Context semantics follow clawbot.json: `context_window` is per conversation and every parallel slot gets
+that many KV cells, so llama-server is started with ``-c context_window × parallel_slots``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from clawbot import sizing
+from clawbot.sizing import GIB, MIB
+
+BANDWIDTH_MIN_GBPS = 60.0
+STORAGE_MIN_MBPS = 500.0
+PARAMS_RULE_FACTOR = 1.2
+BANDWIDTH_PROBE_BYTES = 256 * MIB
+BANDWIDTH_PROBE_SECONDS = 1.0
+STORAGE_PROBE_BYTES = 512 * MIB
+STORAGE_PROBE_SECONDS = 1.5
+STORAGE_PROBE_MIN_BYTES = 32 * MIB  # below this a read-speed number says little: reported, not judged
+UNLIMITED = 1 << 60  # cgroup "no limit" is reported as a huge number
+
+# Used when no clawbot.config can be imported; the same values the schema sets as defaults when it can.
+FALLBACK_SETTINGS = {"context_window": 32768, "parallel_slots": 1, "cache_type_k": "f16", "cache_type_v": "f16",
+                     "flash_attention": "auto", "model_path": "/var/lib/clawbot/models/model.gguf"}
+
+
+# --- facts ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How the model server will be run (from clawbot.json and flags)."""
+
+    model_path: str
+    context_window: int  # per slot
+    parallel_slots: int
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attention: str = "auto"  # auto|on|off as in clawbot.json
+
+    @property
+    def n_ctx(self) -> int:
+        """llama-server's -c: total KV cells for all slots."""
+        return self.context_window * self.parallel_slots
+
+    @property
+    def flash_attn(self) -> bool:
+        # llama.cpp resolves "auto" to enabled when the backend supports the FA op (the CPU backend does).
+        return self.flash_attention != "off"
+
+
+@dataclass(frozen=True)
+class GpuFacts:
+    name: str
+    memory_total: int
+    memory_used: int
+
+    @property
+    def memory_free(self) -> int:
+        return max(0, self.memory_total - self.memory_used)
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What the node has. `memory_available` is the budget the model must fit in."""
+
+    memory_total: int
+    memory_available: int
+    memory_source: str  # which limit decided memory_available
+    cgroup_limit: int | None = None
+    hugepages_total: int = 0
+    hugepages_free: int = 0
+    hugepage_bytes: int = sizing.HUGEPAGE_BYTES
+    disk_free: int | None = None
+    gpus: tuple[GpuFacts, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProbeResults:
+    bandwidth_gbps: float | None = None
+    bandwidth_seconds: float = 0.0
+    storage_mbps: float | None = None
+    storage_bytes_read: int = 0
+    storage_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # "error" | "warning" | "info"
+    code: str
+    message: str
+
+
+@dataclass
+class PreflightReport:
+    settings: RunSettings
+    fit: sizing.MemoryFit
+    node: NodeFacts
+    probes: ProbeResults
+    findings: list[Finding] = field(default_factory=list)
+    recommendations: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        return not any(f.level == "error" for f in self.findings)
+
+    def to_json(self) -> dict:
+        fit = self.fit
+        info = fit.model
+        return {
+            "fits": self.fits,
+            "model": {
+                "path": info.path, "name": info.name, "architecture": info.architecture,
+                "file_bytes": info.file_bytes, "n_params": info.n_params, "n_layer": info.n_layer,
+                "n_embd": info.n_embd, "n_head": info.n_head, "n_head_kv": info.n_head_kv,
+                "n_ctx_train": info.n_ctx_train, "n_vocab": info.n_vocab,
+            },
+            "settings": {**asdict(self.settings), "n_ctx": self.settings.n_ctx},
+            "need": {
+                "total_bytes": fit.total_bytes, "weights_bytes": fit.weights_bytes, "kv_bytes": fit.kv_bytes,
+                "compute_bytes": fit.compute_bytes, "output_bytes": fit.output_bytes,
+                "kv_cells": fit.kv.cells_total, "kv_cells_per_slot": fit.kv.cells_per_slot,
+            },
+            "node": {**asdict(self.node), "gpus": [asdict(g) for g in self.node.gpus]},
+            "probes": asdict(self.probes),
+            "findings": [asdict(f) for f in self.findings],
+            "recommendations": self.recommendations,
+        }
+
+
+# --- reading the node ----------------------------------------------------------------------------------
+
+
+def read_meminfo(path: str = "/proc/meminfo") -> dict[str, int]:
+    """/proc/meminfo as bytes (HugePages_* stay counts)."""
+    values: dict[str, int] = {}
+    with open(path) as handle:
+        for line in handle:
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if not parts:
+                continue
+            number = int(parts[0])
+            values[key] = number * 1024 if len(parts) > 1 and parts[1] == "kB" else number
+    return values
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return UNLIMITED
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def cgroup_memory(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> tuple[int | None, int | None]:
+    """(limit, reclaim-adjusted usage) of this process's memory cgroup, v2 or v1; None where unlimited/unknown."""
+    v2_path = v1_path = ""
+    try:
+        for line in proc_cgroup.read_text().splitlines():
+            hierarchy, controllers, path = line.split(":", 2)
+            if hierarchy == "0" and controllers == "":
+                v2_path = path.lstrip("/")
+            elif "memory" in controllers.split(","):
+                v1_path = path.lstrip("/")
+    except OSError:
+        pass
+    candidates = [
+        (root / v2_path, "memory.max", "memory.current", "inactive_file"),
+        (root, "memory.max", "memory.current", "inactive_file"),
+        (root / "memory" / v1_path, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+        (root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+    ]
+    for directory, limit_name, usage_name, reclaimable_key in candidates:
+        limit = _read_int(directory / limit_name)
+        if limit is None:
+            continue
+        if limit >= UNLIMITED:
+            return None, None
+        usage = _read_int(directory / usage_name) or 0
+        reclaimable = 0
+        try:
+            for line in (directory / "memory.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == reclaimable_key:
+                    reclaimable = int(value)
+        except (OSError, ValueError):
+            pass
+        return limit, max(0, usage - reclaimable)
+    return None, None
+
+
+def query_gpus(timeout_s: float = 3.0) -> tuple[GpuFacts, ...]:
+    """NVIDIA GPUs via nvidia-smi (none when it is absent or fails)."""
+    if not shutil.which("nvidia-smi"):
+        return ()
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=timeout_s, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    gpus = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3:
+            try:
+                gpus.append(GpuFacts(parts[0], int(float(parts[1])) * MIB, int(float(parts[2])) * MIB))
+            except ValueError:
+                continue
+    return tuple(gpus)
+
+
+def _existing_parent(path: Path) -> Path:
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            return candidate
+    return Path("/")
+
+
+def read_node(model_path: str, memory_limit: int | None = None) -> NodeFacts:
+    """This node's memory budget (MemAvailable, cgroup limit, --memory-limit: the lowest wins)."""
+    meminfo = read_meminfo()
+    available = meminfo.get("MemAvailable", meminfo.get("MemFree", 0))
+    source = "MemAvailable"
+    limit, usage = cgroup_memory()
+    if limit is not None and limit - (usage or 0) < available:
+        available, source = max(0, limit - (usage or 0)), "cgroup memory limit"
+    if memory_limit is not None and memory_limit < available:
+        available, source = memory_limit, "--memory-limit"
+    disk = shutil.disk_usage(_existing_parent(Path(model_path)))
+    return NodeFacts(
+        memory_total=meminfo.get("MemTotal", 0), memory_available=available, memory_source=source,
+        cgroup_limit=limit, hugepages_total=meminfo.get("HugePages_Total", 0),
+        hugepages_free=meminfo.get("HugePages_Free", 0),
+        hugepage_bytes=meminfo.get("Hugepagesize", sizing.HUGEPAGE_BYTES), disk_free=disk.free,
+        gpus=query_gpus())
+
+
+# --- probes --------------------------------------------------------------------------------------------
+
+
+def probe_memory_bandwidth(buffer_bytes: int = BANDWIDTH_PROBE_BYTES,
+                           budget_s: float = BANDWIDTH_PROBE_SECONDS) -> tuple[float, float]:
+    """Best numpy copy rate in GB/s (read + write bytes, as STREAM counts copy), within a time budget.
+
+    First touch of fresh memory can be very slow on a VM (seconds for 512 MiB here), so both buffers are
+    faulted in 16 MiB steps under a deadline and the copy uses what was ready (never less than 32 MiB,
+    far beyond any last-level cache).
+    """
+    import numpy as np
+
+    started = time.perf_counter()
+    setup_deadline = started + budget_s * 0.6
+    step = 16 * MIB // 8
+    minimum = 32 * MIB // 8
+    source = np.empty(buffer_bytes // 8, dtype=np.float64)
+    target = np.empty_like(source)
+    ready = 0
+    while ready < len(source) and (ready < minimum or time.perf_counter() < setup_deadline):
+        source[ready:ready + step] = 1.0
+        target[ready:ready + step] = source[ready:ready + step]
+        ready += step
+    source, target = source[:ready], target[:ready]
+    best = float("inf")
+    for _ in range(10):
+        t0 = time.perf_counter()
+        np.copyto(target, source)
+        best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() - started + best > budget_s:
+            break
+    return 2 * source.nbytes / best / 1e9, time.perf_counter() - started
+
+
+def probe_storage_read(path: str, max_bytes: int = STORAGE_PROBE_BYTES,
+                       budget_s: float = STORAGE_PROBE_SECONDS, chunk_bytes: int = 4 * MIB) -> tuple[float, int, float]:
+    """Sequential read rate of the model file in MB/s after asking the kernel to drop its cached pages.
+
+    POSIX_FADV_DONTNEED drops clean, unmapped page-cache pages only; pages a running server has mapped,
+    or pages not yet written back, stay cached and make the number optimistic.
+    """
+    started = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        buffer = bytearray(chunk_bytes)
+        view = memoryview(buffer)
+        total = 0
+        t0 = time.perf_counter()
+        while total < max_bytes and time.perf_counter() - t0 < budget_s:
+            got = os.readv(fd, [view])
+            if got <= 0:
+                break
+            total += got
+        elapsed = time.perf_counter() - t0
+        os.posix_fadvise(fd, 0, total, os.POSIX_FADV_DONTNEED)  # don't leave the probe's reads cached
+    finally:
+        os.close(fd)
+    return total / max(elapsed, 1e-9) / 1e6, total, time.perf_counter() - started
+
+
+def run_probes(model_path: str) -> ProbeResults:
+    bandwidth, bandwidth_s = probe_memory_bandwidth()
+    storage, read_bytes, storage_s = probe_storage_read(model_path)
+    return ProbeResults(bandwidth_gbps=bandwidth, bandwidth_seconds=bandwidth_s, storage_mbps=storage,
+                        storage_bytes_read=read_bytes, storage_seconds=storage_s)
+
+
+# --- the checks (pure) ---------------------------------------------------------------------------------
+
+
+def max_parallel_slots(info: sizing.ModelInfo, settings: RunSettings, available: int, limit: int = 16) -> int:
+    """Most slots of context_window each that fit in `available` (0 if not even one)."""
+    best = 0
+    for slots in range(1, limit + 1):
+        fit = sizing.size_model(info, settings.context_window * slots, slots, settings.cache_type_k,
+                                settings.cache_type_v, flash_attn=settings.flash_attn)
+        if fit.total_bytes > available:
+            break
+        best = slots
+    return best
+
+
+def evaluate(info: sizing.ModelInfo, settings: RunSettings, node: NodeFacts,
+             probes: ProbeResults | None = None) -> PreflightReport:
+    """All checks and recommendations from facts alone: no I/O, so deploy can use declared memory."""
+    probes = probes or ProbeResults()
+    fit = sizing.size_model(info, settings.n_ctx, settings.parallel_slots, settings.cache_type_k,
+                            settings.cache_type_v, flash_attn=settings.flash_attn)
+    report = PreflightReport(settings=settings, fit=fit, node=node, probes=probes)
+    add = report.findings.append
+    have = node.memory_available
+
+    verdict = sizing.check_fit(fit, have)
+    add(Finding("info" if verdict.fits else "error", "memory_fit", verdict.message))
+
+    rule_bytes = int(info.n_params * PARAMS_RULE_FACTOR)
+    if have < rule_bytes:
+        add(Finding("warning", "memory_rule",
+                    f"rule of thumb: memory >= {PARAMS_RULE_FACTOR} x parameters = {sizing.gib(rule_bytes)} "
+                    f"for {info.n_params / 1e9:.2f} B parameters; {sizing.gib(have)} is available"))
+    if probes.bandwidth_gbps is not None and probes.bandwidth_gbps < BANDWIDTH_MIN_GBPS:
+        add(Finding("warning", "memory_bandwidth",
+                    f"memory bandwidth {probes.bandwidth_gbps:.1f} GB/s is below {BANDWIDTH_MIN_GBPS:.0f} GB/s: "
+                    "decode will be slow (each token reads every weight once)"))
+    if probes.storage_mbps is not None:
+        if probes.storage_bytes_read < STORAGE_PROBE_MIN_BYTES:
+            add(Finding("info", "storage_speed",
+                        f"model file read at {probes.storage_mbps:.0f} MB/s, but only "
+                        f"{probes.storage_bytes_read / MIB:.0f} MiB could be read: too little to judge"))
+        elif probes.storage_mbps < STORAGE_MIN_MBPS:
+            add(Finding("warning", "storage_speed",
+                        f"model file read at {probes.storage_mbps:.0f} MB/s, below {STORAGE_MIN_MBPS:.0f} MB/s: "
+                        "loading and restarts will be slow"))
+    if settings.context_window > info.n_ctx_train:
+        add(Finding("warning", "context_over_training",
+                    f"context_window {settings.context_window} exceeds the model's training context "
+                    f"{info.n_ctx_train}: quality degrades past it"))
+    if settings.cache_type_v not in ("f16", "f32", "bf16") and not settings.flash_attn:
+        add(Finding("error", "quantized_v_needs_fa",
+                    f"a quantized V cache ({settings.cache_type_v}) needs flash attention, but it is off"))
+    if node.disk_free is not None and node.disk_free < info.file_bytes:
+        add(Finding("warning", "disk_free",
+                    f"only {sizing.gib(node.disk_free)} free on the model's filesystem: a second copy of "
+                    f"the model ({sizing.gib(info.file_bytes)}) for an update will not fit"))
+
+    # the largest context per slot that fits, at the configured slot count
+    weights_kv_budget = have
+    context_cap = sizing.max_context_per_slot(info, weights_kv_budget, settings.parallel_slots,
+                                              settings.cache_type_k, settings.cache_type_v,
+                                              flash_attn=settings.flash_attn)
+    recommendations: dict[str, object] = {
+        "hugepages": fit.hugepages,
+        "hugepages_sysctl": f"vm.nr_hugepages={fit.hugepages}",
+        "context_window_max": context_cap,
+        "parallel_slots_max": max_parallel_slots(info, settings, have),
+        "llama_server_ctx": settings.n_ctx,
+    }
+    if node.hugepages_total and node.hugepages_free < fit.hugepages - sizing.hugepages_headroom(fit.hugepages):
+        add(Finding("info", "hugepages",
+                    f"{node.hugepages_free} huge pages free, staging needs "
+                    f"{fit.hugepages - sizing.hugepages_headroom(fit.hugepages)}: the server will use the disk file"))
+    if node.gpus:
+        gpu = max(node.gpus, key=lambda g: g.memory_free)
+        split = sizing.gpu_layers_that_fit(fit, gpu.memory_free)
+        recommendations["gpu_layers"] = split.n_gpu_layers
+        recommendations["gpu_bytes"] = split.gpu_bytes
+        recommendations["gpu"] = gpu.name
+    report.recommendations = recommendations
+    return report
+
+
+# --- output --------------------------------------------------------------------------------------------
+
+
+def render_text(report: PreflightReport) -> str:
+    fit, info, node, probes = report.fit, report.fit.model, report.node, report.probes
+    s = report.settings
+    rows = [
+        ("model", f"{info.path} ({info.name}, {info.architecture}, {info.n_params / 1e9:.2f} B params, "
+                  f"{info.n_layer} layers)"),
+        ("settings", f"context {s.context_window}/slot x {s.parallel_slots} slots (-c {s.n_ctx}), "
+                     f"cache {s.cache_type_k}/{s.cache_type_v}, flash attention {s.flash_attention}"),
+        ("weights", sizing.gib(fit.weights_bytes)),
+        ("KV cache", f"{sizing.gib(fit.kv_bytes)} ({fit.kv.cells_total} cells, {fit.kv.cells_per_slot}/slot)"),
+        ("compute", sizing.gib(fit.compute_bytes + fit.output_bytes)),
+        ("need", sizing.gib(fit.total_bytes)),
+        ("have", f"{sizing.gib(node.memory_available)} ({node.memory_source}; total {sizing.gib(node.memory_total)})"),
+        ("huge pages", f"{node.hugepages_free}/{node.hugepages_total} free x {node.hugepage_bytes // 1024} KiB"),
+        ("disk free", sizing.gib(node.disk_free) if node.disk_free is not None else "unknown"),
+    ]
+    if probes.bandwidth_gbps is not None:
+        rows.append(("bandwidth", f"{probes.bandwidth_gbps:.1f} GB/s (numpy copy)"))
+    if probes.storage_mbps is not None:
+        rows.append(("storage", f"{probes.storage_mbps:.0f} MB/s ({probes.storage_bytes_read / MIB:.0f} MiB read)"))
+    for gpu in node.gpus:
+        rows.append(("gpu", f"{gpu.name}: {sizing.gib(gpu.memory_free)} free of {sizing.gib(gpu.memory_total)}"))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    lines.append("")
+    for finding in report.findings:
+        lines.append(f"{finding.level.upper():7s} {finding.message}")
+    lines.append("")
+    lines.append("recommended:")
+    for key, value in report.recommendations.items():
+        lines.append(f"  {key} = {value}")
+    lines.append("")
+    lines.append("RESULT: " + ("fits" if report.fits else "does NOT fit"))
+    return "\n".join(lines)
+
+
+# --- CLI -----------------------------------------------------------------------------------------------
+
+
+def parse_bytes(text: str) -> int:
+    """'8589934592', '8G', '512MiB', '1.5GiB' -> bytes (K/M/G/T are binary, as memory sizes are)."""
+    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    cleaned = text.strip().lower().removesuffix("ib").removesuffix("b")
+    number = cleaned.rstrip("kmgt")
+    unit = cleaned[len(number):]
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 8589934592, 8G, 512MiB)") from None
+
+
+def settings_from(args: argparse.Namespace) -> RunSettings:
+    """clawbot.json (checked and with defaults, via clawbot.config) overridden by flags."""
+    values = dict(FALLBACK_SETTINGS)
+    try:
+        from clawbot import config as config_module
+    except ImportError:
+        config_module = None
+    if args.config:
+        if config_module is not None:
+            cfg = config_module.load_config(args.config)
+        else:
+            with open(args.config, encoding="utf-8") as handle:
+                cfg = json.load(handle)
+    else:
+        cfg = config_module.defaults() if config_module is not None else {}
+    server = cfg.get("model_server", {})
+    values.update({k: v for k, v in {
+        "context_window": cfg.get("context_window"),
+        "parallel_slots": server.get("parallel_slots"),
+        "cache_type_k": server.get("cache_type_k"),
+        "cache_type_v": server.get("cache_type_v"),
+        "flash_attention": server.get("flash_attention"),
+        "model_path": server.get("model_path"),
+    }.items() if v is not None})
+    flags = {"context_window": args.context, "parallel_slots": args.parallel, "model_path": args.model,
+             "cache_type_k": args.cache_type_k or args.cache_type, "cache_type_v": args.cache_type_v or args.cache_type,
+             "flash_attention": args.flash_attention}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return RunSettings(**values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="clawbot.json to read context_window and model_server settings from")
+    parser.add_argument("--model", help="GGUF file (default: model_server.model_path)")
+    parser.add_argument("--context", type=int, help="context window per slot, tokens (default: context_window)")
+    parser.add_argument("--parallel", type=int, help="parallel slots (default: model_server.parallel_slots)")
+    parser.add_argument("--cache-type", choices=sorted(sizing.CACHE_TYPES), help="K and V cache type")
+    parser.add_argument("--cache-type-k", choices=sorted(sizing.CACHE_TYPES), help="K cache type")
+    parser.add_argument("--cache-type-v", choices=sorted(sizing.CACHE_TYPES), help="V cache type")
+    parser.add_argument("--flash-attention", choices=["auto", "on", "off"], help="as model_server.flash_attention")
+    parser.add_argument("--memory-limit", type=parse_bytes, help="cap available memory at this many bytes (8G, 512MiB)")
+    parser.add_argument("--no-probes", action="store_true", help="skip the bandwidth and storage probes")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    try:
+        settings = settings_from(args)
+    except Exception as exc:  # a bad config: say why, exit 2 like `clawbot validate`
+        print(f"clawbot preflight: cannot read config: {exc}", file=sys.stderr)
+        return 2
+    if settings.context_window < 1 or settings.parallel_slots < 1:
+        print("clawbot preflight: --context and --parallel must be >= 1", file=sys.stderr)
+        return 2
+    if not os.path.isfile(settings.model_path):
+        print(f"clawbot preflight: model file not found: {settings.model_path}", file=sys.stderr)
+        return 2
+    try:
+        info = sizing.read_model_info(settings.model_path)
+    except (ValueError, OSError) as exc:
+        print(f"clawbot preflight: cannot read {settings.model_path}: {exc}", file=sys.stderr)
+        return 2
+    node = read_node(settings.model_path, args.memory_limit)
+    probes = ProbeResults() if args.no_probes else run_probes(settings.model_path)
+    report = evaluate(info, settings, node, probes)
+    elapsed = time.perf_counter() - started
+    if args.json:
+        print(json.dumps({**report.to_json(), "elapsed_s": round(elapsed, 3)}, indent=2))
+    else:
+        print(render_text(report))
+        print(f"(preflight took {elapsed:.2f} s)")
+    if not report.fits:
+        for finding in report.findings:
+            if finding.level == "error":
+                print(f"clawbot preflight: {finding.message}", file=sys.stderr)
+        return 1
+    return 0
