@@ -1,0 +1,70 @@
+"""pytest fixtures for the test-node harness, exposed to every test through tests/conftest.py.
+
+Session-scoped: the boot costs seconds, and an end-to-end deploy test reuses the same two nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from .cluster import Cluster, Node
+from .config import HarnessConfig, HarnessError
+
+NODE_COUNT = 2
+_report: list[str] = []
+
+
+def _progress(message: str) -> None:
+    """Harness progress (a cold rootfs build takes minutes) goes to the real stderr, past pytest's capture."""
+    print(f"[test nodes] {message}", file=sys.__stderr__, flush=True)
+
+
+@pytest.fixture(scope="session")
+def node_cluster() -> Cluster:
+    """Two running nodes (node1: chat_nodes, node2: model_nodes), torn down at session end; the teardown
+    fails loudly if any process, namespace, mount, cgroup, link or rule of the harness survives."""
+    cluster = Cluster(HarnessConfig.from_env(), log=_progress)
+    try:
+        cluster.up(NODE_COUNT)
+    except HarnessError as error:
+        try:
+            cluster.down()
+        except HarnessError as cleanup_error:
+            error = HarnessError(f"{error}\n(cleanup after the failure also failed: {cleanup_error})")
+        pytest.fail(f"test nodes could not start: {error}", pytrace=False)
+    _report.append(describe_timings(cluster))
+    yield cluster
+    cluster.down()
+
+
+@pytest.fixture(scope="session")
+def nodes(node_cluster: Cluster) -> list[Node]:
+    """The running nodes: each has name, address, ssh_command()/ssh(), known_hosts_file and inventory_dir."""
+    return node_cluster.nodes
+
+
+def describe_timings(cluster: Cluster) -> str:
+    """One line with the cold build time (from the cache's record when this run reused it) and the up time."""
+    rootfs = cluster.rootfs
+    if rootfs.built_now:
+        build = f"built now in {rootfs.build_seconds:.1f} s (cold)"
+    else:
+        marker = rootfs.path.with_name(rootfs.path.name + ".ready")
+        recorded = json.loads(marker.read_text()).get("build_seconds", "?")
+        build = f"from cache (its cold build took {recorded} s)"
+    return (f"{cluster.config.instance}: rootfs {rootfs.key} {build}; {len(cluster.nodes)} nodes up and "
+            f"ssh-reachable in {cluster.up_seconds:.1f} s")
+
+
+def record_timing(line: str) -> None:
+    _report.append(line)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _report:
+        terminalreporter.section("test nodes")
+        for line in _report:
+            terminalreporter.write_line(line)
