@@ -17,34 +17,35 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodes import Cluster, HarnessConfig, Node
-from tests.nodes.fixtures import describe_timings, record_timing
-
-pytestmark = pytest.mark.nodes
+from tests.nodes import Cluster, HarnessConfig, HarnessError, Node
+from tests.nodes.aptsources import AptSource, _parse_deb822, _parse_one_line, debian_sources_for, debootstrap_mirror
+from tests.nodes.fixtures import describe_timings, report_line
 
 WARM_UP_BUDGET_S = 60
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.nodes
 def test_each_node_runs_systemd_and_sshd(nodes: list[Node]):
     assert len(nodes) == 2
     for node in nodes:
         state = node.ssh("systemctl is-system-running --wait", check=False, timeout_s=120).stdout.strip()
         failed = node.ssh("systemctl list-units --failed --plain --no-legend --no-pager").stdout.strip()
-        if failed:
-            print(f"{node.name}: failed units:\n{failed}")
+        report_line(f"{node.name}: system {state}; failed units: {failed.replace(chr(10), ', ') if failed else 'none'}")
         assert state in ("running", "degraded"), f"{node.name} is {state!r}; failed units:\n{failed}"
         assert "ssh" not in failed, f"{node.name}: sshd failed:\n{failed}"
         assert node.ssh("systemctl is-active ssh.service").stdout.strip() == "active"
         assert node.ssh("cat /proc/1/comm").stdout.strip() == "systemd"
 
 
+@pytest.mark.nodes
 def test_nodes_have_distinct_hostnames(nodes: list[Node]):
     hostnames = [node.ssh("hostname").stdout.strip() for node in nodes]
     assert hostnames == [node.hostname for node in nodes]
     assert len(set(hostnames)) == len(nodes)
 
 
+@pytest.mark.nodes
 def test_node_reaches_other_node_sshd_over_test_network(nodes: list[Node]):
     node_a, node_b = nodes[:2]
     route = node_a.ssh(f"ip -o route get {node_b.address}").stdout
@@ -58,6 +59,7 @@ def test_node_reaches_other_node_sshd_over_test_network(nodes: list[Node]):
     assert by_name[:1] == [node_b.address]
 
 
+@pytest.mark.nodes
 def test_ssh_checks_host_keys_strictly(nodes: list[Node], tmp_path: Path):
     """The generated known_hosts is what makes ssh succeed: an empty one must be refused."""
     empty = tmp_path / "known_hosts"
@@ -68,6 +70,7 @@ def test_ssh_checks_host_keys_strictly(nodes: list[Node], tmp_path: Path):
     assert "Host key verification failed" in refused.stderr
 
 
+@pytest.mark.nodes
 def test_nodes_run_and_restart_new_systemd_units(nodes: list[Node]):
     """The rollout installs services and restarts them: a unit added now must start and restart."""
     node = nodes[-1]
@@ -84,12 +87,14 @@ def test_nodes_run_and_restart_new_systemd_units(nodes: list[Node]):
         node.ssh("systemctl stop harness-probe; rm -f /etc/systemd/system/harness-probe.service; systemctl daemon-reload")
 
 
+@pytest.mark.nodes
 def test_nodes_reach_the_apt_mirror(nodes: list[Node]):
     """The rollout apt-get installs on nodes: DNS and the mirror must be reachable through the host's NAT."""
     result = nodes[0].ssh("apt-get update -q 2>&1", check=False, timeout_s=300)
     assert result.returncode == 0 and "Err:" not in result.stdout, result.stdout[-2000:]
 
 
+@pytest.mark.nodes
 def test_inventory_targets_the_nodes(nodes: list[Node]):
     """Ansible itself must read the inventory: groups, addresses, key and known_hosts as deploy.py sees them."""
     from ansible.inventory.manager import InventoryManager
@@ -111,6 +116,7 @@ def test_inventory_targets_the_nodes(nodes: list[Node]):
         assert node.address in node.known_hosts_file.read_text()
 
 
+@pytest.mark.nodes
 def test_crashed_run_is_cleaned_and_teardown_leaves_nothing(node_cluster: Cluster):
     """Kill a harness process half-way through `up`, start again, tear down: nothing of either run may remain.
 
@@ -146,7 +152,7 @@ def test_crashed_run_is_cleaned_and_teardown_leaves_nothing(node_cluster: Cluste
         rerun.up(2)
         snapshot = rerun.snapshot()
         assert_gone(crashed_snapshot, names_reused=True, live_namespaces=namespaces_of(snapshot))
-        record_timing(describe_timings(rerun))
+        report_line(describe_timings(rerun))
         assert rerun.up_seconds <= WARM_UP_BUDGET_S
         for node in rerun.nodes:
             assert node.ssh("hostname").stdout.strip() == node.name
@@ -196,3 +202,56 @@ def assert_gone(snapshot: dict, names_reused: bool = False, live_namespaces: fro
         assert not (links & (recorded - {None})), f"links survived: {links & recorded}"
         tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
         assert not snapshot.get("nft_table") or snapshot["nft_table"] not in tables
+
+
+# The mirror comes from the machine's apt configuration; these need no root and run everywhere.
+
+DEB822 = """\
+Types: deb deb-src
+# a comment inside the stanza
+URIs: http://mirror.example/debian
+Suites: bookworm bookworm-updates
+Components: main contrib
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://mirror.example/debian-security
+Suites: bookworm-security
+Components: main
+
+Types: deb
+Enabled: no
+URIs: http://disabled.example/debian
+Suites: bookworm
+Components: main
+"""
+
+
+def test_deb822_sources_are_read_with_suites_components_and_keyring():
+    sources = _parse_deb822(DEB822)
+    assert sources == [
+        AptSource("http://mirror.example/debian", ("bookworm", "bookworm-updates"), ("main", "contrib"),
+                  "/usr/share/keyrings/debian-archive-keyring.gpg"),
+        AptSource("http://mirror.example/debian-security", ("bookworm-security",), ("main",), None),
+    ]
+    assert debootstrap_mirror("bookworm", sources).uri == "http://mirror.example/debian"
+    assert [s.suites for s in debian_sources_for("bookworm", sources)] == [("bookworm", "bookworm-updates"), ("bookworm-security",)]
+
+
+def test_one_line_sources_skip_deb_src_and_keep_signed_by():
+    text = """\
+# deb http://commented.example/debian bookworm main
+deb-src http://src.example/debian bookworm main
+deb [arch=amd64 signed-by=/etc/apt/keyrings/k.gpg] http://one.example/debian bookworm main
+deb http://two.example/debian bookworm-updates main  # trailing comment
+"""
+    assert _parse_one_line(text) == [
+        AptSource("http://one.example/debian", ("bookworm",), ("main",), "/etc/apt/keyrings/k.gpg"),
+        AptSource("http://two.example/debian", ("bookworm-updates",), ("main",), None),
+    ]
+
+
+def test_missing_mirror_for_the_suite_says_where_to_add_one():
+    only_updates = [AptSource("http://x.example/debian", ("bookworm-updates",), ("main",))]
+    with pytest.raises(HarnessError, match="sources.list.d"):
+        debootstrap_mirror("bookworm", only_updates)

@@ -317,7 +317,7 @@ class Cluster:
         hosts += [f"{config.node_address(i)}\t{config.node_name(i)}" for i in range(count)]
         write("etc/hosts", "\n".join(hosts) + "\n")
         write("etc/machine-id", os.urandom(16).hex() + "\n", 0o444)
-        write("etc/resolv.conf", Path("/etc/resolv.conf").read_text())
+        write("etc/resolv.conf", network.resolv_conf_for_nodes())
         sources = debian_sources_for(config.suite, host_apt_sources())
         write("etc/apt/sources.list.d/debian.sources",
               render_deb822(sources, lambda keyring: (lower / keyring.lstrip("/")).is_file()))

@@ -59,7 +59,8 @@ def describe_timings(cluster: Cluster) -> str:
             f"ssh-reachable in {cluster.up_seconds:.1f} s")
 
 
-def record_timing(line: str) -> None:
+def report_line(line: str) -> None:
+    """Add a line to the "test nodes" section pytest prints at the end (timings, failed units)."""
     _report.append(line)
 
 

@@ -65,20 +65,27 @@ def attach_node(config: HarnessConfig, veth: str, init_pid: int, address: ipaddr
     run(inside + ["ip", "route", "add", "default", "via", str(config.gateway)])
 
 
-def host_nameservers() -> list[str]:
-    servers = []
-    for line in Path("/etc/resolv.conf").read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == "nameserver":
-            servers.append(parts[1])
-    return servers
+def resolv_conf_for_nodes() -> str:
+    """The host's resolver config; where that points at a loopback stub (systemd-resolved), the stub's
+    upstream list instead, since a node's loopback is its own."""
+    path = Path("/etc/resolv.conf")
+    if not host_nameservers(path) or all(ipaddress.ip_address(s.split("%")[0]).is_loopback for s in host_nameservers(path)):
+        upstream = Path("/run/systemd/resolve/resolv.conf")
+        if upstream.is_file():
+            return upstream.read_text()
+        raise HarnessError("/etc/resolv.conf names only loopback resolvers, which nodes cannot reach")
+    return path.read_text()
+
+
+def host_nameservers(path: Path = Path("/etc/resolv.conf")) -> list[str]:
+    return _nameservers_of(path.read_text())
 
 
 def nat_ruleset(config: HarnessConfig) -> str:
     """Nodes may talk to each other and the host; outbound only DNS to the host's resolvers and
     HTTP(S) (package mirrors and registries), masqueraded; nothing from outside may open a connection in."""
     subnet = str(config.subnet)
-    resolvers = [s for s in host_nameservers() if ipaddress.ip_address(s).version == 4 and not ipaddress.ip_address(s).is_loopback]
+    resolvers = [s for s in _nameservers_of(resolv_conf_for_nodes()) if ipaddress.ip_address(s).version == 4 and not ipaddress.ip_address(s).is_loopback]
     dns = ""
     if resolvers:
         dns = (
@@ -123,3 +130,7 @@ def read_ip_forward() -> str:
 
 def write_ip_forward(value: str) -> None:
     IP_FORWARD.write_text(value + "\n")
+
+
+def _nameservers_of(text: str) -> list[str]:
+    return [parts[1] for parts in (line.split() for line in text.splitlines()) if len(parts) >= 2 and parts[0] == "nameserver"]
