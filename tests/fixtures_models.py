@@ -57,6 +57,8 @@ def gguf_100m(models_dir) -> Path:
 _LOAD_SCRIPT = r"""
 import json, sys
 import llama_cpp
+from llama_cpp import _logger
+_logger.set_verbose(True)  # llama.cpp's log lines go to stderr
 path, options = sys.argv[1], json.loads(sys.argv[2])
 n_seq_max = options.pop("n_seq_max", 1)
 kv_unified = options.pop("kv_unified", False)
