@@ -6,6 +6,7 @@ be read as a file. Imports neither the agent's server stack nor pyinfra; ansible
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -24,7 +25,28 @@ def add_arguments(parser) -> None:
                         help="not needed for checking: vault-encrypted values are accepted without decrypting")
 
 
+# Format-checker libraries jsonschema imports eagerly but our schemas never use (only `uri` is used, checked
+# by rfc3987). Hiding them while jsonschema loads cuts the command's start-up by about a third.
+_UNUSED_FORMAT_LIBRARIES = ("isoduration", "arrow", "webcolors", "jsonpointer", "uri_template", "fqdn", "idna",
+                            "rfc3339_validator", "rfc3986_validator")
+
+
+@contextlib.contextmanager
+def _without_unused_format_libraries():
+    hidden = [name for name in _UNUSED_FORMAT_LIBRARIES if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # makes `import name` raise ImportError: jsonschema skips that format
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, ...) is None:
+                del sys.modules[name]
+
+
 def run(args) -> int:
+    with _without_unused_format_libraries():
+        import jsonschema  # noqa: F401  (loaded once, here, without the unused format libraries)
     results: list[CheckResult] = []
     unreadable: list[str] = []
     inventory_facts = None
