@@ -1,0 +1,424 @@
+"""The chat node: conversation API + web UI over HTTPS, talking to the model node's gateway over mTLS.
+
+`serve(config, config_path)` runs until SIGTERM/SIGINT (uvicorn, graceful) and reloads on SIGHUP:
+the config file is read and checked again (a bad file is logged and the running config kept), the
+gateway client is rebuilt with the current client certificate, and a rotated server certificate is
+swapped into the live TLS context. bind_address and port changes need a restart (logged).
+
+Sending a message: the user message is committed before the reply stream starts (so an acknowledged
+message survives a crash); the reply row is created when streaming starts, its text saved every
+couple of seconds and when the stream ends — complete, or `incomplete` when it broke or the client left.
+When the gateway is unreachable, overloaded (429), failing (5xx) or too slow, the configured fallbacks
+answer instead; every reply records its source (model, knowledge_base, web_search, none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from clawbot import __version__, pki
+from clawbot.context import ContextKeeper, ContextTooLong, Settings
+from clawbot.fallbacks import Fallbacks
+from clawbot.modelclient import ModelClient, ModelUnavailable, StreamBroken
+from clawbot.store import NotFound, Store
+
+log = logging.getLogger("clawbot.chat")
+
+WEB_DIR = Path(__file__).parent / "web"
+MAX_MESSAGE_CHARS = 32000
+SAVE_PARTIAL_EVERY_S = 2.0
+ConversationId = Annotated[str, PathParam(pattern="^[0-9a-f]{32}$", description="conversation id (32 hex digits)")]
+
+
+# ------------------------------------------------------------------------------------------- request bodies
+
+
+class NewConversation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    title: str = Field("", max_length=200, description="shown in the conversation list; empty: from the first message")
+
+
+class NewMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    content: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS, description="the user's message")
+
+    @field_validator("content")
+    @classmethod
+    def not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("message is empty (only whitespace)")
+        if "\x00" in value:
+            raise ValueError("message contains a NUL character")
+        return value
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: list | None = None
+
+
+ERRORS = {404: {"model": ErrorBody, "description": "no such conversation"},
+          422: {"model": ErrorBody, "description": "invalid request"}}
+
+
+# ------------------------------------------------------------------------------------------- runtime
+
+
+@dataclass
+class Runtime:
+    """Everything derived from one config; replaced as a whole on SIGHUP."""
+
+    config: dict
+    store: Store
+    client: ModelClient
+    keeper: ContextKeeper
+    fallbacks: Fallbacks
+
+    @classmethod
+    def build(cls, config: dict, store: Store | None = None) -> "Runtime":
+        chat = config["chat"]
+        store = store or Store(chat["database"])
+        client = ModelClient(config["model_gateway"]["endpoint"], config["tls"], chat["request_timeout_s"])
+        keeper = ContextKeeper(store, client, Settings.from_config(config))
+        return cls(config, store, client, keeper, Fallbacks.from_config(config, store))
+
+
+def sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def _falls_back(exc: ModelUnavailable) -> bool:
+    return exc.status is None or exc.status == 429 or exc.status >= 500
+
+
+# ------------------------------------------------------------------------------------------- app
+
+
+def create_app(config: dict, config_path: str | None = None) -> FastAPI:
+    state: dict = {"runtime": Runtime.build(config), "locks": {}, "ssl_context": None,
+                   "started": time.time(), "reloads": 0, "last_reload_error": ""}
+
+    def rt() -> Runtime:
+        return state["runtime"]
+
+    async def reload() -> None:
+        from clawbot.config import ConfigError, load_config
+
+        if not config_path:
+            log.warning("SIGHUP: no config path known, nothing to reload")
+            return
+        try:
+            new_config = load_config(config_path)
+        except (ConfigError, OSError) as exc:
+            state["last_reload_error"] = str(exc)
+            log.error("SIGHUP: %s is not valid, keeping the running config:\n%s", config_path, exc)
+            return
+        old = rt()
+        same_db = new_config["chat"]["database"] == old.config["chat"]["database"]
+        try:
+            new = Runtime.build(new_config, old.store if same_db else None)
+        except Exception as exc:  # bad TLS files and the like: keep serving with what works
+            state["last_reload_error"] = f"{type(exc).__name__}: {exc}"
+            log.error("SIGHUP: cannot apply the new config, keeping the running one: %s", exc)
+            return
+        for key in ("bind_address", "port"):
+            if new_config["chat"][key] != old.config["chat"][key]:
+                log.warning("SIGHUP: chat.%s changed; it takes effect at the next restart", key)
+        if state["ssl_context"] is not None:
+            try:
+                pki.reload_cert_chain(state["ssl_context"], new_config["tls"]["server_cert"], new_config["tls"]["server_key"])
+            except (OSError, ValueError) as exc:
+                log.error("SIGHUP: server certificate not reloaded (old one kept): %s", exc)
+        state["runtime"] = new
+        state["reloads"] += 1
+        state["last_reload_error"] = ""
+        asyncio.get_running_loop().call_later(
+            new_config["chat"]["request_timeout_s"] + 60, lambda: asyncio.ensure_future(old.client.aclose()))
+        log.info("SIGHUP: configuration reloaded from %s", config_path)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests) or no SIGHUP
+            log.debug("SIGHUP reload not available in this thread")
+        try:
+            rt().fallbacks.knowledge_base.refresh(force=True)
+        except Exception as exc:  # a broken KB must not stop the chat node
+            log.warning("knowledge base not indexed at start: %s", exc)
+        yield
+        try:
+            loop.remove_signal_handler(signal.SIGHUP)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+        await rt().client.aclose()
+        rt().store.close()
+
+    app = FastAPI(title="clawbot chat node", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
+                  description="Conversation API of the chat node. Replies stream as Server-Sent Events.")
+    app.state.clawbot = state
+
+    # ------------------------------------------------------------------ errors: always JSON {"error": ...}
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
+            problems.append(f"{where}: {err.get('msg', 'invalid')}")
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+        return JSONResponse({"error": "invalid request: " + "; ".join(problems), "detail": detail}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers.setdefault("Content-Security-Policy",
+                                    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        return response
+
+    def conversation_or_404(conversation_id: str) -> dict:
+        try:
+            return rt().store.get_conversation(conversation_id)
+        except NotFound:
+            raise HTTPException(404, f"no conversation {conversation_id}") from None
+
+    # ------------------------------------------------------------------ health and status
+
+    @app.get("/healthz", tags=["status"])
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/api/status", tags=["status"])
+    async def status() -> dict:
+        """Both nodes as the status strip shows them: this chat node and the model gateway's readiness."""
+        runtime = rt()
+        chat = {"state": "ok", "version": __version__, "uptime_s": round(time.time() - state["started"], 1),
+                "reloads": state["reloads"]}
+        try:
+            runtime.store.ping()
+            chat["database"] = "ok"
+        except Exception as exc:
+            chat.update(state="degraded", database=f"error: {exc}")
+        if state["last_reload_error"]:
+            chat["last_reload_error"] = state["last_reload_error"]
+        gateway = await runtime.client.health()
+        return {"chat": chat, "gateway": gateway, "fallback_strategies": runtime.config["fallback_strategies"],
+                "context_window": runtime.config["context_window"]}
+
+    # ------------------------------------------------------------------ conversations
+
+    @app.post("/api/conversations", status_code=201, tags=["conversations"], responses=ERRORS)
+    async def create_conversation(body: NewConversation | None = None) -> dict:
+        return rt().store.create_conversation((body or NewConversation()).title)
+
+    @app.get("/api/conversations", tags=["conversations"])
+    async def list_conversations() -> list[dict]:
+        return rt().store.list_conversations()
+
+    @app.get("/api/conversations/{conversation_id}", tags=["conversations"], responses=ERRORS)
+    async def get_conversation(conversation_id: ConversationId) -> dict:
+        conversation = conversation_or_404(conversation_id)
+        conversation["messages"] = rt().store.messages(conversation_id)
+        return conversation
+
+    @app.get("/api/conversations/{conversation_id}/requests", tags=["conversations"], responses=ERRORS)
+    async def model_requests(conversation_id: ConversationId) -> list[dict]:
+        """Every request sent to the model for this conversation, with its prompt size in model tokens."""
+        conversation_or_404(conversation_id)
+        return rt().store.requests(conversation_id)
+
+    @app.delete("/api/conversations/{conversation_id}", status_code=204, tags=["conversations"], responses=ERRORS)
+    async def delete_conversation(conversation_id: ConversationId) -> Response:
+        try:
+            rt().store.delete_conversation(conversation_id)
+        except NotFound:
+            raise HTTPException(404, f"no conversation {conversation_id}") from None
+        return Response(status_code=204)
+
+    @app.post("/api/conversations/{conversation_id}/messages", tags=["conversations"],
+              responses={**ERRORS, 200: {"description": "the reply as Server-Sent Events: user, summary, start, "
+                                                        "token..., done (or error)",
+                                         "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+    async def send_message(conversation_id: ConversationId, body: NewMessage) -> StreamingResponse:
+        runtime = rt()
+        conversation = conversation_or_404(conversation_id)
+        user = runtime.store.add_message(conversation_id, "user", body.content)  # durable before streaming
+        if conversation["title"] == "New conversation":
+            title = " ".join(body.content.split())
+            runtime.store.rename_conversation(conversation_id, title[:60] + ("…" if len(title) > 60 else ""))
+        lock = state["locks"].setdefault(conversation_id, asyncio.Lock())
+        return StreamingResponse(_reply(runtime, lock, conversation_id, user), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ------------------------------------------------------------------ web UI
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+    return app
+
+
+async def _reply(runtime: Runtime, lock: asyncio.Lock, conv_id: str, user: dict):
+    """The reply stream: one conversation answers one message at a time (summaries must not race)."""
+    store = runtime.store
+    yield sse("user", {"message": user})
+    async with lock:
+        reply: dict | None = None
+        parts: list[str] = []
+        finished = False
+        request_id = None
+        try:
+            try:
+                prompt = await runtime.keeper.build(conv_id)
+            except ContextTooLong as exc:
+                store.update_message(user["id"], status="rejected")
+                reply = store.add_message(conv_id, "assistant", str(exc), status="error", source="none",
+                                          meta={"error": "context_too_long"})
+                finished = True
+                yield sse("done", {"message": reply, "user_status": "rejected"})
+                return
+            except ModelUnavailable as exc:
+                reply = await _fallback(runtime, conv_id, user, exc, None)
+                finished = True
+                yield sse("token", {"text": reply["content"]})
+                yield sse("done", {"message": reply})
+                return
+            if prompt.new_summary is not None:
+                yield sse("summary", {"message": prompt.new_summary})
+            request_id = store.record_request(conv_id, "reply", prompt.tokens, prompt.budget)
+            reply = store.add_message(conv_id, "assistant", "", status="incomplete", source="model",
+                                      meta={"prompt_tokens": prompt.tokens, "budget": prompt.budget})
+            store.finish_request(request_id, "streaming", message_id=reply["id"])
+            yield sse("start", {"message": reply})
+            gateway = runtime.config["model_gateway"]
+            usage = None
+            saved_at = time.monotonic()
+            try:
+                async for chunk in runtime.client.stream(prompt.messages, gateway["max_tokens"], gateway["temperature"]):
+                    if chunk.usage:
+                        usage = chunk.usage
+                    if chunk.text:
+                        parts.append(chunk.text)
+                        yield sse("token", {"text": chunk.text})
+                        if time.monotonic() - saved_at > SAVE_PARTIAL_EVERY_S:
+                            store.update_message(reply["id"], content="".join(parts))
+                            saved_at = time.monotonic()
+            except ModelUnavailable as exc:
+                store.finish_request(request_id, f"unavailable: {exc.reason}")
+                reply = await _fallback(runtime, conv_id, user, exc, reply)
+                finished = True
+                yield sse("token", {"text": reply["content"]})
+                yield sse("done", {"message": reply})
+                return
+            except StreamBroken as exc:
+                meta = dict(reply["meta"], error=f"reply cut short: {exc}")
+                reply = store.update_message(reply["id"], content="".join(parts), status="incomplete", meta=meta)
+                store.finish_request(request_id, f"broken: {exc}")
+                finished = True
+                yield sse("done", {"message": reply})
+                return
+            meta = dict(reply["meta"])
+            reported = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+            if reported is not None:
+                meta["reported_prompt_tokens"] = reported
+            reply = store.update_message(reply["id"], content="".join(parts), status="complete", meta=meta)
+            store.finish_request(request_id, "complete", reported)
+            finished = True
+            yield sse("done", {"message": reply})
+        finally:
+            if reply is not None and not finished:  # client went away or the task was cancelled mid-reply
+                meta = dict(reply["meta"], error="reply cut short: the connection was closed")
+                store.update_message(reply["id"], content="".join(parts), status="incomplete", meta=meta)
+                if request_id is not None:
+                    store.finish_request(request_id, "cancelled")
+
+
+async def _fallback(runtime: Runtime, conv_id: str, user: dict, exc: ModelUnavailable, reply: dict | None) -> dict:
+    """Answer from the fallbacks (or say clearly that nothing could), into `reply` or a new message."""
+    store = runtime.store
+    reason = exc.reason
+    if not _falls_back(exc):
+        content, source, status, meta = f"The model refused the request: {reason}", "none", "error", {"model_error": reason}
+    else:
+        log.warning("conversation %s: model unavailable (%s); trying fallbacks %s",
+                    conv_id, reason, runtime.fallbacks.strategies)
+        outcome = await runtime.fallbacks.answer(user["content"])
+        meta = {"model_error": reason, "fallbacks_tried": outcome.tried}
+        if outcome.answer is not None:
+            content, source, status = outcome.answer.text, outcome.answer.source, "complete"
+            meta["citations"] = outcome.answer.citations
+        else:
+            tried = "; ".join(outcome.tried)
+            content = f"The model is unavailable ({reason}) and no fallback could answer ({tried})."
+            source, status = "none", "error"
+    if reply is None:
+        return store.add_message(conv_id, "assistant", content, status=status, source=source, meta=meta)
+    return store.update_message(reply["id"], content=content, status=status, source=source,
+                                meta=dict(reply["meta"], **meta))
+
+
+# ------------------------------------------------------------------------------------------- entry point
+
+
+def serve(config: dict, config_path: str) -> int:
+    """Run the chat node until SIGTERM/SIGINT; SIGHUP reloads (see the module docstring)."""
+    import uvicorn
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    chat, tls = config["chat"], config["tls"]
+    app = create_app(config, config_path)
+    uv_config = uvicorn.Config(app, host=chat["bind_address"], port=chat["port"],
+                               ssl_certfile=tls["server_cert"], ssl_keyfile=tls["server_key"],
+                               log_level="info", access_log=False, proxy_headers=False,
+                               timeout_graceful_shutdown=5, lifespan="on")
+    uv_config.load()  # builds the SSLContext now, so SIGHUP can swap a rotated certificate into it
+    app.state.clawbot["ssl_context"] = uv_config.ssl
+    server = uvicorn.Server(uv_config)
+    log.info("chat node on https://%s:%d (gateway %s)", chat["bind_address"], chat["port"],
+             config["model_gateway"]["endpoint"])
+    server.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m clawbot.chat --config PATH`: the same as `clawbot agent --role chat` (for development)."""
+    import argparse
+
+    from clawbot.config import load_config
+
+    parser = argparse.ArgumentParser(prog="python -m clawbot.chat")
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    return serve(load_config(args.config), args.config)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""The chat node's client for the model node's gateway: mutual TLS, token counting, streamed chat.
+
+Every call presents this node's client certificate and trusts only the cluster CA. Failures that
+should send a question to the fallbacks (unreachable, 429, 5xx, timeout before the first token) are
+raised as `ModelUnavailable` with a reason a person can read; everything else is a bug and raised as is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import httpx
+
+from clawbot import pki
+
+log = logging.getLogger("clawbot.chat.model")
+
+
+class ModelUnavailable(Exception):
+    """The gateway could not serve the request; `reason` says why (shown to the user, logged)."""
+
+    def __init__(self, reason: str, status: int | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class StreamBroken(Exception):
+    """The reply stream broke after tokens had arrived (the partial reply is kept, marked incomplete)."""
+
+
+@dataclass
+class Chunk:
+    text: str = ""
+    finish_reason: str | None = None
+    usage: dict | None = None
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, httpx.ConnectTimeout):
+        return "gateway did not accept the connection in time"
+    if isinstance(exc, httpx.TimeoutException):
+        return "gateway timed out"
+    if isinstance(exc, httpx.ConnectError):
+        text = str(exc) or type(exc).__name__
+        if "CERTIFICATE" in text.upper() or "SSL" in text.upper():
+            return f"TLS handshake with the gateway failed ({text})"
+        return f"gateway unreachable ({text})"
+    return f"gateway request failed ({type(exc).__name__}: {exc})"
+
+
+class ModelClient:
+    def __init__(self, endpoint: str, tls: dict, timeout_s: float, model: str | None = None):
+        self.endpoint = endpoint.rstrip("/")
+        self.timeout_s = timeout_s
+        self.model = model
+        context = pki.client_ssl_context(tls["client_cert"], tls["client_key"], tls["ca_cert"])
+        self._http = httpx.AsyncClient(
+            base_url=self.endpoint, verify=context,
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)))
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, *, timeout: float | None = None, **kwargs) -> httpx.Response:
+        try:
+            response = await self._http.request(method, path, timeout=timeout or httpx.USE_CLIENT_DEFAULT, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ModelUnavailable(_describe(exc)) from exc
+        if response.status_code == 429:
+            retry = response.headers.get("retry-after")
+            raise ModelUnavailable(f"gateway is overloaded (429{', retry after ' + retry + ' s' if retry else ''})", 429)
+        if response.status_code >= 500:
+            raise ModelUnavailable(f"gateway answered {response.status_code}: {_error_text(response)}", response.status_code)
+        return response
+
+    async def count_tokens(self, messages: list[dict]) -> int:
+        """Tokens of the chat-templated prompt, counted by the model's own tokenizer on the model node."""
+        response = await self._request("POST", "/v1/tokenize", json={"messages": messages})
+        if response.status_code != 200:
+            raise ModelUnavailable(f"token count refused ({response.status_code}: {_error_text(response)})",
+                                   response.status_code)
+        return int(response.json()["count"])
+
+    async def complete(self, messages: list[dict], max_tokens: int, temperature: float) -> tuple[str, dict | None]:
+        """A whole (non-streamed) completion: text and usage. Used for summaries."""
+        body = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature, "stream": False}
+        if self.model:
+            body["model"] = self.model
+        response = await self._request("POST", "/v1/chat/completions", json=body)
+        if response.status_code != 200:
+            raise ModelUnavailable(f"gateway refused the request ({response.status_code}: {_error_text(response)})",
+                                   response.status_code)
+        data = response.json()
+        return data["choices"][0]["message"].get("content") or "", data.get("usage")
+
+    async def stream(self, messages: list[dict], max_tokens: int, temperature: float) -> AsyncIterator[Chunk]:
+        """Stream a chat completion. ModelUnavailable before the first chunk; StreamBroken after it."""
+        body = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature, "stream": True,
+                "stream_options": {"include_usage": True}}
+        if self.model:
+            body["model"] = self.model
+        started = False
+        try:
+            async with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
+                if response.status_code == 429 or response.status_code >= 500 or response.status_code != 200:
+                    await response.aread()
+                    if response.status_code == 429:
+                        retry = response.headers.get("retry-after")
+                        raise ModelUnavailable(
+                            f"gateway is overloaded (429{', retry after ' + retry + ' s' if retry else ''})", 429)
+                    raise ModelUnavailable(f"gateway answered {response.status_code}: {_error_text(response)}",
+                                           response.status_code)
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        break
+                    event = json.loads(payload)
+                    if "error" in event:
+                        raise StreamBroken(f"model error: {event['error']}")
+                    started = True
+                    choices = event.get("choices") or []
+                    chunk = Chunk(usage=event.get("usage"))
+                    if choices:
+                        chunk.text = (choices[0].get("delta") or {}).get("content") or ""
+                        chunk.finish_reason = choices[0].get("finish_reason")
+                    yield chunk
+        except httpx.HTTPError as exc:
+            if started:
+                raise StreamBroken(_describe(exc)) from exc
+            raise ModelUnavailable(_describe(exc)) from exc
+
+    async def health(self, timeout_s: float = 3.0) -> dict:
+        """The gateway as the status strip shows it: reachable, ready, and its own /status if it answers."""
+        result: dict = {"endpoint": self.endpoint, "reachable": False, "ready": False}
+        try:
+            ready = await self._http.get("/readyz", timeout=timeout_s)
+            result.update(reachable=True, ready=ready.status_code == 200, readyz_status=ready.status_code)
+            try:
+                status = await self._http.get("/status", timeout=timeout_s)
+                if status.status_code == 200:
+                    data = status.json()
+                    result["state"] = data.get("state") if isinstance(data, dict) else None
+            except (httpx.HTTPError, ValueError):
+                pass
+            if not result["ready"]:
+                result["error"] = f"gateway is up but not ready ({result.get('state') or ready.status_code})"
+        except httpx.HTTPError as exc:
+            result["error"] = _describe(exc)
+        return result
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:200] or response.reason_phrase
+    if isinstance(data, dict):
+        error = data.get("error") or data.get("detail") or data
+        if isinstance(error, dict):
+            error = error.get("message") or error
+        return str(error)[:300]
+    return str(data)[:300]
