@@ -195,6 +195,7 @@ class ModelInfo:
     n_embd: int
     n_head: int
     n_head_kv: int
+    n_ff: int
     head_dim_k: int
     head_dim_v: int
     n_ctx_train: int
@@ -251,6 +252,7 @@ def model_info_from_header(header: GgufHeader, path: str = "") -> ModelInfo:
         tensor_bytes=sum(t.n_bytes for t in header.tensors),
         n_params=sum(t.n_elements for t in header.tensors),
         n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
+        n_ff=_meta_int(meta, f"{arch}.feed_forward_length", 4 * n_embd),
         head_dim_k=_meta_int(meta, f"{arch}.attention.key_length", head_dim_default),
         head_dim_v=_meta_int(meta, f"{arch}.attention.value_length", head_dim_default),
         n_ctx_train=_meta_int(meta, f"{arch}.context_length", 4096),
@@ -324,26 +326,29 @@ def kv_cache_size(info: ModelInfo, n_ctx: int, n_parallel: int = 1, cache_type_k
 
 def compute_buffer_bytes(info: ModelInfo, kv: KvCacheSize, n_ubatch: int = DEFAULT_UBATCH,
                          flash_attn: bool = False) -> int:
-    """Estimate of llama.cpp's CPU compute buffer (the reserved worst-case prompt graph).
+    """Estimate of llama.cpp's CPU compute buffer: the reserved worst-case prompt graph.
 
-    The graph processes n_tokens = min(cells, n_ubatch) tokens; ggml-alloc reuses memory, so the buffer
-    is about the largest set of tensors alive at once, which is one of:
-      * output: logits n_vocab × n_tokens f32 plus the final hidden state n_embd × n_tokens f32
-        (the reserve graph outputs every token of the ubatch);
-      * attention (without flash attention): scores KQ and softmax(KQ), each
-        n_kv × n_tokens × n_head f32, with n_kv = cells of one stream;
-      * feed-forward: gate and up, each n_ff-wide, n_tokens f32 (n_ff ≈ 3.5 × n_embd, not in metadata
-        for every arch, so derived from the layer's weight bytes is avoided: use 4 × n_embd upper bound);
-    plus the residual stream and its normed copy (2 × n_embd × n_tokens f32).
-    Checked against the "CPU compute buffer size" log line in tests/test_sizing.py.
+    The reserve graph processes T = min(n_ctx, n_ubatch) tokens and outputs all of them. ggml-alloc
+    frees a tensor after its last use, so the buffer is the largest set of tensors alive at one time;
+    the KQ mask (N × T cells of one stream: f32, or f16 with flash attention) lives throughout.
+    The peak is the largest of three phases (f32 activations, E = n_embd, F = n_ff, H = heads):
+      * attention: scores KQ  N × T × H  (none with flash attention) + residual, norm, Q, K, V
+        ≈ (4 E + 2 E_kv) × T;
+      * feed-forward: gate, up and their product  3 F × T  + 4 E × T;
+      * output: logits  n_vocab × T  + final hidden  E × T.
+    Calibrated against llama.cpp's "CPU compute buffer size" log line (tests/test_sizing.py, and
+    the table in the final report): within a few percent when one phase dominates, and a slight
+    over-estimate (up to ~25 %) for toy models where every phase is tiny.
     """
-    n_tokens = min(kv.cells_per_stream, n_ubatch)
+    tokens = min(kv.cells_total, n_ubatch)
+    cells = kv.cells_per_stream
     f32 = 4
-    residual = 2 * info.n_embd * n_tokens * f32
-    output = (info.n_vocab + info.n_embd) * n_tokens * f32
-    attention = 0 if flash_attn else 2 * kv.cells_per_stream * n_tokens * info.n_head * f32
-    feed_forward = 2 * 4 * info.n_embd * n_tokens * f32
-    return residual + max(output, attention, feed_forward)
+    mask = cells * tokens * (2 if flash_attn else f32)
+    scores = 0 if flash_attn else cells * tokens * info.n_head * f32
+    attention = scores + (4 * info.n_embd + 2 * info.n_embd_k_gqa) * tokens * f32
+    feed_forward = (3 * info.n_ff + 4 * info.n_embd) * tokens * f32
+    output = (info.n_vocab + info.n_embd) * tokens * f32
+    return mask + max(attention, feed_forward, output)
 
 
 # --- the fit -------------------------------------------------------------------------------------------
