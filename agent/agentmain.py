@@ -1,0 +1,152 @@
+"""`clawbot agent --role model|chat --config PATH`: the node agent.
+
+Role `model`: validates the config, starts the supervised model server on loopback and the mTLS
+gateway in front of it, reloads on SIGHUP and picks up rotated certificates without a restart.
+Role `chat`: hands over to clawbot.chat.serve.
+
+Exit status 78 (EX_CONFIG from sysexits.h) means "the config is invalid or unreadable, nothing was
+started": the systemd unit sets RestartPreventExitStatus=78 so a broken config does not restart-loop,
+while any other failure is restarted. The errors are printed to stderr as file:line:col lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import ssl
+import sys
+from pathlib import Path
+
+from clawbot.config import ConfigError, UnreadableFile, gateway_host_port, load_config
+
+EXIT_CONFIG = 78
+DEFAULT_STATE_DIR = "/var/lib/clawbot/agent"
+
+log = logging.getLogger("clawbot.agent")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--role", choices=("model", "chat"), required=True, help="which node this agent runs")
+    parser.add_argument("--config", required=True, help="path of clawbot.json")
+    parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR,
+                        help=f"where the agent keeps its state (hash cache, engine settings); default {DEFAULT_STATE_DIR}")
+    parser.add_argument("--cert-poll-s", type=float, default=5.0,
+                        help="how often the TLS files are checked for rotation (seconds, default 5)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def _load(path: str) -> dict:
+    try:
+        return load_config(path)
+    except UnreadableFile as exc:
+        raise ConfigErrorText(str(exc)) from None
+    except ConfigError as exc:
+        raise ConfigErrorText(str(exc)) from None
+
+
+class ConfigErrorText(Exception):
+    """A config that cannot be used, with its positioned error lines."""
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = _load(args.config)
+    except ConfigErrorText as exc:
+        print(f"clawbot agent: not starting, {args.config} is invalid:", file=sys.stderr)
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    if args.role == "chat":
+        from clawbot import chat
+
+        return int(chat.serve(config, args.config) or 0)
+    missing = [f"{key}: {path}" for key, path in config["tls"].items()
+               if key.startswith(("ca_", "server_")) and not Path(path).is_file()]
+    if missing:
+        print("clawbot agent: not starting, TLS files are missing (the rollout's pki role installs them):\n  "
+              + "\n  ".join(missing), file=sys.stderr)
+        return EXIT_CONFIG
+    return asyncio.run(ModelNode(config, args).serve())
+
+
+class ModelNode:
+    """Wires supervisor, gateway, certificate watcher and uvicorn together; owns SIGHUP."""
+
+    def __init__(self, config: dict, args: argparse.Namespace):
+        self.config = config
+        self.config_path = args.config
+        self.state_dir = Path(args.state_dir)
+        self.cert_poll_s = args.cert_poll_s
+        self.log_level = args.log_level
+
+    async def serve(self) -> int:
+        import uvicorn
+
+        from clawbot import mtls
+        from clawbot.gateway import Gateway, create_app
+        from clawbot.supervisor import Supervisor
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tls = self.config["tls"]
+        try:
+            context = mtls.server_context(tls)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            print(f"clawbot agent: not starting, the gateway's TLS files do not load: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        self.supervisor = Supervisor(self.config, self.state_dir)
+        self.watcher = mtls.CertWatcher(context, tls, self.cert_poll_s)
+        self.gateway = Gateway(self.config, self.supervisor, self.watcher,
+                               agent_info={"config_path": os.path.abspath(self.config_path), "agent_pid": os.getpid()})
+        app = create_app(self.gateway)
+        _, port = gateway_host_port(self.config["model_gateway"]["endpoint"])
+        uconfig = uvicorn.Config(
+            app, host=self.config["model_gateway"]["bind_address"], port=port,
+            http=mtls.PeerCertH11Protocol, lifespan="off", log_level=self.log_level,
+            ssl_certfile=tls["server_cert"], ssl_keyfile=tls["server_key"], ssl_ca_certs=tls["ca_cert"],
+            ssl_cert_reqs=ssl.CERT_REQUIRED, timeout_graceful_shutdown=5,
+        )
+        uconfig.load()
+        uconfig.ssl = context  # our own context object, so rotation can reload it in place
+        server = uvicorn.Server(uconfig)
+
+        # uvicorn re-raises SIGTERM/SIGINT with the handlers it found once it has shut down; handlers that
+        # only record the signal let the model server be stopped cleanly below instead of dying mid-cleanup.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        self.supervisor.start()
+        self.watcher.start()
+        log.info("model agent: gateway on https://%s:%d, model server on %s", uconfig.host, port,
+                 self.supervisor.base_url)
+        try:
+            await server.serve()
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+            await self.watcher.stop()
+            await self.supervisor.stop()
+            await self.gateway.close()
+        return 0 if server.started else 1
+
+    async def reload(self) -> None:
+        """SIGHUP: an invalid config is refused (positions logged) and the running one kept."""
+        try:
+            new = _load(self.config_path)
+        except ConfigErrorText as exc:
+            log.error("reload refused, keeping the running config: %s is invalid:\n%s", self.config_path, exc)
+            return
+        old = self.config
+        if (new["model_gateway"]["endpoint"], new["model_gateway"]["bind_address"]) != (
+                old["model_gateway"]["endpoint"], old["model_gateway"]["bind_address"]):
+            log.warning("model_gateway.endpoint/bind_address changed: the listener moves when the agent restarts")
+        self.config = new
+        restarted = await self.supervisor.apply(new)
+        self.gateway.apply(new)
+        self.watcher.set_tls(new["tls"])
+        self.watcher.check_now()
+        log.info("config reloaded from %s (%s)", self.config_path,
+                 "model server restarting" if restarted else "gateway limits applied live, model server untouched")

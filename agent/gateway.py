@@ -1,0 +1,612 @@
+"""The model node's gateway: OpenAI-compatible API over mutual TLS in front of the loopback model server.
+
+Why a gateway and not llama-server exposed directly: llama-server has no mTLS, no per-client
+authorisation, no bounded queue with Retry-After and lets bad input reach C++ (where a malformed body
+can turn into a 500). The gateway checks every request against pydantic models first (4xx with a clear
+message, never 5xx), admits it through the token bucket / concurrency / queue (429 with Retry-After),
+streams the answer through chunk by chunk, and cancels generation upstream when the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from typing import Annotated, Any, Literal, Union
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from clawbot import pki
+from clawbot.admission import Admission, Rejected
+from clawbot.mtls import peer_cert_der
+
+log = logging.getLogger("clawbot.gateway")
+
+# Only these paths reach the app; everything llama-server has besides (/slots, /props, ...) stays private.
+UPSTREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=30.0)
+INT32_MAX = 2**31 - 1
+
+
+# --------------------------------------------------------------------------- request models
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, Annotated[list[TextPart], Field(min_length=1)]]
+    name: Annotated[str, Field(max_length=256)] | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+Stop = Union[Annotated[str, Field(max_length=512)], Annotated[list[Annotated[str, Field(max_length=512)]], Field(max_length=4)]]
+
+
+class _Sampling(_Strict):
+    """Sampling fields both endpoints share. Unknown fields are refused (an allowlist, so nothing the
+    gateway did not check reaches llama.cpp)."""
+
+    model: Annotated[str, Field(max_length=256)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=100000)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    repeat_penalty: Annotated[float, Field(ge=0, le=10)] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
+    stop: Stop | None = None
+    n: Literal[1] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
+    ignore_eos: bool | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=10000)]
+    max_completion_tokens: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: Annotated[str, Field(min_length=1)]
+
+
+class TokenizeRequest(_Strict):
+    """Either `content` (plain text) or `messages` (rendered with the model's chat template first)."""
+
+    content: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=10000)] | None = None
+    add_special: bool | None = None
+    add_generation_prompt: bool = True
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    tokens: list[int]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class GatewayError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers = headers or {}
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "code": code, "param": param}}
+
+
+def _error_response(exc: GatewayError) -> JSONResponse:
+    return JSONResponse(error_body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status,
+                        headers=exc.headers)
+
+
+def _check_utf8(payload: dict) -> None:
+    """Lone surrogates (legal in JSON escapes, not in UTF-8) would make llama.cpp's parser throw (500)."""
+    try:
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise GatewayError(400, "request contains text that is not valid Unicode (a lone surrogate escape)",
+                           code="invalid_unicode") from None
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class Metrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("clawbot_gateway_requests", "Requests answered, by path and HTTP status",
+                                ["path", "status"], registry=r)
+        self.rejections = Counter("clawbot_gateway_rejections", "Requests refused before reaching the model",
+                                  ["reason"], registry=r)
+        self.queue_depth = Gauge("clawbot_gateway_queue_depth", "Requests waiting for a slot", registry=r)
+        self.in_flight = Gauge("clawbot_gateway_in_flight", "Requests being generated", registry=r)
+        self.queue_wait = Histogram("clawbot_gateway_queue_wait_seconds", "Time spent in the queue", registry=r,
+                                    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.first_token = Histogram("clawbot_gateway_first_token_seconds",
+                                     "Admission to first generated token (streaming)", registry=r,
+                                     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.tokens_per_second = Histogram("clawbot_gateway_tokens_per_second",
+                                           "Output tokens per second of generation, per request", registry=r,
+                                           buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+        self.output_tokens = Counter("clawbot_gateway_output_tokens", "Tokens generated", registry=r)
+        self.model_state = Enum("clawbot_model_state", "State of the supervised model server", registry=r,
+                                states=["stopped", "loading", "ready", "restarting", "failed"])
+
+
+# --------------------------------------------------------------------------- SSE observation
+
+
+class StreamObserver:
+    """Counts content tokens in an SSE stream as it passes (one llama-server event = one token)."""
+
+    def __init__(self):
+        self._buffer = b""
+        self.tokens = 0
+        self.first_token_at: float | None = None
+        self.usage_tokens: int | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        while b"\n\n" in self._buffer:
+            event, self._buffer = self._buffer.split(b"\n\n", 1)
+            for line in event.split(b"\n"):
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if not data or data == b"[DONE]":
+                    continue
+                try:
+                    obj = json.loads(data)
+                except ValueError:
+                    continue
+                if isinstance(obj.get("usage"), dict):
+                    self.usage_tokens = obj["usage"].get("completion_tokens", self.usage_tokens)
+                for choice in obj.get("choices") or []:
+                    text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+                    if text:
+                        self.tokens += 1
+                        if self.first_token_at is None:
+                            self.first_token_at = time.monotonic()
+
+    @property
+    def output_tokens(self) -> int:
+        return self.usage_tokens if self.usage_tokens is not None else self.tokens
+
+
+def sse_error(message: str, type_: str = "server_error", code: int = 502) -> bytes:
+    return b"data: " + json.dumps({"error": {"message": message, "type": type_, "code": code}}).encode() + b"\n\n"
+
+
+# --------------------------------------------------------------------------- the app
+
+
+class Gateway:
+    """Holds what the routes need and what SIGHUP may change (config, limits)."""
+
+    def __init__(self, config: dict, supervisor, cert_watcher=None, agent_info: dict | None = None):
+        self.config = config
+        self.supervisor = supervisor
+        self.cert_watcher = cert_watcher
+        self.admission = Admission.from_config(config["model_gateway"])
+        self.metrics = Metrics()
+        self.agent_info = agent_info or {}
+        self.started = time.time()
+        self.client = httpx.AsyncClient(base_url=supervisor.base_url, timeout=UPSTREAM_TIMEOUT,
+                                        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        supervisor.listeners.append(self._on_state)
+        self._on_state(supervisor.status.state)
+
+    def _on_state(self, state: str) -> None:
+        self.metrics.model_state.state(state)
+
+    def apply(self, config: dict) -> None:
+        """Live limits from a reloaded config (the listener and TLS paths are handled by the agent)."""
+        self.config = config
+        self.admission.update(config["model_gateway"])
+        if self.supervisor.base_url != str(self.client.base_url).rstrip("/"):
+            old = self.client
+            self.client = httpx.AsyncClient(base_url=self.supervisor.base_url, timeout=UPSTREAM_TIMEOUT)
+            asyncio.get_running_loop().create_task(old.aclose())
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    @property
+    def gw(self) -> dict:
+        return self.config["model_gateway"]
+
+    def authorize(self, scope) -> str | None:
+        """None when allowed; else why not. Empty allowed_clients: any certificate of the CA (TLS checked it)."""
+        der = peer_cert_der(scope)
+        if not der:
+            return "no client certificate was presented"
+        allowed = self.gw["allowed_clients"]
+        if not allowed:
+            return None
+        if pki.authorize_peer(der, allowed) is None:
+            who = pki.peer_identities(der).describe()
+            return f"client certificate ({who}) is not in model_gateway.allowed_clients"
+        return None
+
+    def _require_ready(self) -> None:
+        if not self.supervisor.ready:
+            status = self.supervisor.status
+            raise GatewayError(503, f"model is not ready ({status.state}: {status.reason})", "server_error",
+                               code="model_not_ready", headers={"Retry-After": "5"})
+
+    def _prepare(self, body: _Sampling, endpoint: str) -> dict:
+        cap = self.gw["max_tokens"]
+        if body.model is not None and body.model != self.config["model_server"]["model_name"]:
+            raise GatewayError(404, f"model '{body.model}' does not exist; this gateway serves "
+                               f"'{self.config['model_server']['model_name']}'", code="model_not_found", param="model")
+        payload = body.model_dump(exclude_none=True)
+        requested = payload.pop("max_completion_tokens", None)
+        if requested is None:
+            requested = payload.get("max_tokens")
+        if requested is not None and requested > cap:
+            raise GatewayError(400, f"max_tokens ({requested}) is larger than this gateway allows ({cap}); "
+                               f"ask for at most {cap}", code="max_tokens_too_large", param="max_tokens")
+        payload["max_tokens"] = requested if requested is not None else cap
+        payload.setdefault("temperature", self.gw["temperature"])
+        payload["model"] = self.config["model_server"]["model_name"]
+        if self.supervisor.engine != "llama-server":
+            payload.pop("ignore_eos", None)
+        _check_utf8(payload)
+        return payload
+
+    async def _admit(self) -> float:
+        self.metrics.queue_depth.set(self.admission.queued + 1 if self.admission.active >= self.admission.max_concurrency else self.admission.queued)
+        try:
+            waited = await self.admission.acquire()
+        except Rejected as exc:
+            self.metrics.rejections.labels(exc.reason).inc()
+            raise GatewayError(429, str(exc), "rate_limit_error", code=exc.reason,
+                               headers={"Retry-After": exc.retry_after_header}) from None
+        finally:
+            self.metrics.queue_depth.set(self.admission.queued)
+        self.metrics.queue_wait.observe(waited)
+        return waited
+
+    # -- proxying ------------------------------------------------------------------------------
+
+    async def proxy(self, request: Request, path: str, payload: dict) -> Response:
+        self._require_ready()
+        deadline = time.monotonic() + self.gw["request_timeout_s"]
+        await self._admit()
+        admitted = time.monotonic()
+        self.metrics.in_flight.inc()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.metrics.in_flight.dec()
+                self.admission.release(time.monotonic() - admitted)
+
+        try:
+            if not self.supervisor.ready:  # it may have died while we queued
+                self._require_ready()
+            if payload.get("stream"):
+                return await self._stream(request, path, payload, deadline, admitted, release)
+            return await self._plain(request, path, payload, deadline, admitted, release)
+        except BaseException:
+            release()
+            raise
+
+    async def _plain(self, request, path, payload, deadline, admitted, release) -> Response:
+        try:
+            upstream = asyncio.create_task(self.client.post(path, json=payload))
+            watcher = asyncio.create_task(_wait_disconnect(request))
+            done, _ = await asyncio.wait({upstream, watcher}, timeout=max(0.0, deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            watcher.cancel()
+            if upstream not in done:
+                upstream.cancel()  # closes the upstream connection: llama-server stops generating
+                if watcher in done:
+                    return Response(status_code=499)
+                raise GatewayError(504, f"no answer within request_timeout_s ({self.gw['request_timeout_s']:g} s)",
+                                   "server_error", code="timeout")
+            try:
+                resp = upstream.result()
+            except httpx.HTTPError as exc:
+                raise GatewayError(502, f"model server failed: {exc.__class__.__name__}: {exc}", "server_error",
+                                   code="upstream_error") from None
+            if resp.status_code >= 500:
+                raise GatewayError(502, f"model server answered {resp.status_code}: {resp.text[:500]}",
+                                   "server_error", code="upstream_error")
+            if resp.status_code == 200:
+                try:
+                    usage = resp.json().get("usage") or {}
+                    tokens = int(usage.get("completion_tokens") or 0)
+                except (ValueError, AttributeError, TypeError):
+                    tokens = 0
+                elapsed = time.monotonic() - admitted
+                self.metrics.output_tokens.inc(tokens)
+                if tokens and elapsed > 0:
+                    self.metrics.tokens_per_second.observe(tokens / elapsed)
+            return Response(resp.content, status_code=resp.status_code,
+                            media_type=resp.headers.get("content-type", "application/json"))
+        finally:
+            release()
+
+    async def _stream(self, request, path, payload, deadline, admitted, release) -> Response:
+        try:
+            req = self.client.build_request("POST", path, json=payload)
+            resp = await asyncio.wait_for(self.client.send(req, stream=True), max(0.1, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            release()
+            raise GatewayError(504, "model server did not start answering within request_timeout_s", "server_error",
+                               code="timeout") from None
+        except httpx.HTTPError as exc:
+            release()
+            raise GatewayError(502, f"model server failed: {exc.__class__.__name__}: {exc}", "server_error",
+                               code="upstream_error") from None
+        if resp.status_code != 200:
+            body = await resp.aread()
+            await resp.aclose()
+            release()
+            status = 502 if resp.status_code >= 500 else resp.status_code
+            if status == 502:
+                raise GatewayError(502, f"model server answered {resp.status_code}: {body[:500].decode('utf-8', 'replace')}",
+                                   "server_error", code="upstream_error")
+            return Response(body, status_code=status, media_type=resp.headers.get("content-type", "application/json"))
+
+        metrics = self.metrics
+        timeout_s = self.gw["request_timeout_s"]
+
+        async def relay():
+            observer = StreamObserver()
+            chunks = resp.aiter_raw()
+            try:
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        yield sse_error(f"generation cancelled: request_timeout_s ({timeout_s:g} s) reached",
+                                        code=504)
+                        break
+                    try:
+                        chunk = await asyncio.wait_for(chunks.__anext__(), remaining)
+                    except StopAsyncIteration:
+                        break
+                    except asyncio.TimeoutError:
+                        continue  # loops once more and reports the timeout
+                    except httpx.HTTPError as exc:
+                        log.warning("upstream stream broke: %s", exc)
+                        yield sse_error(f"model server stopped while generating ({exc.__class__.__name__}); "
+                                        "the answer is incomplete")
+                        break
+                    observer.feed(chunk)
+                    yield chunk
+            finally:
+                await resp.aclose()  # on client disconnect too: llama-server sees the close and stops
+                release()
+                if observer.first_token_at is not None:
+                    metrics.first_token.observe(observer.first_token_at - admitted)
+                    tokens = observer.output_tokens
+                    metrics.output_tokens.inc(tokens)
+                    gen_time = time.monotonic() - observer.first_token_at
+                    if tokens > 1 and gen_time > 0:
+                        metrics.tokens_per_second.observe((tokens - 1) / gen_time)
+
+        return StreamingResponse(relay(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def tokenize(self, body: TokenizeRequest) -> dict:
+        if (body.content is None) == (body.messages is None):
+            raise GatewayError(400, "give exactly one of `content` (text) or `messages` (a chat)", param="content")
+        self._require_ready()
+        _check_utf8(body.model_dump(exclude_none=True))
+        try:
+            if self.supervisor.engine == "llama-server":
+                if body.messages is not None:
+                    r = await self.client.post("/apply-template", json={
+                        "messages": [m.model_dump(exclude_none=True) for m in body.messages],
+                        "add_generation_prompt": body.add_generation_prompt})
+                    _raise_upstream(r)
+                    text, add_special = r.json()["prompt"], True if body.add_special is None else body.add_special
+                else:
+                    text, add_special = body.content, bool(body.add_special)
+                r = await self.client.post("/tokenize", json={"content": text, "add_special": add_special,
+                                                             "parse_special": True})
+                _raise_upstream(r)
+                tokens = r.json()["tokens"]
+            else:
+                if body.messages is not None:
+                    raise GatewayError(501, "tokenizing `messages` needs the llama-server engine (llama_cpp.server "
+                                       "cannot apply the chat template on its own); send `content` instead",
+                                       "not_supported", code="not_supported")
+                r = await self.client.post("/extras/tokenize", json={"input": body.content})
+                _raise_upstream(r)
+                tokens = r.json()["tokens"]
+                if not body.add_special:
+                    empty = await self.client.post("/extras/tokenize", json={"input": ""})
+                    _raise_upstream(empty)
+                    prefix = empty.json()["tokens"]
+                    if prefix and tokens[: len(prefix)] == prefix:
+                        tokens = tokens[len(prefix):]
+        except httpx.HTTPError as exc:
+            raise GatewayError(502, f"model server failed: {exc}", "server_error", code="upstream_error") from None
+        return {"count": len(tokens), "tokens": tokens}
+
+    def status(self) -> dict:
+        return {
+            "role": "model",
+            "uptime_s": round(time.time() - self.started, 1),
+            **self.agent_info,
+            "model": self.supervisor.snapshot(),
+            "gateway": {
+                "active": self.admission.active,
+                "queued": self.admission.queued,
+                "max_concurrency": self.admission.max_concurrency,
+                "queue_length": self.admission.queue_length,
+                "max_tokens": self.gw["max_tokens"],
+            },
+            "tls": self.cert_watcher.summary() if self.cert_watcher else {},
+        }
+
+
+def _raise_upstream(r: httpx.Response) -> None:
+    if r.status_code >= 500:
+        raise GatewayError(502, f"model server answered {r.status_code}: {r.text[:500]}", "server_error",
+                           code="upstream_error")
+    if r.status_code >= 400:
+        try:
+            message = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = r.text[:500]
+        raise GatewayError(400, f"model server refused the request: {message}")
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:10]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{loc}: {err.get('msg')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    app = FastAPI(title="clawbot model gateway", version="1",
+                  description="OpenAI-compatible API of a clawbot model node (mutual TLS only).")
+    app.state.gateway = gateway
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError):
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return JSONResponse(error_body(_validation_message(exc), "invalid_request_error", "invalid_request"),
+                            status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    errors = {400: {"description": "invalid request"}, 403: {"description": "client not allowed"},
+              429: {"description": "rate limited or queue full (see Retry-After)"},
+              503: {"description": "model not ready"}}
+
+    @app.post("/v1/chat/completions", responses=errors)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        """OpenAI chat completions; `stream: true` answers with server-sent events."""
+        return await gateway.proxy(request, "/v1/chat/completions", gateway._prepare(body, "chat"))
+
+    @app.post("/v1/completions", responses=errors)
+    async def completions(body: CompletionRequest, request: Request):
+        """OpenAI (legacy) text completions."""
+        return await gateway.proxy(request, "/v1/completions", gateway._prepare(body, "completion"))
+
+    @app.get("/v1/models")
+    async def models():
+        name = gateway.config["model_server"]["model_name"]
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(gateway.started),
+                                            "owned_by": "clawbot",
+                                            "meta": {"context_window": gateway.config["context_window"],
+                                                     "max_tokens": gateway.gw["max_tokens"],
+                                                     "state": gateway.supervisor.status.state}}]}
+
+    @app.post("/v1/tokenize", response_model=TokenizeResponse, responses=errors)
+    async def tokenize(body: TokenizeRequest):
+        """Exact token count with the model's own tokenizer: `messages` are rendered with the chat template
+        (with the generation prompt, as a chat completion would see them), `content` is tokenized as is."""
+        return await gateway.tokenize(body)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"description": "model not ready"}})
+    async def readyz():
+        status = gateway.supervisor.status
+        body = {"ready": gateway.supervisor.ready, "state": status.state, "reason": status.reason}
+        return JSONResponse(body, status_code=200 if gateway.supervisor.ready else 503)
+
+    @app.get("/status")
+    async def status():
+        return gateway.status()
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        gateway.metrics.queue_depth.set(gateway.admission.queued)
+        return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return AuthorizeAndCount(app, gateway)
+
+
+KNOWN_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/tokenize", "/healthz", "/readyz",
+               "/status", "/metrics", "/openapi.json", "/docs"}
+
+
+class AuthorizeAndCount:
+    """Pure ASGI middleware (BaseHTTPMiddleware would buffer streams and hide client disconnects):
+    refuse clients the allowlist does not name, count every answer by path and status."""
+
+    def __init__(self, app, gateway: Gateway):
+        self.app = app
+        self.gateway = gateway
+        self.state = app.state  # so tests and callers can reach app.state.gateway
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        label = path if path in KNOWN_PATHS else "other"
+        status_seen = {"code": 500}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status_seen["code"] = message["status"]
+            await send(message)
+
+        problem = self.gateway.authorize(scope)
+        try:
+            if problem:
+                response = JSONResponse(error_body(problem, "permission_error", "client_not_allowed"), status_code=403)
+                await response(scope, receive, counting_send)
+            else:
+                await self.app(scope, receive, counting_send)
+        finally:
+            self.gateway.metrics.requests.labels(label, str(status_seen["code"])).inc()

@@ -1,0 +1,183 @@
+"""Agent pieces that need no model server: config refusal at start, admission control, the engines'
+command lines, the model file checks and the /proc readers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import mmap
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clawbot import supervisor
+from clawbot.admission import Admission, Rejected
+from clawbot.config import defaults
+
+
+# --------------------------------------------------------------------------- start with a bad config
+
+
+def test_invalid_config_does_not_start_and_names_the_position(tmp_path):
+    bad = tmp_path / "clawbot.json"
+    bad.write_text('{\n  "model_gateway": {\n    "max_tokens": "lots"\n  }\n}\n')
+    done = subprocess.run([sys.executable, "-m", "clawbot", "agent", "--role", "model", "--config", str(bad),
+                           "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78
+    assert f"{bad}:3:19: error: /model_gateway/max_tokens: expected an integer" in done.stderr
+    assert not (tmp_path / "state").exists()  # nothing was started
+
+
+def test_missing_config_is_refused_the_same_way(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "clawbot", "agent", "--role", "model", "--config",
+                           str(tmp_path / "nope.json")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78 and "no such file" in done.stderr
+
+
+# --------------------------------------------------------------------------- admission
+
+
+def _admission(**kw) -> Admission:
+    args = dict(requests_per_second=100, burst=100, max_concurrency=2, queue_length=2, queue_timeout_s=5)
+    args.update(kw)
+    return Admission(**args)
+
+
+def test_admission_queues_then_refuses_overflow():
+    async def scenario():
+        adm = _admission()
+        await adm.acquire()
+        await adm.acquire()
+        waiting = [asyncio.create_task(adm.acquire()) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert adm.queued == 2
+        with pytest.raises(Rejected) as err:
+            await adm.acquire()
+        assert err.value.reason == "queue_full" and int(err.value.retry_after_header) >= 1
+        adm.release(1.0)
+        for _ in range(10):  # the waiter's task needs a few loop turns to finish
+            await asyncio.sleep(0)
+        assert waiting[0].done() and not waiting[1].done()  # FIFO: the oldest waiter gets the slot
+        adm.release(1.0)
+        await asyncio.gather(*waiting)
+        assert adm.active == 2 and adm.queued == 0
+
+    asyncio.run(scenario())
+
+
+def test_admission_queue_timeout_and_rate_limit():
+    async def scenario():
+        adm = _admission(max_concurrency=1, queue_timeout_s=0.05)
+        await adm.acquire()
+        with pytest.raises(Rejected) as err:
+            await adm.acquire()
+        assert err.value.reason == "queue_timeout"
+        clock = [0.0]
+        limited = Admission(requests_per_second=2, burst=1, max_concurrency=5, queue_length=5, queue_timeout_s=1,
+                            clock=lambda: clock[0])
+        await limited.acquire()
+        with pytest.raises(Rejected) as err:
+            await limited.acquire()
+        assert err.value.reason == "rate_limited" and err.value.retry_after == pytest.approx(0.5)
+        clock[0] = 0.5
+        await limited.acquire()  # refilled
+
+    asyncio.run(scenario())
+
+
+def test_admission_limits_change_live():
+    async def scenario():
+        adm = _admission(max_concurrency=1)
+        await adm.acquire()
+        waiter = asyncio.create_task(adm.acquire())
+        await asyncio.sleep(0)
+        gw = defaults()["model_gateway"]
+        gw.update(max_concurrency=2, queue_length=2, queue_timeout_s=5)
+        adm.update(gw)
+        await asyncio.wait_for(waiter, 1)  # the raised limit admits the waiter at once
+        assert adm.active == 2
+
+    asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------- command lines
+
+
+def _config(**server):
+    config = defaults()
+    config["model_server"].update(server)
+    return config
+
+
+def test_llama_server_command_gives_each_slot_the_context_window():
+    config = _config(parallel_slots=3, threads=2, chat_template="chatml", extra_args=["--cache-reuse", "256"],
+                     load_mode="mmap", accelerator="cpu")
+    config["context_window"] = 4096
+    cmd = supervisor.llama_server_command("/bin/llama-server", config, "/m.gguf")
+    flags = {name: cmd[cmd.index(name) + 1] for name in cmd if name.startswith("-") and name != "-no-kvu"}
+    assert flags["-c"] == str(4096 * 3) and flags["-np"] == "3" and "-no-kvu" in cmd
+    assert flags["--host"] == "127.0.0.1" and flags["--alias"] == "clawbot" and flags["-lm"] == "mmap"
+    assert flags["-ngl"] == "0" and flags["--chat-template"] == "chatml" and "--metrics" in cmd
+    assert cmd[-2:] == ["--cache-reuse", "256"]
+
+
+def test_llama_cpp_python_settings_turn_interrupt_requests_off():
+    settings = supervisor.llama_cpp_python_settings(_config(load_mode="mmap+mlock", cache_type_k="q8_0"), "/m.gguf")
+    assert settings["interrupt_requests"] is False and settings["host"] == "127.0.0.1"
+    model = settings["models"][0]
+    assert model["use_mmap"] and model["use_mlock"] and model["type_k"] == 8 and model["n_ctx"] == 8192
+
+
+# --------------------------------------------------------------------------- model file checks
+
+
+def test_model_file_checks(tmp_path):
+    with pytest.raises(supervisor.ModelFileError, match="does not exist"):
+        supervisor.check_model_file(str(tmp_path / "missing.gguf"))
+    not_gguf = tmp_path / "x.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04junk")
+    with pytest.raises(supervisor.ModelFileError, match="not a GGUF"):
+        supervisor.check_model_file(str(not_gguf))
+    good = tmp_path / "m.gguf"
+    good.write_bytes(b"GGUF" + b"\0" * 100)
+    digest = supervisor.file_sha256(good)
+    supervisor.check_model_file(str(good), digest, tmp_path / "state")
+    with pytest.raises(supervisor.ModelFileError, match="has sha256"):
+        supervisor.check_model_file(str(good), "0" * 64, tmp_path / "state")
+
+
+def test_sha256_is_cached_by_inode_size_and_mtime(tmp_path, monkeypatch):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + b"\1" * 1000)
+    state = tmp_path / "state"
+    first = supervisor.file_sha256(model, state)
+    assert json.loads((state / "sha256-cache.json").read_text())
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: (opened.append(str(p)), real_open(p, *a, **k))[1])
+    assert supervisor.file_sha256(model, state) == first
+    assert str(model) not in opened  # answered from the cache, file not re-read
+    model.write_bytes(b"GGUF" + b"\2" * 1000)  # changed: hashed again
+    assert supervisor.file_sha256(model, state) != first
+
+
+def test_memory_evidence_reads_the_mapping_of_the_model_file(tmp_path):
+    """Map a file in a child and read its smaps: the page size is what the kernel reports."""
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + b"\0" * (1 << 20))
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import mmap,sys; f=open(sys.argv[1],'rb'); m=mmap.mmap(f.fileno(),0,access=mmap.ACCESS_READ); "
+        "m[:4]; print('ok',flush=True); sys.stdin.read()"), str(model)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ok"
+        evidence = supervisor.memory_evidence(child.pid, str(model))
+    finally:
+        child.stdin.close()
+        child.wait(timeout=10)
+    assert evidence["model_mapped"] and evidence["model_mapped_kib"] >= 1024
+    assert evidence["model_page_sizes_kib"] == [mmap.PAGESIZE // 1024]
+    assert evidence["hugepages_effective"] is False and evidence["mlock_effective"] is False
+    assert evidence["vm_locked_kib"] == 0
