@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             os.execvp(command[0], command)
     except HarnessError as error:
         print(f"error: {error}", file=sys.stderr)
+        if args.command == "up":
+            print("what did start is left for a look (`status`, `shell NODE`); `down` removes it", file=sys.stderr)
         return 1
     return 0
 

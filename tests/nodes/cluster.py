@@ -376,16 +376,16 @@ class Cluster:
                              f"sshd on {node.name} ({node.address}); console log {node.console_log}")
 
             def ssh_works():
-                return node.ssh("true", timeout_s=max(1.0, deadline - time.monotonic()), check=False).returncode == 0
+                try:
+                    return node.ssh("true", timeout_s=max(1.0, deadline - time.monotonic()), check=False).returncode == 0
+                except subprocess.TimeoutExpired:
+                    return False
 
             procs.wait_until(ssh_works, max(0.0, deadline - time.monotonic()), f"ssh login to {node.name}", 0.3)
 
     # -- NAT ---------------------------------------------------------------------------------------------
 
     def _enable_nat(self) -> None:
-        if shutil.which("nft") is None:
-            raise HarnessError("nft is not installed (apt-get install nftables), or set CLAWBOT_TEST_NAT=0 "
-                               "(then nodes cannot apt-get install)")
         original = self.config.state_dir / "ip_forward.orig"
         if not original.exists():
             original.write_text(network.read_ip_forward())
@@ -461,6 +461,9 @@ class Cluster:
         missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
         if missing:
             raise HarnessError(f"missing tools: {', '.join(missing)} (see .ci/apt-packages.txt)")
+        if self.config.nat and shutil.which("nft") is None:
+            raise HarnessError("nft is not installed (apt-get install nftables), or set CLAWBOT_TEST_NAT=0 "
+                               "(then nodes cannot apt-get install)")
 
     @contextlib.contextmanager
     def _locked(self):

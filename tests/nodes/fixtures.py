@@ -6,7 +6,7 @@ Session-scoped: the boot costs seconds, and an end-to-end deploy test reuses the
 from __future__ import annotations
 
 import json
-import sys
+import os
 
 import pytest
 
@@ -17,26 +17,38 @@ NODE_COUNT = 2
 _report: list[str] = []
 
 
-def _progress(message: str) -> None:
-    """Harness progress (a cold rootfs build takes minutes) goes to the real stderr, past pytest's capture."""
-    print(f"[test nodes] {message}", file=sys.__stderr__, flush=True)
+def _progress_writer(config: pytest.Config):
+    """Harness progress (a cold rootfs build takes minutes) goes to pytest's terminal, past output capture."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+
+    def write(message: str) -> None:
+        if reporter is not None:
+            reporter.write_line(f"[test nodes] {message}")
+
+    return write
 
 
 @pytest.fixture(scope="session")
-def node_cluster() -> Cluster:
+def node_cluster(request: pytest.FixtureRequest) -> Cluster:
     """Two running nodes (node1: chat_nodes, node2: model_nodes), torn down at session end; the teardown
     fails loudly if any process, namespace, mount, cgroup, link or rule of the harness survives."""
-    cluster = Cluster(HarnessConfig.from_env(), log=_progress)
+    cluster = Cluster(HarnessConfig.from_env(), log=_progress_writer(request.config))
+    failure = None
     try:
         cluster.up(NODE_COUNT)
     except HarnessError as error:
+        failure = f"test nodes could not start: {error}"
         try:
             cluster.down()
         except HarnessError as cleanup_error:
-            error = HarnessError(f"{error}\n(cleanup after the failure also failed: {cleanup_error})")
-        pytest.fail(f"test nodes could not start: {error}", pytrace=False)
+            failure += f"\n(cleanup after the failure also failed: {cleanup_error})"
+    if failure:
+        pytest.fail(failure, pytrace=False)
     _report.append(describe_timings(cluster))
     yield cluster
+    if os.environ.get("CLAWBOT_TEST_KEEP_NODES") == "1":  # for a look after the run; `down` by hand later
+        _report.append("nodes kept up (CLAWBOT_TEST_KEEP_NODES=1): python -m tests.nodes shell node1 | down")
+        return
     cluster.down()
 
 
