@@ -39,6 +39,12 @@ def test_each_node_runs_systemd_and_sshd(nodes: list[Node]):
 
 
 @pytest.mark.nodes
+def test_nodes_start_within_budget_from_a_warm_cache(node_cluster: Cluster):
+    """up_seconds counts from a ready rootfs (cache hit or fresh build) to every node answering ssh."""
+    assert node_cluster.up_seconds <= WARM_UP_BUDGET_S
+
+
+@pytest.mark.nodes
 def test_nodes_have_distinct_hostnames(nodes: list[Node]):
     hostnames = [node.ssh("hostname").stdout.strip() for node in nodes]
     assert hostnames == [node.hostname for node in nodes]

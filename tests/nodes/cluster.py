@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -147,6 +148,7 @@ class Cluster:
         self._check_prerequisites()
         with self._locked():
             self._cleanup(self._load_state())
+            self._remove_unrecorded_links()
             self.rootfs = ensure_rootfs(self.config, log=self.log)
             started = time.monotonic()
             network.check_subnet_is_free(self.config)
@@ -265,6 +267,8 @@ class Cluster:
         layout = procs.cgroup_layout(cgroup_hierarchies)
         entry["cgroups"] = [str(base / config.cgroup_leaf(name)) for _, base in cgroup_hierarchies]
         self._save_state()
+        for cgroup in map(Path, entry["cgroups"]):
+            self._evict_unrecorded(cgroup)
         cgroups = [procs.make_cgroup(base, config.cgroup_leaf(name), controllers) for controllers, base in cgroup_hierarchies]
 
         # Move into the node's own cgroups first: `unshare --cgroup` makes the current one the node's root.
@@ -434,6 +438,28 @@ class Cluster:
         if state.get("ip_forward_set"):
             self._restore_ip_forward()
         self._state = {}
+
+    def _remove_unrecorded_links(self) -> None:
+        """Links and the nft table carry this instance's names: remove them even if the state file was lost
+        (processes are never looked up by name; without a record they are left alone)."""
+        veth = re.compile(re.escape(self.config.instance) + r"-n\d+")
+        links = json.loads(network.run(["ip", "-j", "link", "show"]).stdout or "[]")
+        for link in links:
+            name = link.get("ifname", "")
+            if name == self.config.bridge_name or veth.fullmatch(name):
+                network.delete_link(name)
+        network.remove_nat(self.config.nft_table)
+
+    def _evict_unrecorded(self, cgroup: Path) -> None:
+        """A node of this name whose record was lost still sits in its cgroup: stop exactly the pids listed
+        there (the harness's own per-node group, so nothing else can be in it) and remove the group."""
+        stale = procs.pids_in_cgroup_tree(cgroup)
+        if stale:
+            self.log(f"stopping {len(stale)} unrecorded process(es) left in {cgroup}: {stale}")
+            for pid in stale:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        procs.wait_until(lambda: _try_remove_cgroup(cgroup), 10, f"stale cgroup {cgroup} to empty")
 
     def _stop_launcher(self, entry: dict) -> None:
         pid, started = entry.get("launcher_pid"), entry.get("launcher_start")

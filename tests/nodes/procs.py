@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -178,3 +179,13 @@ def remove_cgroup_tree(path: Path) -> None:
         except FileNotFoundError:
             pass
     path.rmdir()
+
+
+def pids_in_cgroup_tree(path: Path) -> list[int]:
+    """Pids in a cgroup and all groups below it (empty when it does not exist)."""
+    pids: list[int] = []
+    if path.is_dir():
+        for procs_file in [path / "cgroup.procs", *path.rglob("cgroup.procs")]:
+            with contextlib.suppress(FileNotFoundError):
+                pids += [int(p) for p in procs_file.read_text().split()]
+    return sorted(set(pids))
