@@ -54,6 +54,7 @@ class ConfigErrorText(Exception):
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call drowns the agent's own log
     try:
         config = _load(args.config)
     except ConfigErrorText as exc:

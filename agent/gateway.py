@@ -51,6 +51,13 @@ class ChatMessage(_Strict):
     content: Union[str, Annotated[list[TextPart], Field(min_length=1)]]
     name: Annotated[str, Field(max_length=256)] | None = None
 
+    def upstream(self) -> dict:
+        """The plain shape every engine's chat template understands: text parts joined into one string,
+        `developer` sent as `system` (llama_cpp.server's templates know neither list content nor
+        `developer`, and raise a 500 on them)."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
 
 class StreamOptions(_Strict):
     include_usage: bool = False
@@ -270,6 +277,8 @@ class Gateway:
             raise GatewayError(404, f"model '{body.model}' does not exist; this gateway serves "
                                f"'{self.config['model_server']['model_name']}'", code="model_not_found", param="model")
         payload = body.model_dump(exclude_none=True)
+        if isinstance(body, ChatCompletionRequest):
+            payload["messages"] = [m.upstream() for m in body.messages]
         requested = payload.pop("max_completion_tokens", None)
         if requested is None:
             requested = payload.get("max_tokens")
@@ -431,7 +440,7 @@ class Gateway:
             if self.supervisor.engine == "llama-server":
                 if body.messages is not None:
                     r = await self.client.post("/apply-template", json={
-                        "messages": [m.model_dump(exclude_none=True) for m in body.messages],
+                        "messages": [m.upstream() for m in body.messages],
                         "add_generation_prompt": body.add_generation_prompt})
                     _raise_upstream(r)
                     text, add_special = r.json()["prompt"], True if body.add_special is None else body.add_special
@@ -442,22 +451,53 @@ class Gateway:
                 _raise_upstream(r)
                 tokens = r.json()["tokens"]
             else:
-                if body.messages is not None:
-                    raise GatewayError(501, "tokenizing `messages` needs the llama-server engine (llama_cpp.server "
-                                       "cannot apply the chat template on its own); send `content` instead",
-                                       "not_supported", code="not_supported")
-                r = await self.client.post("/extras/tokenize", json={"input": body.content})
-                _raise_upstream(r)
-                tokens = r.json()["tokens"]
-                if not body.add_special:
-                    empty = await self.client.post("/extras/tokenize", json={"input": ""})
-                    _raise_upstream(empty)
-                    prefix = empty.json()["tokens"]
-                    if prefix and tokens[: len(prefix)] == prefix:
-                        tokens = tokens[len(prefix):]
+                tokens = await self._tokenize_llama_cpp_python(body)
         except httpx.HTTPError as exc:
             raise GatewayError(502, f"model server failed: {exc}", "server_error", code="upstream_error") from None
         return {"count": len(tokens), "tokens": tokens}
+
+    async def _tokenize_llama_cpp_python(self, body: TokenizeRequest) -> list[int]:
+        """llama_cpp.server always prepends BOS in /extras/tokenize; it is stripped where llama_cpp itself
+        would not add it (plain text unless add_special; a rendered chat, whose template adds its own)."""
+        import os
+
+        from clawbot import chattemplate
+
+        async def tok(text: str) -> list[int]:
+            r = await self.client.post("/extras/tokenize", json={"input": text})
+            _raise_upstream(r)
+            return r.json()["tokens"]
+
+        bos_prefix = await tok("")
+        if body.messages is None:
+            text, add_special = body.content, bool(body.add_special)
+        else:
+            if self.config["model_server"]["chat_template"]:
+                raise GatewayError(501, "tokenizing `messages` with a named chat_template needs the llama-server "
+                                   "engine; send `content` instead", "not_supported", code="not_supported")
+            path = self.config["model_server"]["model_path"]
+            template, bos_id, eos_id = chattemplate.gguf_template_info(path, os.stat(path).st_mtime_ns)
+            if template is None:
+                raise GatewayError(400, "the model has no chat template; send `content` instead", code="no_template")
+
+            async def piece(token_id):
+                if token_id is None:
+                    return ""
+                r = await self.client.post("/extras/detokenize", json={"tokens": [token_id]})
+                _raise_upstream(r)
+                return r.json()["text"]
+
+            try:
+                text = chattemplate.render(template, [m.upstream() for m in body.messages],
+                                           bos_token=await piece(bos_id), eos_token=await piece(eos_id),
+                                           add_generation_prompt=body.add_generation_prompt)
+            except chattemplate.TemplateError as exc:
+                raise GatewayError(400, str(exc), code="template_error") from None
+            add_special = False if body.add_special is None else body.add_special
+        tokens = await tok(text)
+        if not add_special and bos_prefix and tokens[: len(bos_prefix)] == bos_prefix:
+            tokens = tokens[len(bos_prefix):]
+        return tokens
 
     def status(self) -> dict:
         return {

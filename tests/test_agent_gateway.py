@@ -1,0 +1,192 @@
+"""The model agent end to end: real llama-server on the tiny GGUF, real mTLS, the official openai client."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import ssl
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.fixtures_agent import (  # noqa: F401  (fixtures)
+    llama_server_binary,
+    model_agent,
+    models_dir,
+    pki_files,
+    tiny_gguf,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def openai_client(agent, cert=None, key=None, timeout: float = 60.0) -> openai.OpenAI:
+    """The official client over mTLS (openai 3.x ships its own httpx fork, httpx2)."""
+    try:
+        import httpx2 as hx
+    except ImportError:  # openai 1.x/2.x use httpx itself
+        hx = httpx
+    http = hx.Client(verify=ssl.create_default_context(cafile=str(agent.pki.ca)),
+                     cert=(str(cert or agent.pki.client_cert), str(key or agent.pki.client_key)), timeout=timeout)
+    return openai.OpenAI(base_url=agent.url + "/v1", api_key="unused", max_retries=0, http_client=http)
+
+
+# --------------------------------------------------------------------------- completions
+
+
+def test_chat_completion_non_streaming(model_agent):
+    client = openai_client(model_agent)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8)
+    assert reply.choices[0].message.role == "assistant"
+    assert 1 <= reply.usage.completion_tokens <= 8
+    assert reply.usage.prompt_tokens > 0
+
+
+def test_chat_completion_streaming_arrives_in_chunks(model_agent):
+    client = openai_client(model_agent)
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=16, stream=True, extra_body={"ignore_eos": True})
+    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(pieces) == 16  # one SSE event per token, passed through one by one
+
+
+def test_completions_streaming_and_not(model_agent):
+    client = openai_client(model_agent)
+    plain = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=4)
+    assert plain.choices[0].text is not None and plain.usage.completion_tokens <= 4
+    streamed = list(client.completions.create(model="tiny", prompt="Once", max_tokens=6, stream=True,
+                                              extra_body={"ignore_eos": True}))
+    assert sum(1 for c in streamed if c.choices and c.choices[0].text) == 6
+
+
+def test_models_lists_the_configured_name(model_agent):
+    assert [m.id for m in openai_client(model_agent).models.list().data] == ["tiny"]
+
+
+def test_max_tokens_over_cap_is_400_absent_gets_cap(model_agent):
+    client = openai_client(model_agent)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=5000)
+    assert "max_tokens (5000) is larger than this gateway allows (1024)" in str(err.value)
+    with model_agent.client() as c:
+        r = c.post("/v1/completions", json={"prompt": "a", "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1024
+
+
+def test_tokenize_counts_exactly(model_agent):
+    with model_agent.client() as c:
+        text = c.post("/v1/tokenize", json={"content": "hello"}).json()
+        chat = c.post("/v1/tokenize", json={"messages": [{"role": "user", "content": "hello"}]}).json()
+        bad = c.post("/v1/tokenize", json={})
+    assert text["count"] == len(text["tokens"]) == 5  # the tiny model's tokenizer is byte-level
+    # the chat template adds the role markers and the generation prompt around the same text
+    assert chat["count"] == len(chat["tokens"]) > text["count"]
+    assert bad.status_code == 400 and "exactly one of" in bad.json()["error"]["message"]
+    # the count matches what the model server reports for the same chat
+    reply = openai_client(model_agent).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=1)
+    assert reply.usage.prompt_tokens == chat["count"]
+
+
+# --------------------------------------------------------------------------- mTLS
+
+
+@pytest.mark.parametrize("which", ["none", "other_ca", "expired", "server_only"])
+def test_bad_client_certificates_are_rejected(model_agent, which):
+    pki = model_agent.pki
+    cert = {"none": None, "other_ca": (pki.other_ca_cert, pki.other_ca_key), "expired": (pki.expired_cert, pki.expired_key),
+            "server_only": (pki.server_only_cert, pki.server_only_key)}[which]
+    client = httpx.Client(verify=ssl.create_default_context(cafile=str(pki.ca)),
+                          cert=(str(cert[0]), str(cert[1])) if cert else None, timeout=10)
+    with client, pytest.raises(httpx.TransportError):
+        client.get(model_agent.url + "/healthz")
+    assert model_agent.get("/healthz").status_code == 200  # and the agent is fine
+
+
+def test_client_not_in_allowlist_gets_403(model_agent):
+    with model_agent.client(model_agent.pki.intruder_cert, model_agent.pki.intruder_key) as c:
+        r = c.get("/v1/models")
+    assert r.status_code == 403
+    assert "intruder.clawbot.test" in r.json()["error"]["message"]
+
+
+# --------------------------------------------------------------------------- status and metrics
+
+
+def test_status_reports_model_memory_and_certs(model_agent):
+    status = model_agent.status()
+    model = status["model"]
+    assert model["state"] == "ready" and model["pid"] > 0
+    assert model["model_path"].endswith(".gguf")
+    memory = model["memory"]
+    assert memory["model_mapped"] is True  # load_mode mmap: the file is mapped, seen in /proc/PID/smaps
+    assert memory["model_page_sizes_kib"] == [4]  # ext4/tmpfs file: 4 KiB pages, reported not assumed
+    assert memory["hugepages_effective"] is False and memory["mlock_effective"] is False
+    assert any("llama" in line or "srv" in line for line in model["log_tail"])
+    assert status["tls"]["server_cert"]["days_left"] > 300
+
+
+def test_metrics_expose_requests_and_state(model_agent):
+    openai_client(model_agent).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "m"}],
+                                                       max_tokens=2, stream=False)
+    text = model_agent.get("/metrics").text
+    assert 'clawbot_gateway_requests_total{path="/v1/chat/completions",status="200"}' in text
+    assert 'clawbot_model_state{clawbot_model_state="ready"} 1.0' in text
+    assert "clawbot_gateway_queue_wait_seconds_bucket" in text
+
+
+# --------------------------------------------------------------------------- overload
+
+
+def test_overload_gets_429_with_retry_after_and_the_rest_complete(model_agent):
+    """20 at once against max_concurrency 2 + queue 4: overflow is refused fast, everyone else is served."""
+    barrier = threading.Barrier(20)
+
+    def one(_):
+        with model_agent.client(timeout=120) as c:
+            barrier.wait(timeout=30)
+            r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 400, "ignore_eos": True})
+            return r.status_code, r.headers.get("retry-after"), r.json()
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(one, range(20)))
+    codes = [code for code, _, _ in results]
+    assert set(codes) <= {200, 429}, codes
+    assert codes.count(200) >= 6 and codes.count(429) >= 1, codes
+    for code, retry_after, body in results:
+        if code == 429:
+            assert retry_after is not None and int(retry_after) >= 1
+            assert body["error"]["code"] in ("queue_full", "rate_limited")
+        else:
+            assert body["usage"]["completion_tokens"] == 400
+    assert model_agent.get("/readyz").status_code == 200
+    assert 'clawbot_gateway_rejections_total{reason="queue_full"}' in model_agent.get("/metrics").text
+
+
+# --------------------------------------------------------------------------- crash and recovery
+
+
+def test_model_server_killed_mid_stream_errors_then_recovers(model_agent):
+    before = model_agent.status()["model"]
+    client = openai_client(model_agent, timeout=30)
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "go"}],
+                                            max_tokens=1024, stream=True, extra_body={"ignore_eos": True})
+    iterator = iter(stream)
+    next(iterator)  # generation is under way
+    os.kill(before["pid"], signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(openai.APIError, match="model server stopped while generating"):
+        for _ in iterator:
+            pass
+    assert time.monotonic() - started < 10  # a clear error, not a hang
+    wait_for(lambda: model_agent.get("/readyz").status_code == 503, 10, 0.02, "/readyz to report not ready")
+    wait_for(lambda: model_agent.get("/readyz").status_code == 200, 60, 0.1, "the model server to come back")
+    after = model_agent.status()["model"]
+    assert after["pid"] != before["pid"] and after["restarts"] == before["restarts"] + 1
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "again"}], max_tokens=2)
+    assert reply.choices[0].message is not None
