@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -190,7 +191,8 @@ class ChatAgent(Agent):
 
     def client(self, **kwargs) -> httpx.Client:
         """A client of the web API that trusts the cluster CA only (as a browser with the CA installed)."""
-        return httpx.Client(base_url=self.url, verify=str(self.pki.ca), timeout=kwargs.pop("timeout", 60), **kwargs)
+        return httpx.Client(base_url=self.url, verify=ssl.create_default_context(cafile=str(self.pki.ca)),
+                            timeout=kwargs.pop("timeout", 60), **kwargs)
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> "ChatAgent":
         def up():
@@ -211,8 +213,8 @@ class ModelAgent(Agent):
         return self.config["model_gateway"]["endpoint"]
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.endpoint, verify=str(self.pki.ca),
-                            cert=(str(self.pki.chat_client[0]), str(self.pki.chat_client[1])), timeout=60)
+        context = pki.client_ssl_context(self.pki.chat_client[0], self.pki.chat_client[1], self.pki.ca)
+        return httpx.Client(base_url=self.endpoint, verify=context, timeout=60)
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> "ModelAgent":
         def ready():
