@@ -270,8 +270,13 @@ def build_engine(
     prefix: Path | None = None,
     sdist: Path | None = None,
     with_bench: bool = False,
+    native: bool = True,
 ) -> Path:
-    """Build (or reuse) llama-server for one accelerator; returns the installed binary's path."""
+    """Build (or reuse) llama-server for one accelerator; returns the installed binary's path.
+
+    native=False builds a binary to copy to other machines: ggml then targets the AVX2/FMA/F16C level
+    (any x86-64 CPU since about 2013) instead of this CPU's exact instruction set.
+    """
     if accelerator == "cuda" and not cuda_arch:
         cuda_arch = detect_cuda_arch()
         if not cuda_arch:
@@ -280,7 +285,7 @@ def build_engine(
     root = cache_root()
     sdist = sdist or fetch_sdist(root / "sdist")
     source_dir = extract_vendored_llama_cpp(sdist, root / "src" / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}")
-    flags = cmake_flags(accelerator, cuda_arch, declared_options=declared_cmake_options(source_dir))
+    flags = cmake_flags(accelerator, cuda_arch, declared_options=declared_cmake_options(source_dir), native=native)
     key = build_key(accelerator, flags)
     prefix = prefix or default_prefix(key)
     wanted = [SERVER_TARGET] + ([BENCH_TARGET] if with_bench else [])
@@ -345,13 +350,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sdist", type=Path, default=None,
                         help=f"use this llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist instead of pip download")
     parser.add_argument("--with-bench", action="store_true", help="also build llama-bench")
+    parser.add_argument("--portable", action="store_true",
+                        help="build for any AVX2-class CPU (to copy to other nodes) instead of -march=native")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         binary = build_engine(
             args.accelerator, cuda_arch=args.cuda_arch, jobs=args.jobs,
-            prefix=args.prefix, sdist=args.sdist, with_bench=args.with_bench,
+            prefix=args.prefix, sdist=args.sdist, with_bench=args.with_bench, native=not args.portable,
         )
     except (RuntimeError, ValueError, subprocess.CalledProcessError) as exc:
         print(f"clawbot build-engine: {exc}", file=sys.stderr)

@@ -34,6 +34,13 @@ def test_cpu_flags_build_only_the_server_natively() -> None:
     assert not {"GGML_CUDA", "GGML_VULKAN", "GGML_HIP", "CMAKE_CUDA_ARCHITECTURES"} & flags.keys()
 
 
+def test_portable_build_turns_native_off_and_gets_its_own_prefix() -> None:
+    native = engine.cmake_flags("cpu")
+    portable = engine.cmake_flags("cpu", native=False)
+    assert flag_dict(portable)["GGML_NATIVE"] == "OFF"
+    assert engine.build_key("cpu", native) != engine.build_key("cpu", portable)
+
+
 def test_version_dependent_options_only_when_the_sources_declare_them() -> None:
     flags = flag_dict(engine.cmake_flags("cpu", declared_options=set()))
     assert "LLAMA_USE_PREBUILT_UI" not in flags and "LLAMA_OPENSSL" not in flags and "LLAMA_BUILD_APP" not in flags
