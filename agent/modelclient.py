@@ -145,7 +145,11 @@ class ModelClient:
                 status = await self._http.get("/status", timeout=timeout_s)
                 if status.status_code == 200:
                     data = status.json()
-                    result["state"] = data.get("state") if isinstance(data, dict) else None
+                    if isinstance(data, dict):  # the model agent nests the model server's state under "model"
+                        model = data.get("model") if isinstance(data.get("model"), dict) else {}
+                        result["state"] = data.get("state") or model.get("state")
+                        if model.get("reason"):
+                            result["reason"] = model["reason"]
             except (httpx.HTTPError, ValueError):
                 pass
             if not result["ready"]:

@@ -1,0 +1,165 @@
+"""The chat node against the real model node: `clawbot agent --role model` (llama-server on a tiny
+random-weight GGUF behind the mTLS gateway) and `clawbot agent --role chat`, both as subprocesses.
+
+Token counts are checked against the model's own tokenizer (the gateway's /v1/tokenize) and against the
+prompt size llama-server itself reports for the request (usage.prompt_tokens).
+"""
+
+from __future__ import annotations
+
+import signal
+
+import httpx
+import pytest
+
+from fixtures_chat import (  # noqa: F401
+    ChatAgent, ModelAgent, chat_config, chat_pki, model_config, parse_sse, running, send,
+)
+from fixtures_models import models_dir, tiny_gguf  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+CONTEXT_WINDOW = 512
+MAX_TOKENS = 48
+BUDGET = CONTEXT_WINDOW - MAX_TOKENS
+SYSTEM = "You are a helpful assistant."
+LONG = "Tell me everything about the spring weather in Paris, the rain, the parks and the river. "
+
+
+@pytest.fixture(scope="module")
+def model_node(chat_pki, tiny_gguf, tmp_path_factory):
+    from clawbot import engine
+
+    assert engine.find_llama_server("cpu") or engine.build_engine("cpu")
+    agent = ModelAgent(model_config(chat_pki, tiny_gguf, context_window=CONTEXT_WINDOW, max_tokens=MAX_TOKENS),
+                       tmp_path_factory.mktemp("model-node"), chat_pki)
+    with running(agent):
+        yield agent
+
+
+def small_chat(chat_pki, tmp_path, endpoint, **kwargs) -> ChatAgent:
+    kwargs.setdefault("summary", {"enabled": True, "keep_recent_messages": 2, "max_tokens": 48})
+    config = chat_config(chat_pki, tmp_path, endpoint, context_window=CONTEXT_WINDOW, max_tokens=MAX_TOKENS, **kwargs)
+    return ChatAgent(config, tmp_path, chat_pki)
+
+
+def test_streamed_reply_from_the_model(chat_pki, model_node, tmp_path):
+    """A reply arrives token by token, is stored complete with source `model`, prompt size recorded exactly."""
+    with running(small_chat(chat_pki, tmp_path, model_node.endpoint)) as chat, chat.client() as c:
+        conv = c.post("/api/conversations", json={}).json()
+        reply = send(c, conv["id"], "Hello there, who are you?")
+        names = [name for name, _ in reply.events]
+        assert names[:2] == ["user", "start"] and names[-1] == "done"
+        assert names.count("token") >= 5, names
+        message = reply.message
+        assert message["source"] == "model" and message["status"] == "complete"
+        assert message["content"] == reply.text and message["content"]
+        expected = model_node.count_tokens([{"role": "system", "content": SYSTEM},
+                                            {"role": "user", "content": "Hello there, who are you?"}])
+        requests = c.get(f"/api/conversations/{conv['id']}/requests").json()
+        assert [(r["kind"], r["prompt_tokens"], r["reported_prompt_tokens"], r["outcome"]) for r in requests] == [
+            ("reply", expected, expected, "complete")]
+        status = c.get("/api/status").json()
+        assert status["gateway"]["ready"] is True and status["gateway"]["state"] == "ready"
+
+
+def test_long_conversation_is_summarised_within_budget(chat_pki, model_node, tmp_path):
+    """Every prompt fits context_window - max_tokens in real tokens; older turns become a stored summary."""
+    with running(small_chat(chat_pki, tmp_path, model_node.endpoint)) as chat, chat.client() as c:
+        conv = c.post("/api/conversations", json={}).json()
+        sent = []
+        for n in range(6):
+            sent.append(f"Question {n}: {LONG}")
+            reply = send(c, conv["id"], sent[-1])
+            assert reply.message["source"] == "model"
+        messages = c.get(f"/api/conversations/{conv['id']}").json()["messages"]
+        requests = c.get(f"/api/conversations/{conv['id']}/requests").json()
+
+    summaries = [m for m in messages if m["role"] == "summary"]
+    assert summaries, "six long turns in a 512-token window must have produced a summary"
+    replies = [r for r in requests if r["kind"] == "reply"]
+    assert len(replies) == 6
+    for r in requests:  # the model itself agrees on every prompt's size
+        assert r["reported_prompt_tokens"] == r["prompt_tokens"], r
+    assert all(r["prompt_tokens"] <= BUDGET for r in replies), replies
+    assert all(r["prompt_tokens"] <= CONTEXT_WINDOW - 48 for r in requests if r["kind"] == "summary")
+    assert max(r["prompt_tokens"] for r in replies) > BUDGET // 2  # the window was really used, not emptied
+
+    # nothing dropped: every user message is still stored verbatim, summarised ones point at their summary
+    assert [m["content"] for m in messages if m["role"] == "user"] == sent
+    covered = [m for m in messages if m["summary_id"] is not None]
+    assert covered and all(m["summary_id"] in {s["id"] for s in summaries} for m in covered)
+
+    # the last prompt, rebuilt from what the UI shows (system + latest summary + uncovered turns), counted by
+    # the model's tokenizer, is exactly what was recorded and stays within the budget
+    top = [m for m in messages if m["summary_id"] is None]
+    latest_summary = [m for m in top if m["role"] == "summary"][-1]
+    turns = [m for m in top if m["role"] != "summary"][:-1]  # without the reply that prompt produced
+    prompt = [{"role": "system", "content": f"{SYSTEM}\n\nSummary of the earlier conversation (older messages were "
+                                            f"summarised):\n{latest_summary['content']}"}]
+    prompt += [{"role": m["role"], "content": m["content"]} for m in turns]
+    assert turns[-1]["content"] == sent[-1]
+    assert model_node.count_tokens(prompt) == replies[-1]["prompt_tokens"] <= BUDGET
+
+
+def test_message_too_long_is_refused_clearly(chat_pki, model_node, tmp_path):
+    """A message that cannot fit even alone is rejected with a message that says so; it is kept, marked."""
+    with running(small_chat(chat_pki, tmp_path, model_node.endpoint)) as chat, chat.client() as c:
+        conv = c.post("/api/conversations", json={}).json()
+        reply = send(c, conv["id"], LONG * 8)
+        assert reply.message["status"] == "error" and "too long for the model" in reply.message["content"]
+        assert str(BUDGET) in reply.message["content"]
+        messages = c.get(f"/api/conversations/{conv['id']}").json()["messages"]
+        assert [(m["role"], m["status"]) for m in messages] == [("user", "rejected"), ("assistant", "error")]
+        # the conversation goes on: the rejected message is not sent again
+        assert send(c, conv["id"], "A short one.").message["source"] == "model"
+
+
+def test_model_node_down_falls_back_to_knowledge_base(chat_pki, tiny_gguf, tmp_path):
+    """Stop the model node mid-conversation: the next question is answered from the KB, labelled as such."""
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    (kb / "garden.md").write_text("# Garden\n\n## Watering\n\nWater the tomatoes every evening in July.\n")
+    model = ModelAgent(model_config(chat_pki, tiny_gguf, context_window=CONTEXT_WINDOW, max_tokens=MAX_TOKENS),
+                       tmp_path / "model", chat_pki)
+    chat = small_chat(chat_pki, tmp_path, model.endpoint, fallbacks=["knowledge_base"], kb_dir=kb)
+    with running(model), running(chat), chat.client() as c:
+        conv = c.post("/api/conversations", json={}).json()
+        assert send(c, conv["id"], "Hello!").message["source"] == "model"
+        model.stop()
+        message = send(c, conv["id"], "When should I water the tomatoes?").message
+        assert message["source"] == "knowledge_base"
+        assert "every evening in July" in message["content"]
+        assert message["meta"]["citations"] == [{"source": "garden.md", "heading": "Garden › Watering"}]
+        assert "gateway unreachable" in message["meta"]["model_error"]
+        gateway = c.get("/api/status").json()["gateway"]
+        assert gateway["reachable"] is False and "unreachable" in gateway["error"]
+
+
+def test_sigkill_mid_reply_keeps_every_acknowledged_message(chat_pki, model_node, tmp_path):
+    """SIGKILL the chat agent while a reply streams: after restart all acknowledged messages are there."""
+    chat = small_chat(chat_pki, tmp_path, model_node.endpoint)
+    acknowledged: list[tuple[str, str]] = []
+    with running(chat), chat.client() as c:
+        conv = c.post("/api/conversations", json={}).json()
+        for n in range(3):
+            reply = send(c, conv["id"], f"Turn {n}")
+            acknowledged += [("user", f"Turn {n}"), ("assistant", reply.message["content"])]
+        with c.stream("POST", f"/api/conversations/{conv['id']}/messages", json={"content": "Last words"}) as r:
+            buffer = ""
+            lines = r.iter_text()
+            while "event: user" not in buffer:  # the server has committed the user message
+                buffer += next(lines)
+            acknowledged.append(("user", "Last words"))
+            chat.kill()
+            with pytest.raises((httpx.HTTPError, StopIteration)):
+                for _ in range(10000):
+                    next(lines)
+        assert chat.proc.returncode == -signal.SIGKILL
+    with running(chat), chat.client() as c:
+        stored = c.get(f"/api/conversations/{conv['id']}").json()["messages"]
+    pairs = [(m["role"], m["content"]) for m in stored]
+    assert pairs[:len(acknowledged)] == acknowledged
+    # a reply row that was in flight is kept and marked, never shown as complete when it was cut
+    for extra in stored[len(acknowledged):]:
+        assert extra["role"] == "assistant" and extra["status"] in ("incomplete", "complete")
