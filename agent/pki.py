@@ -380,7 +380,7 @@ def reissue_decision(
     if (set(have.dns_names), set(have.ip_addresses)) != (set(want.dns_names), set(want.ip_addresses)):
         return True, f"SANs changed: have {have.describe()}, want {want.describe()}"
     if _eku(cert) != {_USAGE_EKU[usage]}:
-        names = sorted(o._name for o in _eku(cert)) or ["none"]
+        names = sorted(getattr(o, "_name", o.dotted_string) for o in _eku(cert)) or ["none"]
         return True, f"wrong extended key usage for a {usage} certificate: {', '.join(names)}"
     if cert.not_valid_after_utc <= now:
         return True, f"expired on {cert.not_valid_after_utc.date().isoformat()}"
