@@ -134,7 +134,7 @@ def load_inventory(path: str, vault_password_file: str | None = None, decrypt: b
     for host in manager.get_hosts():
         raw = variables.get_vars(host=host, include_hostvars=False)
         templar = Templar(loader=loader, variables=raw)
-        own = {k: v for k, v in raw.items() if k.startswith(("clawbot_", "ansible_"))}
+        own = {k: v for k, v in raw.items() if k.startswith(("clawbot_", "ansible_", "ssh_"))}
         plain = {}
         for key, value in own.items():
             try:
