@@ -74,13 +74,14 @@ def summarize(results: list[RequestResult], concurrency: int, wall_s: float) -> 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, model: str | None,
                       ignore_eos: bool) -> RequestResult:
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "stream": True,
-            "temperature": 0.7}
+            "temperature": 0.7, "stream_options": {"include_usage": True}}
     if model:
         body["model"] = model
     if ignore_eos:
         body["ignore_eos"] = True
     start = time.perf_counter()
     last = None
+    usage_tokens = None
     result = RequestResult(ok=False)
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
@@ -95,6 +96,8 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
                 if data == "[DONE]":
                     break
                 obj = json.loads(data)
+                if isinstance(obj.get("usage"), dict) and obj["usage"].get("completion_tokens") is not None:
+                    usage_tokens = obj["usage"]["completion_tokens"]
                 if "error" in obj:
                     result.error = str(obj["error"].get("message", obj["error"]))[:200]
                     return result
@@ -107,6 +110,8 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
                             result.itl_s.append(now - last)
                         last = now
                         result.output_tokens += 1
+        if usage_tokens is not None:  # events can merge tokens (partial UTF-8): the server's count is exact
+            result.output_tokens = usage_tokens
         result.e2e_s = time.perf_counter() - start
         result.ok = result.output_tokens > 0
         if not result.ok:
@@ -157,10 +162,12 @@ async def bench(url: str, *, concurrency: list[int], requests: int, prompt_token
     import ssl
 
     verify: ssl.SSLContext | bool = True
-    if cacert:
+    if cacert or cert:
         verify = ssl.create_default_context(cafile=cacert)
+        if cert:
+            verify.load_cert_chain(cert, key)
     url = url.rstrip("/")
-    async with httpx.AsyncClient(verify=verify, cert=(cert, key) if cert else None,
+    async with httpx.AsyncClient(verify=verify,
                                  timeout=httpx.Timeout(600, connect=10),
                                  limits=httpx.Limits(max_connections=max(concurrency) + 4)) as client:
         prompt = await make_prompt(client, url, prompt_tokens)

@@ -180,7 +180,7 @@ class Agent:
     def client(self, cert=None, key=None, timeout: float = 30.0) -> httpx.Client:
         cert = cert or self.pki.client_cert
         key = key or self.pki.client_key
-        return httpx.Client(base_url=self.url, verify=_verify(self.pki.ca), cert=(str(cert), str(key)), timeout=timeout)
+        return httpx.Client(base_url=self.url, verify=_verify(self.pki.ca, cert, key), timeout=timeout)
 
     def get(self, path: str, **kwargs) -> httpx.Response:
         with self.client() as c:
@@ -222,16 +222,18 @@ class Agent:
             self.proc.wait(timeout=10)
 
 
-def _verify(ca: Path):
+def _verify(ca: Path, cert: Path, key: Path):
     import ssl
 
-    return ssl.create_default_context(cafile=str(ca))
+    context = ssl.create_default_context(cafile=str(ca))
+    context.load_cert_chain(str(cert), str(key))
+    return context
 
 
 def start_agent(tmp: Path, pki_files: PkiFiles, model_path: Path, **sections) -> Agent:
     tmp.mkdir(parents=True, exist_ok=True)
-    config = agent_config(model_path, pki_files.tls_config(), gateway_port=free_port(), model_port=free_port(),
-                          **sections)
+    tls = sections.pop("tls", None) or pki_files.tls_config()
+    config = agent_config(model_path, tls, gateway_port=free_port(), model_port=free_port(), **sections)
     path = tmp / "clawbot.json"
     path.write_text(json.dumps(config, indent=2))
     return Agent(path, tmp / "state", pki_files).start()
