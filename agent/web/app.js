@@ -77,7 +77,7 @@ async function refreshStatus() {
     setNode("status-model", gw.reachable ? "degraded" : "down", "Model", gw.error || "not ready");
     const fallbacks = (status.fallback_strategies || []).map((s) => SOURCE_LABELS[s] || s);
     const then = fallbacks.length
-      ? ` Questions are answered from the ${fallbacks.join(", then ")} until it is back.`
+      ? ` Questions are answered from ${fallbacks.join(", then ")} until it is back.`
       : " Questions cannot be answered until it is back.";
     showBanner(`The model node is unavailable: ${gw.error || "not ready"}.${then}`, "warn");
   }
@@ -175,10 +175,15 @@ function footer(m) {
   return foot;
 }
 
+function coveredCount(summary, all) {
+  // conversation messages behind a summary, through the summaries nested in it
+  return all.filter((o) => o.summary_id === summary.id)
+    .reduce((n, o) => n + (o.role === "summary" ? coveredCount(o, all) : 1), 0);
+}
+
 function renderSummary(m, all) {
   const originals = all.filter((o) => o.summary_id === m.id).sort((a, b) => position(a) - position(b) || a.id - b.id);
-  const count = originals.filter((o) => o.role !== "summary").length
-    + originals.filter((o) => o.role === "summary").reduce((n, s) => n + ((s.meta || {}).covered_messages || 0), 0);
+  const count = coveredCount(m, all);
   const details = el("details", { class: "summary", "data-id": String(m.id) },
     el("summary", { text: `Earlier messages summarised (${count} message${count === 1 ? "" : "s"}) — show originals` }),
     el("div", { class: "summary-text" }, el("strong", { text: "Summary: " }), m.content),
