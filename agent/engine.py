@@ -277,6 +277,10 @@ def build_engine(
     native=False builds a binary to copy to other machines: ggml then targets the AVX2/FMA/F16C level
     (any x86-64 CPU since about 2013) instead of this CPU's exact instruction set.
     """
+    if accelerator not in ACCELERATORS:
+        raise ValueError(f"unknown accelerator {accelerator!r}; choose one of {', '.join(ACCELERATORS)}")
+    if accelerator == "cuda" and cuda_arch:
+        cuda_arch = normalize_cuda_arch(cuda_arch)  # refuse a typo before minutes of download and extraction
     if accelerator == "cuda" and not cuda_arch:
         cuda_arch = detect_cuda_arch()
         if not cuda_arch:

@@ -134,6 +134,12 @@ def test_cuda_build_without_gpu_or_arch_fails_with_advice(monkeypatch, capsys) -
     assert "--cuda-arch" in capsys.readouterr().err
 
 
+def test_bad_cuda_arch_is_refused_before_any_download(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(engine, "fetch_sdist", lambda *a: pytest.fail("fetched the sdist for a bad --cuda-arch"))
+    assert cli.main(["build-engine", "--accelerator", "cuda", "--cuda-arch", "hopper"]) == 1
+    assert "invalid CUDA architecture 'hopper'" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- sources and cache
 
 
