@@ -6,7 +6,6 @@ the end-to-end deploy tests depend on them.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ import pytest
 
 from tests.nodes import Cluster, HarnessConfig, HarnessError, Node
 from tests.nodes.aptsources import AptSource, _parse_deb822, _parse_one_line, debian_sources_for, debootstrap_mirror
+from tests.nodes.config import shifted_subnet
 from tests.nodes.fixtures import describe_timings, report_line
 
 WARM_UP_BUDGET_S = 60
@@ -129,9 +129,8 @@ def test_crashed_run_is_cleaned_and_teardown_leaves_nothing(node_cluster: Cluste
     Runs its own cluster instance on the next subnet, beside the session's nodes, so both stay usable.
     """
     session = node_cluster.config
-    next_subnet = ipaddress.IPv4Network((int(session.subnet.network_address) + session.subnet.num_addresses,
-                                         session.subnet.prefixlen))
-    config = HarnessConfig.from_env(instance="cbtlife", subnet=next_subnet)
+    next_subnet = shifted_subnet(session.subnet, 1)  # the session's slot leaves the next subnet free for this
+    config = HarnessConfig.from_env(instance=session.instance + "l", subnet=next_subnet)
     environment = {**os.environ, "CLAWBOT_TEST_SUBNET": str(next_subnet)}
     crashed = subprocess.Popen([sys.executable, "-m", "tests.nodes", "--instance", config.instance, "up", "2"],
                                cwd=REPO_ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -169,6 +168,19 @@ def test_crashed_run_is_cleaned_and_teardown_leaves_nothing(node_cluster: Cluste
     assert not state_file.exists()
 
 
+def in_another_harness_node(proc: Path, own_cgroups: set[str]) -> bool:
+    """Freed namespace inode numbers are reused at once: a concurrent session's node may hold one of ours."""
+    try:
+        paths = [line.split(":", 2)[2] for line in (proc / "cgroup").read_text().splitlines()]
+    except OSError:
+        return False
+    for path in paths:
+        parts = path.strip("/").split("/")
+        if "clawbot-test" in parts[:-1]:
+            return parts[parts.index("clawbot-test") + 1] not in own_cgroups
+    return False
+
+
 def namespaces_of(snapshot: dict) -> set[str]:
     return {ns for entry in snapshot["nodes"] for ns in entry.get("namespaces", {}).values()}
 
@@ -192,9 +204,10 @@ def assert_gone(snapshot: dict, names_reused: bool = False, live_namespaces: fro
             assert not Path(cgroup).exists(), f"cgroup {cgroup} survived"
         node_dir = entry["node_dir"]
         assert node_dir not in Path("/proc/self/mountinfo").read_text(), f"a mount under {node_dir} survived"
+    own_cgroups = {Path(cgroup).name for entry in snapshot["nodes"] for cgroup in entry.get("cgroups", [])}
     in_use = set()
     for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
+        if proc.name.isdigit() and not in_another_harness_node(proc, own_cgroups):
             for kind in ("mnt", "pid", "net", "uts", "ipc", "cgroup"):
                 try:
                     in_use.add(os.readlink(proc / "ns" / kind))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import network, procs
 from .aptsources import debian_sources_for, host_apt_sources, render_deb822
-from .config import HarnessConfig, HarnessError
+from .config import HarnessConfig, HarnessError, InstanceBusy
 from .rootfs import Rootfs, ensure_rootfs
 
 CONTAINER_NAME = "clawbot-test-node"  # the value of container= systemd sees: it runs in container mode
@@ -138,6 +138,7 @@ class Cluster:
         self.up_seconds: float | None = None
         self._launchers: dict[int, subprocess.Popen] = {}
         self._state: dict = {}
+        self._owner = None  # open, flock'ed owner.lock while this object's nodes are up
 
     # -- public API ----------------------------------------------------------------------------------
 
@@ -147,6 +148,7 @@ class Cluster:
             raise HarnessError("need at least one node")
         self._check_prerequisites()
         with self._locked():
+            self._take_ownership()
             self._cleanup(self._load_state())
             self._remove_unrecorded_links()
             self.rootfs = ensure_rootfs(self.config, log=self.log)
@@ -179,8 +181,10 @@ class Cluster:
     def down(self) -> None:
         """Stop every node and remove every link, rule, cgroup and layer; raise if anything survived."""
         with self._locked():
+            self._take_ownership()
             snapshot = self._load_state()
             self._cleanup(snapshot)
+            self._release_ownership()
             problems = self.leftovers(snapshot)
             if problems:
                 raise HarnessError("teardown left things behind:\n  " + "\n  ".join(problems))
@@ -219,7 +223,8 @@ class Cluster:
                     problems.append(f"cgroup {cgroup}")
             for point in procs.mounts_under(Path(entry["node_dir"])):
                 problems.append(f"mount {point}")
-        for pid, kind in procs.processes_in_namespaces(namespaces):
+        own_leaves = {self.config.cgroup_leaf(entry["name"]) for entry in snapshot.get("nodes", [])}
+        for pid, kind in procs.processes_in_namespaces(namespaces, own_leaves):
             problems.append(f"process {pid} still in a node's {kind} namespace")
         if snapshot.get("bridge") and network.link_exists(snapshot["bridge"]):
             problems.append(f"link {snapshot['bridge']}")
@@ -490,6 +495,33 @@ class Cluster:
         if self.config.nat and shutil.which("nft") is None:
             raise HarnessError("nft is not installed (apt-get install nftables), or set CLAWBOT_TEST_NAT=0 "
                                "(then nodes cannot apt-get install)")
+
+    def _take_ownership(self) -> None:
+        """Hold owner.lock while our nodes are up, so a concurrent session or `up` by hand cannot replace
+        them; the kernel drops the lock when the owner dies, and then its nodes count as leftovers."""
+        if self._owner is not None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        handle = open(self.dir / "owner.lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "?"
+            handle.close()
+            raise InstanceBusy(f"instance {self.config.instance!r} is in use by live process {owner} "
+                               "(another test session?); use another --instance") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._owner = handle
+
+    def _release_ownership(self) -> None:
+        if self._owner is not None:
+            fcntl.flock(self._owner, fcntl.LOCK_UN)
+            self._owner.close()
+            self._owner = None
 
     @contextlib.contextmanager
     def _locked(self):

@@ -33,6 +33,15 @@ class HarnessError(RuntimeError):
     """The harness cannot do what was asked; the message says what to fix."""
 
 
+class InstanceBusy(HarnessError):
+    """Another live process (e.g. a concurrent test session) owns this instance's nodes."""
+
+
+def shifted_subnet(subnet: ipaddress.IPv4Network, blocks: int) -> ipaddress.IPv4Network:
+    """The subnet `blocks` sizes further on: 10.231.7.0/24 shifted by 2 is 10.231.9.0/24."""
+    return ipaddress.IPv4Network((int(subnet.network_address) + blocks * subnet.num_addresses, subnet.prefixlen))
+
+
 @dataclass(frozen=True)
 class HarnessConfig:
     """Where one cluster keeps its state and which names and addresses it uses.

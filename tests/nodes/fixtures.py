@@ -11,9 +11,10 @@ import os
 import pytest
 
 from .cluster import Cluster, Node
-from .config import HarnessConfig, HarnessError
+from .config import HarnessConfig, HarnessError, InstanceBusy, shifted_subnet
 
 NODE_COUNT = 2
+MAX_CONCURRENT_SESSIONS = 4
 _report: list[str] = []
 
 
@@ -31,17 +32,31 @@ def _progress_writer(config: pytest.Config):
 @pytest.fixture(scope="session")
 def node_cluster(request: pytest.FixtureRequest) -> Cluster:
     """Two running nodes (node1: chat_nodes, node2: model_nodes), torn down at session end; the teardown
-    fails loudly if any process, namespace, mount, cgroup, link or rule of the harness survives."""
-    cluster = Cluster(HarnessConfig.from_env(), log=_progress_writer(request.config))
+    fails loudly if any process, namespace, mount, cgroup, link or rule of the harness survives.
+
+    Concurrent sessions on one machine (several engineers, one box) each take their own instance slot:
+    cbt on the configured subnet, cbt1 two subnets further, and so on.
+    """
+    base = HarnessConfig.from_env()
     failure = None
-    try:
-        cluster.up(NODE_COUNT)
-    except HarnessError as error:
-        failure = f"test nodes could not start: {error}"
+    for slot in range(MAX_CONCURRENT_SESSIONS):
+        config = HarnessConfig.from_env(instance=base.instance + (str(slot) if slot else ""),
+                                        subnet=shifted_subnet(base.subnet, 2 * slot))
+        cluster = Cluster(config, log=_progress_writer(request.config))
         try:
-            cluster.down()
-        except HarnessError as cleanup_error:
-            failure += f"\n(cleanup after the failure also failed: {cleanup_error})"
+            cluster.up(NODE_COUNT)
+            break
+        except InstanceBusy:
+            continue
+        except HarnessError as error:
+            failure = f"test nodes could not start: {error}"
+            try:
+                cluster.down()
+            except HarnessError as cleanup_error:
+                failure += f"\n(cleanup after the failure also failed: {cleanup_error})"
+            break
+    else:
+        failure = f"all {MAX_CONCURRENT_SESSIONS} harness instances are in use by other live sessions"
     if failure:
         pytest.fail(failure, pytrace=False)
     _report.append(describe_timings(cluster))

@@ -85,11 +85,33 @@ def namespace_ids(pid: int) -> dict[str, str]:
     return ids
 
 
-def processes_in_namespaces(ids: set[str]) -> list[tuple[int, str]]:
-    """Every live process that still sits in one of these namespaces."""
+def harness_cgroup_leaf(pid: int) -> str | None:
+    """'clawbot-test/<instance>-<node>' if `pid` runs inside some harness node's cgroup, else None."""
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    for line in text.splitlines():
+        parts = line.split(":", 2)[2].strip("/").split("/")
+        if "clawbot-test" in parts[:-1]:
+            index = parts.index("clawbot-test")
+            return f"clawbot-test/{parts[index + 1]}"
+    return None
+
+
+def processes_in_namespaces(ids: set[str], own_cgroup_leaves: set[str] = frozenset()) -> list[tuple[int, str]]:
+    """Every live process that still sits in one of these namespaces.
+
+    The kernel reuses a freed namespace's inode number at once, so a process inside *another* harness
+    node's cgroup (a concurrent session's node, or a rerun's) that shows one of these ids is in a new
+    namespace, not a leftover of ours; `own_cgroup_leaves` names the cgroups whose processes do count.
+    """
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
+            continue
+        leaf = harness_cgroup_leaf(int(entry.name))
+        if leaf is not None and leaf not in own_cgroup_leaves:
             continue
         for kind in NAMESPACE_KINDS:
             try:
