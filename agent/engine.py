@@ -241,7 +241,7 @@ def extract_vendored_llama_cpp(sdist: Path, dest: Path) -> Path:
             raise RuntimeError(f"{sdist} has no {VENDORED_LLAMA_CPP}/ (not a llama-cpp-python sdist?)")
         tmp = tempfile.mkdtemp(dir=dest.parent, prefix=".extract-")
         try:
-            tar.extractall(tmp, members=wanted, filter="data")
+            _extract_safely(tar, wanted, tmp)
             if dest.exists():
                 shutil.rmtree(dest)
             os.replace(tmp, dest)
@@ -249,6 +249,28 @@ def extract_vendored_llama_cpp(sdist: Path, dest: Path) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return dest
+
+
+def _extract_safely(tar: tarfile.TarFile, members: list[tarfile.TarInfo], dest: str) -> None:
+    """Extract refusing absolute paths, `..` and links out of dest.
+
+    tarfile's "data" filter does exactly that but only exists from Python 3.11.4; Debian 12 ships 3.11.2.
+    """
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, members=members, filter="data")
+        return
+    root = os.path.realpath(dest)
+    for member in members:
+        target = os.path.realpath(os.path.join(root, member.name))
+        if os.path.isabs(member.name) or os.path.commonpath([root, target]) != root:
+            raise RuntimeError(f"refusing to extract {member.name!r} outside {dest}")
+        if member.issym() or member.islnk():
+            link = os.path.realpath(os.path.join(os.path.dirname(target), member.linkname))
+            if os.path.isabs(member.linkname) or os.path.commonpath([root, link]) != root:
+                raise RuntimeError(f"refusing link {member.name!r} -> {member.linkname!r} outside {dest}")
+        if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+            raise RuntimeError(f"refusing special file {member.name!r}")
+    tar.extractall(dest, members=members)
 
 
 # --------------------------------------------------------------------------- build

@@ -179,6 +179,31 @@ def test_extract_refuses_a_tarball_without_llama_cpp(tmp_path: Path) -> None:
         engine.extract_vendored_llama_cpp(bad, tmp_path / "src")
 
 
+@pytest.mark.parametrize("has_data_filter", [True, False])
+def test_extract_refuses_paths_that_escape(tmp_path: Path, monkeypatch, has_data_filter: bool) -> None:
+    if not has_data_filter:  # the code path Debian 12's Python 3.11.2 takes
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as tar:
+        for name, data in [("llama_cpp_python-0.3.36/vendor/llama.cpp/CMakeLists.txt", b""),
+                           ("llama_cpp_python-0.3.36/vendor/llama.cpp/../../../../escaped.txt", b"x")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises((RuntimeError, tarfile.FilterError)):
+        engine.extract_vendored_llama_cpp(evil, tmp_path / "out" / "src")
+    assert not list(tmp_path.rglob("escaped.txt"))
+    assert not (tmp_path / "out" / "src").exists()
+
+
+@pytest.mark.parametrize("has_data_filter", [True, False])
+def test_extract_works_without_the_data_filter_too(tmp_path: Path, monkeypatch, has_data_filter: bool) -> None:
+    if not has_data_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    dest = engine.extract_vendored_llama_cpp(make_sdist(tmp_path / "s.tar.gz"), tmp_path / "src")
+    assert (dest / "tools/server/README.md").read_text() == "# server\n"
+
+
 def write_fake_server(path: Path, version_exit: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"#!/bin/sh\necho 'version: 1 (fake)' >&2\nexit {version_exit}\n")
