@@ -116,7 +116,7 @@ class Node:
         return result
 
     def nsenter_command(self, *command: str) -> list[str]:
-        """Enter the node without the network (for debugging a node whose sshd is down)."""
+        """Enter the node through its namespaces rather than ssh: works when its sshd or network is broken."""
         return ["nsenter", f"--target={self.init_pid}", "--mount", "--uts", "--ipc", "--net", "--pid", "--cgroup",
                 "--root", "--wd", "--", "env", "-i", "TERM=" + os.environ.get("TERM", "dumb"), "HOME=/root",
                 "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", *(command or ("/bin/bash", "-l"))]
