@@ -10,6 +10,8 @@ so a second run with nothing changed does nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -242,9 +244,14 @@ def extract_vendored_llama_cpp(sdist: Path, dest: Path) -> Path:
         tmp = tempfile.mkdtemp(dir=dest.parent, prefix=".extract-")
         try:
             _extract_safely(tar, wanted, tmp)
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                # Another build-engine run extracted the same tree first (renames are atomic, so theirs is
+                # complete, and a build may be reading it): keep theirs.
+                if not (dest / "CMakeLists.txt").exists():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -321,6 +328,33 @@ def build_engine(
         return installed
 
     build_dir = root / "build" / key
+    build_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(build_dir.parent / f"{key}.lock"):
+        # Another process (a deploy, a test fixture) may have finished the same build while we waited.
+        if all(engine_version(prefix / "bin" / t) for t in wanted):
+            _say(f"already built: {installed}")
+            return installed
+        return _configure_build_install(accelerator, source_dir, build_dir, flags, prefix, wanted, jobs)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """One build per build tree at a time: two ninjas in one directory corrupt each other's outputs."""
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(f"waiting for another build-engine run holding {lock_path}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _configure_build_install(accelerator: str, source_dir: Path, build_dir: Path, flags: list[str],
+                             prefix: Path, wanted: list[str], jobs: int | None) -> Path:
+    installed = prefix / "bin" / SERVER_TARGET
     configure = ["cmake", "-S", str(source_dir), "-B", str(build_dir), *flags]
     if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():
         # A generator is fixed at first configure; an existing build tree keeps its own.

@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -240,6 +241,28 @@ def test_build_is_skipped_when_the_binary_exists_and_runs(tmp_path: Path, monkey
 
 
 _real_run = subprocess.run
+
+
+def test_concurrent_builds_of_the_same_flags_build_once(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    sdist = make_sdist(tmp_path / "s.tar.gz")
+    builds = []
+
+    def slow_fake_build(accelerator, source_dir, build_dir, flags, prefix, wanted, jobs):
+        builds.append(prefix)
+        time.sleep(0.5)  # long enough for the other thread to reach the lock
+        return write_fake_server(prefix / "bin" / "llama-server")
+
+    monkeypatch.setattr(engine, "_configure_build_install", slow_fake_build)
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(engine.build_engine("cpu", sdist=sdist)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(builds) == 1
+    assert len(results) == 2 and results[0] == results[1]
 
 
 # --------------------------------------------------------------------------- the real build
