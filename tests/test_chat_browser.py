@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from fixtures_chat import ARTIFACTS, ChatAgent, ModelAgent, chat_config, chat_pki, model_config, running  # noqa: F401
-from fixtures_models import models_dir, tiny_gguf  # noqa: F401
+from fixtures_models import gguf_100m, models_dir  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -20,8 +20,12 @@ LONG = "Tell me about the spring weather in Paris, the rain, the parks and the r
 
 
 @pytest.fixture(scope="module")
-def nodes(chat_pki, tiny_gguf, tmp_path_factory):
-    """A model node and a chat node with a knowledge base, as a person would reach them."""
+def nodes(chat_pki, gguf_100m, tmp_path_factory):
+    """A model node and a chat node with a knowledge base, as a person would reach them.
+
+    The ~110 M-parameter random-weight model (not the 2-layer one) so tokens arrive over a visible
+    stretch of time, as on a real node; with the tiny model a whole reply can land in one network read.
+    """
     from clawbot import engine
 
     assert engine.find_llama_server("cpu") or engine.build_engine("cpu")
@@ -29,7 +33,7 @@ def nodes(chat_pki, tiny_gguf, tmp_path_factory):
     kb = work / "kb"
     kb.mkdir()
     (kb / "garden.md").write_text("# Garden\n\n## Watering\n\nWater the tomatoes every evening in July.\n")
-    model = ModelAgent(model_config(chat_pki, tiny_gguf, context_window=512, max_tokens=48), work / "model", chat_pki)
+    model = ModelAgent(model_config(chat_pki, gguf_100m, context_window=512, max_tokens=48), work / "model", chat_pki)
     chat = ChatAgent(chat_config(chat_pki, work / "chat", model.endpoint, context_window=512, max_tokens=48,
                                  fallbacks=["web_search", "knowledge_base"], kb_dir=kb,
                                  summary={"enabled": True, "keep_recent_messages": 2, "max_tokens": 48}),
