@@ -275,15 +275,6 @@ def running(agent: Agent):
         agent.stop()
 
 
-@pytest.fixture(scope="module")
-def model_agent(chat_pki, tiny_gguf, tmp_path_factory):
-    """The real model node (agent + llama-server + mTLS gateway) on the tiny GGUF, shared by a module."""
-    workdir = tmp_path_factory.mktemp("model-node")
-    agent = ModelAgent(model_config(chat_pki, tiny_gguf), workdir, chat_pki)
-    with running(agent):
-        yield agent
-
-
 # ---------------------------------------------------------------------------------------------- SSE
 
 

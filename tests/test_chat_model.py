@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from fixtures_chat import (  # noqa: F401
-    ChatAgent, ModelAgent, chat_config, chat_pki, model_config, parse_sse, running, send,
+    ChatAgent, ModelAgent, chat_config, chat_pki, model_config, running, send,
 )
 from fixtures_models import models_dir, tiny_gguf  # noqa: F401
 
@@ -30,7 +30,7 @@ LONG = "Tell me everything about the spring weather in Paris, the rain, the park
 def model_node(chat_pki, tiny_gguf, tmp_path_factory):
     from clawbot import engine
 
-    assert engine.find_llama_server("cpu") or engine.build_engine("cpu")
+    assert engine.find_llama_server("cpu") or engine.build_engine("cpu", native=False)
     agent = ModelAgent(model_config(chat_pki, tiny_gguf, context_window=CONTEXT_WINDOW, max_tokens=MAX_TOKENS),
                        tmp_path_factory.mktemp("model-node"), chat_pki)
     with running(agent):
