@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from fixtures_chat import ARTIFACTS, ChatAgent, ModelAgent, chat_config, chat_pki, model_config, running  # noqa: F401
+from tests.fixtures_agent import llama_server_binary  # noqa: F401  (builds the engine if no step did)
 from fixtures_models import gguf_100m, models_dir  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -20,15 +21,12 @@ LONG = "Tell me about the spring weather in Paris, the rain, the parks and the r
 
 
 @pytest.fixture(scope="module")
-def nodes(chat_pki, gguf_100m, tmp_path_factory):
+def nodes(chat_pki, gguf_100m, llama_server_binary, tmp_path_factory):
     """A model node and a chat node with a knowledge base, as a person would reach them.
 
     The ~110 M-parameter random-weight model (not the 2-layer one) so tokens arrive over a visible
     stretch of time, as on a real node; with the tiny model a whole reply can land in one network read.
     """
-    from clawbot import engine
-
-    assert engine.find_llama_server("cpu") or engine.build_engine("cpu")
     work = tmp_path_factory.mktemp("browser")
     kb = work / "kb"
     kb.mkdir()

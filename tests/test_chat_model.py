@@ -15,6 +15,7 @@ import pytest
 from fixtures_chat import (  # noqa: F401
     ChatAgent, ModelAgent, chat_config, chat_pki, model_config, running, send,
 )
+from tests.fixtures_agent import llama_server_binary  # noqa: F401  (builds the engine if no step did)
 from fixtures_models import models_dir, tiny_gguf  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -27,10 +28,7 @@ LONG = "Tell me everything about the spring weather in Paris, the rain, the park
 
 
 @pytest.fixture(scope="module")
-def model_node(chat_pki, tiny_gguf, tmp_path_factory):
-    from clawbot import engine
-
-    assert engine.find_llama_server("cpu") or engine.build_engine("cpu", native=False)
+def model_node(chat_pki, tiny_gguf, llama_server_binary, tmp_path_factory):
     agent = ModelAgent(model_config(chat_pki, tiny_gguf, context_window=CONTEXT_WINDOW, max_tokens=MAX_TOKENS),
                        tmp_path_factory.mktemp("model-node"), chat_pki)
     with running(agent):
@@ -115,7 +113,7 @@ def test_message_too_long_is_refused_clearly(chat_pki, model_node, tmp_path):
         assert send(c, conv["id"], "A short one.").message["source"] == "model"
 
 
-def test_model_node_down_falls_back_to_knowledge_base(chat_pki, tiny_gguf, tmp_path):
+def test_model_node_down_falls_back_to_knowledge_base(chat_pki, tiny_gguf, llama_server_binary, tmp_path):
     """Stop the model node mid-conversation: the next question is answered from the KB, labelled as such."""
     kb = tmp_path / "kb"
     kb.mkdir()
