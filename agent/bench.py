@@ -16,6 +16,7 @@ import json
 import statistics
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 
 import httpx
@@ -73,6 +74,9 @@ def summarize(results: list[RequestResult], concurrency: int, wall_s: float) -> 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, model: str | None,
                       ignore_eos: bool) -> RequestResult:
+    # a unique first word per request: no request reuses another's KV cache prefix (llama-server caches
+    # prompts per slot), so TTFT always includes the whole prompt's evaluation, as in vLLM's benchmark
+    prompt = f"{uuid.uuid4().hex[:8]} {prompt}"
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "stream": True,
             "temperature": 0.7, "stream_options": {"include_usage": True}}
     if model:

@@ -154,7 +154,7 @@ class Metrics:
         self.rejections = Counter("clawbot_gateway_rejections", "Requests refused before reaching the model",
                                   ["reason"], registry=r)
         self.queue_depth = Gauge("clawbot_gateway_queue_depth", "Requests waiting for a slot", registry=r)
-        self.in_flight = Gauge("clawbot_gateway_in_flight", "Requests being generated", registry=r)
+        self.in_flight = Gauge("clawbot_gateway_in_flight", "Requests admitted and being generated", registry=r)
         self.queue_wait = Histogram("clawbot_gateway_queue_wait_seconds", "Time spent in the queue", registry=r,
                                     buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.first_token = Histogram("clawbot_gateway_first_token_seconds",
@@ -181,7 +181,7 @@ class StreamObserver:
         self.usage_tokens: int | None = None
 
     def feed(self, chunk: bytes) -> None:
-        self._buffer += chunk
+        self._buffer += chunk.replace(b"\r\n", b"\n")  # sse-starlette (llama_cpp.server) ends lines with CRLF
         while b"\n\n" in self._buffer:
             event, self._buffer = self._buffer.split(b"\n\n", 1)
             for line in event.split(b"\n"):
@@ -224,6 +224,9 @@ class Gateway:
         self.cert_watcher = cert_watcher
         self.admission = Admission.from_config(config["model_gateway"])
         self.metrics = Metrics()
+        # read at scrape time, so the gauges are never stale
+        self.metrics.queue_depth.set_function(lambda: self.admission.queued)
+        self.metrics.in_flight.set_function(lambda: self.admission.active)
         self.agent_info = agent_info or {}
         self.started = time.time()
         self.client = httpx.AsyncClient(base_url=supervisor.base_url, timeout=UPSTREAM_TIMEOUT,
@@ -294,15 +297,12 @@ class Gateway:
         return payload
 
     async def _admit(self) -> float:
-        self.metrics.queue_depth.set(self.admission.queued + 1 if self.admission.active >= self.admission.max_concurrency else self.admission.queued)
         try:
             waited = await self.admission.acquire()
         except Rejected as exc:
             self.metrics.rejections.labels(exc.reason).inc()
             raise GatewayError(429, str(exc), "rate_limit_error", code=exc.reason,
                                headers={"Retry-After": exc.retry_after_header}) from None
-        finally:
-            self.metrics.queue_depth.set(self.admission.queued)
         self.metrics.queue_wait.observe(waited)
         return waited
 
@@ -313,14 +313,12 @@ class Gateway:
         deadline = time.monotonic() + self.gw["request_timeout_s"]
         await self._admit()
         admitted = time.monotonic()
-        self.metrics.in_flight.inc()
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                self.metrics.in_flight.dec()
                 self.admission.release(time.monotonic() - admitted)
 
         try:
@@ -428,8 +426,12 @@ class Gateway:
                     if tokens > 1 and gen_time > 0:
                         metrics.tokens_per_second.observe((tokens - 1) / gen_time)
 
-        return StreamingResponse(relay(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        async def cleanup() -> None:
+            await resp.aclose()
+            release()
+
+        return _Relay(relay(), cleanup, media_type="text/event-stream",
+                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def tokenize(self, body: TokenizeRequest) -> dict:
         if (body.content is None) == (body.messages is None):
@@ -514,6 +516,21 @@ class Gateway:
             },
             "tls": self.cert_watcher.summary() if self.cert_watcher else {},
         }
+
+
+class _Relay(StreamingResponse):
+    """A StreamingResponse that always frees its slot: if the client vanishes before the body starts,
+    Starlette cancels the stream before the generator's own `finally` could run."""
+
+    def __init__(self, content, cleanup, **kwargs):
+        super().__init__(content, **kwargs)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._cleanup()
 
 
 def _raise_upstream(r: httpx.Response) -> None:
@@ -609,7 +626,6 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        gateway.metrics.queue_depth.set(gateway.admission.queued)
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return AuthorizeAndCount(app, gateway)

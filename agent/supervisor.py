@@ -463,7 +463,11 @@ class Supervisor:
         self._backoff = None
         while not self._stopping:
             first, longest = self.config["model_server"]["restart_backoff_s"]
-            failure = await self._one_attempt()
+            try:
+                failure = await self._one_attempt()
+            except (OSError, ValueError) as exc:  # e.g. the engine binary vanished between check and exec
+                self.logs.append(f"[clawbot] cannot start the model server: {exc}")
+                failure = f"failed:cannot start the model server: {exc}"
             if self._stopping:
                 break
             if self._backoff is None:

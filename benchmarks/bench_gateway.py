@@ -31,6 +31,11 @@ from clawbot.engine import build_engine, find_llama_server  # noqa: E402
 from tests.fixtures_agent import Agent, agent_config, free_port, make_pki, wait_for  # noqa: E402
 from tests.fixtures_models import write_model_file  # noqa: E402
 
+# One compute thread on this 2-core machine: llama.cpp's threads spin at barriers, and with -t 2 every
+# wake-up of the gateway or the client (sharing those 2 cores) stalls a whole token (measured: 2 threads
+# gave 11-20 tok/s under load, 1 thread 108-123 tok/s). A model node that runs the gateway too should
+# leave it a core.
+THREADS = 1
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clawbot" / "bench"
 
 
@@ -56,9 +61,10 @@ def start(tmp: Path, pki, model: Path, engine: str, slots: int = 4) -> tuple[Age
     tmp.mkdir(parents=True, exist_ok=True)
     config = agent_config(model, pki.tls_config(), gateway_port=free_port(), model_port=free_port(),
                           model_gateway={"max_tokens": 512, "max_concurrency": slots, "queue_length": 64,
+                                         "queue_timeout_s": 300, "request_timeout_s": 600,
                                          "rate_limit": {"requests_per_second": 1000, "burst": 1000},
                                          "allowed_clients": []},
-                          model_server={"engine": engine, "parallel_slots": slots, "threads": 2,
+                          model_server={"engine": engine, "parallel_slots": slots, "threads": THREADS,
                                         "startup_timeout_s": 600},
                           context_window=1024)
     path = tmp / "clawbot.json"
@@ -75,6 +81,22 @@ def run_bench(url: str, pki, levels: list[int], requests: int, max_tokens: int, 
                                    max_tokens=max_tokens, ignore_eos=True, **kwargs))
 
 
+def median_report(reports: list[dict]) -> dict:
+    """Per concurrency level, the median over rounds of TTFT p50, ITL p50 and output tok/s."""
+    import statistics
+
+    levels = []
+    for lv in reports[0]["levels"]:
+        c = lv["concurrency"]
+        same = [level(r, c) for r in reports]
+        levels.append({"concurrency": c, "rounds": len(same),
+                       "ttft_ms": {"p50": round(statistics.median(x["ttft_ms"]["p50"] for x in same), 2)},
+                       "itl_ms": {"p50": round(statistics.median(x["itl_ms"]["p50"] for x in same), 2)},
+                       "output_throughput_tok_s": round(statistics.median(x["output_throughput_tok_s"] for x in same), 2),
+                       "failed": sum(x["failed"] for x in same)})
+    return {"levels": levels}
+
+
 def level(report: dict, concurrency: int) -> dict:
     return next(lv for lv in report["levels"] if lv["concurrency"] == concurrency)
 
@@ -83,6 +105,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gateway.json"))
     parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating gateway/direct rounds")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--skip-sizes", action="store_true", help="skip the start-time-vs-size series")
     args = parser.parse_args()
@@ -99,13 +122,19 @@ def main() -> int:
                                  "python": platform.python_version()},
                      "model": {"path": str(model), "bytes": model.stat().st_size, "preset": "test-100m", "quant": "Q8_0"},
                      "settings": {"requests_per_level": args.requests, "max_tokens": args.max_tokens,
-                                  "prompt_tokens": 128, "threads": 2, "parallel_slots": 4}}
+                                  "prompt_tokens": 128, "threads": THREADS, "parallel_slots": 4}}
 
     agent, ready_s = start(work / "llama-server", pki, model, "llama-server")
     try:
         direct_url = f"http://127.0.0.1:{agent.config['model_server']['port']}"
-        results["gateway_llama_server"] = run_bench(agent.url, pki, [1, 4], args.requests, args.max_tokens, True)
-        results["direct_llama_server"] = run_bench(direct_url, pki, [1, 4], args.requests, args.max_tokens, False)
+        # gateway and direct alternate round by round: this machine is shared, and load drifts over minutes
+        rounds = {"gateway": [], "direct": []}
+        for _ in range(args.rounds):
+            rounds["gateway"].append(run_bench(agent.url, pki, [1, 4], args.requests, args.max_tokens, True))
+            rounds["direct"].append(run_bench(direct_url, pki, [1, 4], args.requests, args.max_tokens, False))
+        results["rounds"] = rounds
+        results["gateway_llama_server"] = median_report(rounds["gateway"])
+        results["direct_llama_server"] = median_report(rounds["direct"])
         results["agent_start_to_ready_s"] = round(ready_s, 2)
     finally:
         agent.stop()

@@ -177,6 +177,29 @@ def test_overload_gets_429_with_retry_after_and_the_rest_complete(model_agent):
     assert 'clawbot_gateway_rejections_total{reason="queue_full"}' in model_agent.get("/metrics").text
 
 
+# --------------------------------------------------------------------------- client disconnect
+
+
+def _upstream_metric(agent, name: str) -> float:
+    """A llama-server metric, read on loopback (the test runs on the model node)."""
+    text = httpx.get(f"http://127.0.0.1:{agent.config['model_server']['port']}/metrics", timeout=10).text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(f"llamacpp:{name} ")))
+
+
+def test_client_disconnect_cancels_generation_upstream(model_agent):
+    before = _upstream_metric(model_agent, "tokens_predicted_total")
+    with model_agent.client() as c:
+        with c.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 1024, "ignore_eos": True,
+                                                       "stream": True}) as r:
+            assert r.status_code == 200
+            next(r.iter_raw())  # generation has started; now hang up
+    wait_for(lambda: _upstream_metric(model_agent, "requests_processing") == 0, 10, 0.02,
+             "llama-server to drop the request")
+    wait_for(lambda: "clawbot_gateway_in_flight 0.0" in model_agent.get("/metrics").text, 10, 0.05,
+             "the gateway to free the slot")
+    assert _upstream_metric(model_agent, "tokens_predicted_total") - before < 1024  # it did not run to the end
+
+
 # --------------------------------------------------------------------------- crash and recovery
 
 
@@ -199,3 +222,35 @@ def test_model_server_killed_mid_stream_errors_then_recovers(model_agent):
     assert after["pid"] != before["pid"] and after["restarts"] == before["restarts"] + 1
     reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "again"}], max_tokens=2)
     assert reply.choices[0].message is not None
+
+
+# --------------------------------------------------------------------------- the other engine
+
+
+def test_llama_cpp_python_engine_serves_concurrent_streams_without_cutting_them(tmp_path, pki_files, tiny_gguf):
+    """llama_cpp.server runs one request at a time; with interrupt_requests off a second stream waits
+    instead of cutting the first one short."""
+    from tests.fixtures_agent import start_agent
+
+    agent = start_agent(tmp_path, pki_files, tiny_gguf, model_server={"engine": "llama-cpp-python"},
+                        model_gateway={"max_tokens": 64})
+    try:
+        agent.wait_ready(120)
+        client = openai_client(agent)
+
+        def stream(_):
+            chunks = list(client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=48, stream=True))
+            return chunks[-1].choices[0].finish_reason if chunks[-1].choices else None
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            reasons = list(pool.map(stream, range(2)))
+        assert all(r in ("length", "stop") for r in reasons), reasons  # neither was cut off
+        messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+        with agent.client() as c:
+            counted = c.post("/v1/tokenize", json={"messages": messages}).json()["count"]
+        usage = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1).usage
+        assert counted == usage.prompt_tokens
+        assert agent.status()["model"]["command"][1:3] == ["-m", "llama_cpp.server"]
+    finally:
+        agent.stop()

@@ -181,3 +181,19 @@ def test_memory_evidence_reads_the_mapping_of_the_model_file(tmp_path):
     assert evidence["model_page_sizes_kib"] == [mmap.PAGESIZE // 1024]
     assert evidence["hugepages_effective"] is False and evidence["mlock_effective"] is False
     assert evidence["vm_locked_kib"] == 0
+
+
+# --------------------------------------------------------------------------- SSE observation
+
+
+def test_stream_observer_counts_tokens_in_lf_and_crlf_streams():
+    from clawbot.gateway import StreamObserver
+
+    events = [{"choices": [{"delta": {"role": "assistant"}}]}, {"choices": [{"delta": {"content": "a"}}]},
+              {"choices": [{"delta": {"content": "b"}}]}, {"choices": [], "usage": {"completion_tokens": 3}}]
+    for sep in (b"\n\n", b"\r\n\r\n"):
+        raw = b"".join(b"data: " + json.dumps(e).encode() + sep for e in events) + b"data: [DONE]" + sep
+        observer = StreamObserver()
+        for i in range(0, len(raw), 7):  # arbitrary chunk boundaries, as TCP delivers them
+            observer.feed(raw[i:i + 7])
+        assert observer.tokens == 2 and observer.usage_tokens == 3 and observer.first_token_at is not None
