@@ -13,7 +13,6 @@ import asyncio
 import logging
 import os
 import ssl
-from pathlib import Path
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -138,7 +137,3 @@ class CertWatcher:
 
 def server_context(tls: dict) -> ssl.SSLContext:
     return pki.server_ssl_context(tls["server_cert"], tls["server_key"], tls["ca_cert"])
-
-
-def exists(path: str) -> bool:
-    return Path(path).is_file()
