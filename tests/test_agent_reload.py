@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import ssl
+from pathlib import Path
 
 import httpx
 import pytest
@@ -102,12 +103,21 @@ def test_sighup_with_changed_model_settings_restarts_the_model(own_agent):
     pid = own_agent.status()["model"]["pid"]
     changed = json.loads(json.dumps(original))
     changed["context_window"] = 1024
+    changed["model_server"]["load_mode"] = "mmap+mlock"
     try:
         write_config(own_agent, changed)
         own_agent.signal(signal.SIGHUP)
         wait_for(lambda: own_agent.status()["model"]["pid"] not in (None, pid) and own_agent.status()["model"]["state"] == "ready",
                  60, 0.1, "the model server to restart with the new context")
-        assert "2048" in own_agent.status()["model"]["command"]  # -c = 1024 x 2 slots
+        model = own_agent.status()["model"]
+        assert "2048" in model["command"]  # -c = 1024 x 2 slots
+        # mlock is reported from /proc/PID/status (VmLck), not assumed: as root (CAP_IPC_LOCK) it takes effect
+        from clawbot.supervisor import can_mlock
+
+        size = Path(model["model_path"]).stat().st_size
+        assert model["memory"]["mlock_effective"] is can_mlock(size)
+        if can_mlock(size):
+            assert model["memory"]["vm_locked_kib"] >= 0.95 * size / 1024  # the tensor data (all but the header)
     finally:
         write_config(own_agent, original)
         own_agent.signal(signal.SIGHUP)
