@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import subprocess
+import sys
 import os
 import signal
 import ssl
@@ -254,3 +257,23 @@ def test_llama_cpp_python_engine_serves_concurrent_streams_without_cutting_them(
         assert agent.status()["model"]["command"][1:3] == ["-m", "llama_cpp.server"]
     finally:
         agent.stop()
+
+
+# --------------------------------------------------------------------------- clawbot bench
+
+
+def test_bench_measures_the_gateway(model_agent, tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "clawbot", "bench", model_agent.url, "--concurrency", "1,2", "--requests", "2",
+         "--prompt-tokens", "32", "--max-tokens", "16", "--cacert", str(model_agent.pki.ca),
+         "--cert", str(model_agent.pki.client_cert), "--key", str(model_agent.pki.client_key), "--json", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "TTFT p50" in done.stdout
+    report = json.loads(out.read_text())
+    for level in report["levels"]:
+        assert level["completed"] == 2 and level["failed"] == 0
+        assert level["output_tokens"] == 2 * 16  # ignore_eos, counted from the server's usage
+        assert 0 < level["ttft_ms"]["p50"] <= level["e2e_ms"]["p50"]
+        assert level["output_throughput_tok_s"] > 0
