@@ -277,3 +277,33 @@ def test_bench_measures_the_gateway(model_agent, tmp_path):
         assert level["output_tokens"] == 2 * 16  # ignore_eos, counted from the server's usage
         assert 0 < level["ttft_ms"]["p50"] <= level["e2e_ms"]["p50"]
         assert level["output_throughput_tok_s"] > 0
+
+
+# --------------------------------------------------------------------------- a model that cannot start
+
+
+@pytest.mark.parametrize("problem", ["missing", "not_gguf", "wrong_sha256"])
+def test_bad_model_file_is_reported_as_failed_with_the_reason(tmp_path, pki_files, tiny_gguf, problem):
+    from tests.fixtures_agent import start_agent
+
+    model, sha = tiny_gguf, ""
+    if problem == "missing":
+        model = tmp_path / "absent.gguf"
+    elif problem == "not_gguf":
+        model = tmp_path / "model.gguf"
+        model.write_bytes(b"<html>a download error page</html>")
+    else:
+        sha = "0" * 64
+    agent = start_agent(tmp_path / "agent", pki_files, model, model_server={"model_sha256": sha})
+    try:
+        wait_for(lambda: agent.status()["model"]["state"] == "failed", 30, 0.1, "the failed state")
+        status = agent.status()["model"]
+        expected = {"missing": "does not exist", "not_gguf": "is not a GGUF file", "wrong_sha256": "has sha256"}[problem]
+        assert expected in status["reason"] and "next start in" in status["reason"]
+        assert any(expected in line for line in status["log_tail"])
+        assert agent.get("/readyz").status_code == 503 and agent.get("/healthz").status_code == 200
+        with agent.client() as c:
+            r = c.post("/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 503 and r.headers["retry-after"] and "not ready" in r.json()["error"]["message"]
+    finally:
+        agent.stop()
