@@ -162,7 +162,7 @@ async def make_prompt(client: httpx.AsyncClient, url: str, n_tokens: int) -> str
 
 async def bench(url: str, *, concurrency: list[int], requests: int, prompt_tokens: int, max_tokens: int,
                 model: str | None = None, cacert: str | None = None, cert: str | None = None, key: str | None = None,
-                ignore_eos: bool = True, warmup: int = 1) -> dict:
+                ignore_eos: bool = True, warmup: int = 1, api_key: str | None = None) -> dict:
     import ssl
 
     verify: ssl.SSLContext | bool = True
@@ -171,7 +171,8 @@ async def bench(url: str, *, concurrency: list[int], requests: int, prompt_token
         if cert:
             verify.load_cert_chain(cert, key)
     url = url.rstrip("/")
-    async with httpx.AsyncClient(verify=verify,
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with httpx.AsyncClient(verify=verify, headers=headers,
                                  timeout=httpx.Timeout(600, connect=10),
                                  limits=httpx.Limits(max_connections=max(concurrency) + 4)) as client:
         prompt = await make_prompt(client, url, prompt_tokens)
@@ -210,6 +211,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cacert")
     parser.add_argument("--cert")
     parser.add_argument("--key")
+    parser.add_argument("--api-key-file", help="bearer key for a model server measured directly (the agent "
+                        "writes it to STATE_DIR/model-server.key)")
     parser.add_argument("--json", dest="json_out", help="write the full report here")
 
 
@@ -221,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     report = asyncio.run(bench(args.url, concurrency=levels, requests=args.requests, prompt_tokens=args.prompt_tokens,
                                max_tokens=args.max_tokens, model=args.model, cacert=args.cacert, cert=args.cert,
-                               key=args.key, ignore_eos=not args.no_ignore_eos))
+                               key=args.key, ignore_eos=not args.no_ignore_eos,
+                               api_key=open(args.api_key_file).read().strip() if args.api_key_file else None))
     print(format_table(report))
     if args.json_out:
         with open(args.json_out, "w") as handle:

@@ -229,8 +229,7 @@ class Gateway:
         self.metrics.in_flight.set_function(lambda: self.admission.active)
         self.agent_info = agent_info or {}
         self.started = time.time()
-        self.client = httpx.AsyncClient(base_url=supervisor.base_url, timeout=UPSTREAM_TIMEOUT,
-                                        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        self.client = self._upstream_client()
         supervisor.listeners.append(self._on_state)
         self._on_state(supervisor.status.state)
 
@@ -243,8 +242,13 @@ class Gateway:
         self.admission.update(config["model_gateway"])
         if self.supervisor.base_url != str(self.client.base_url).rstrip("/"):
             old = self.client
-            self.client = httpx.AsyncClient(base_url=self.supervisor.base_url, timeout=UPSTREAM_TIMEOUT)
+            self.client = self._upstream_client()
             asyncio.get_running_loop().create_task(old.aclose())
+
+    def _upstream_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.supervisor.base_url, timeout=UPSTREAM_TIMEOUT,
+                                 headers=self.supervisor.auth_headers,
+                                 limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
 
     async def close(self) -> None:
         await self.client.aclose()

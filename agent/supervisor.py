@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import resource
+import secrets
 import signal
 import sys
 import time
@@ -225,7 +226,10 @@ def resolve_threads(threads: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def llama_server_command(binary: str, config: dict, model_path: str) -> list[str]:
+API_KEY_FILE = "model-server.key"
+
+
+def llama_server_command(binary: str, config: dict, model_path: str, api_key_file: str | None = None) -> list[str]:
     """llama-server's argv for this config. Every setting explicit, so `ps` shows the whole picture.
 
     -c is context_window x parallel_slots with -no-kvu: this llama.cpp gives each slot n_ctx/np cells
@@ -263,6 +267,8 @@ def llama_server_command(binary: str, config: dict, model_path: str) -> list[str
     ]
     if server["chat_template"]:
         cmd += ["--chat-template", server["chat_template"]]
+    if api_key_file:
+        cmd += ["--api-key-file", api_key_file]
     return cmd + list(server["extra_args"])
 
 
@@ -273,7 +279,7 @@ def _gpu_layers_flag(gpu_layers: int, accelerator: str) -> str:
     return "all" if gpu_layers < 0 else str(gpu_layers)
 
 
-def llama_cpp_python_settings(config: dict, model_path: str) -> dict:
+def llama_cpp_python_settings(config: dict, model_path: str, api_key: str | None = None) -> dict:
     """llama_cpp.server's config file. interrupt_requests is off: by default a new request cuts the
     running stream, which the gateway's queue already prevents but must never rely on."""
     server = config["model_server"]
@@ -298,7 +304,20 @@ def llama_cpp_python_settings(config: dict, model_path: str) -> dict:
     }
     if server["chat_template"]:
         model["chat_format"] = server["chat_template"]
-    return {"host": "127.0.0.1", "port": server["port"], "interrupt_requests": False, "models": [model]}
+    settings = {"host": "127.0.0.1", "port": server["port"], "interrupt_requests": False, "models": [model]}
+    if api_key:
+        settings["api_key"] = api_key
+    return settings
+
+
+def _write_private(path: Path, text: str) -> None:
+    """0600 from the first byte, replaced atomically (the key must never be readable by others)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -346,12 +365,19 @@ class Supervisor:
         self._wake = asyncio.Event()
         self._ready_event = asyncio.Event()
         self.listeners: list = []  # callables(state) for metrics
+        # The model server listens on loopback TCP: a per-run API key keeps other local users from
+        # bypassing the gateway (and its mTLS, limits and validation). Only the agent knows it.
+        self.api_key = secrets.token_urlsafe(32)
 
     # -- public ---------------------------------------------------------------------------------
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.config['model_server']['port']}"
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
 
     @property
     def engine(self) -> str:
@@ -452,10 +478,11 @@ class Supervisor:
             binary = finder(accelerator) or (finder("cpu") if accelerator != "cpu" else None)
             if binary is None:
                 raise ModelFileError("no llama-server binary found: run `clawbot build-engine` on this node")
-            return llama_server_command(str(binary), self.config, model_path)
+            key_file = self.state_dir / API_KEY_FILE
+            _write_private(key_file, self.api_key + "\n")
+            return llama_server_command(str(binary), self.config, model_path, str(key_file))
         settings_path = self.state_dir / "llama-cpp-python.json"
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        settings_path.write_text(json.dumps(llama_cpp_python_settings(self.config, model_path), indent=2))
+        _write_private(settings_path, json.dumps(llama_cpp_python_settings(self.config, model_path, self.api_key), indent=2))
         return [sys.executable, "-m", "llama_cpp.server", "--config_file", str(settings_path)]
 
     async def _run(self) -> None:
@@ -544,7 +571,7 @@ class Supervisor:
         """Loaded (health 200) and able to generate (a 1-token completion answers 200)."""
         deadline = time.monotonic() + timeout
         health = "/health" if self.engine == "llama-server" else "/v1/models"
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=10.0) as client:
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=10.0, headers=self.auth_headers) as client:
             loaded = False
             while time.monotonic() < deadline:
                 if proc.returncode is not None or self._stopping:

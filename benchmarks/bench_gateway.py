@@ -75,8 +75,8 @@ def start(tmp: Path, pki, model: Path, engine: str, slots: int = 4) -> tuple[Age
     return agent, time.perf_counter() - began
 
 
-def run_bench(url: str, pki, levels: list[int], requests: int, max_tokens: int, tls: bool) -> dict:
-    kwargs = dict(cacert=str(pki.ca), cert=str(pki.client_cert), key=str(pki.client_key)) if tls else {}
+def run_bench(url: str, pki, levels: list[int], requests: int, max_tokens: int, tls: bool, api_key: str | None = None) -> dict:
+    kwargs = dict(cacert=str(pki.ca), cert=str(pki.client_cert), key=str(pki.client_key)) if tls else {"api_key": api_key}
     return asyncio.run(bench.bench(url, concurrency=levels, requests=requests, prompt_tokens=128,
                                    max_tokens=max_tokens, ignore_eos=True, **kwargs))
 
@@ -131,7 +131,8 @@ def main() -> int:
         rounds = {"gateway": [], "direct": []}
         for _ in range(args.rounds):
             rounds["gateway"].append(run_bench(agent.url, pki, [1, 4], args.requests, args.max_tokens, True))
-            rounds["direct"].append(run_bench(direct_url, pki, [1, 4], args.requests, args.max_tokens, False))
+            key = (agent.state_dir / "model-server.key").read_text().strip()
+            rounds["direct"].append(run_bench(direct_url, pki, [1, 4], args.requests, args.max_tokens, False, key))
         results["rounds"] = rounds
         results["gateway_llama_server"] = median_report(rounds["gateway"])
         results["direct_llama_server"] = median_report(rounds["direct"])

@@ -141,6 +141,10 @@ def test_status_reports_model_memory_and_certs(model_agent):
     assert 0 < len(model["log_tail"]) <= 50
     assert any(" srv " in line or " slot " in line for line in model["log_tail"])  # llama-server's own lines
     assert status["tls"]["server_cert"]["days_left"] > 300
+    # the loopback model server is no way around the gateway: it wants the agent's per-run key (0600 file)
+    upstream = f"http://127.0.0.1:{model_agent.config['model_server']['port']}"
+    assert httpx.post(upstream + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=10).status_code == 401
+    assert os.stat(model_agent.state_dir / "model-server.key").st_mode & 0o077 == 0
 
 
 def test_metrics_expose_requests_and_state(model_agent):
@@ -185,7 +189,9 @@ def test_overload_gets_429_with_retry_after_and_the_rest_complete(model_agent):
 
 def _upstream_metric(agent, name: str) -> float:
     """A llama-server metric, read on loopback (the test runs on the model node)."""
-    text = httpx.get(f"http://127.0.0.1:{agent.config['model_server']['port']}/metrics", timeout=10).text
+    key = (agent.state_dir / "model-server.key").read_text().strip()
+    text = httpx.get(f"http://127.0.0.1:{agent.config['model_server']['port']}/metrics", timeout=10,
+                     headers={"Authorization": f"Bearer {key}"}).text
     return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(f"llamacpp:{name} ")))
 
 
