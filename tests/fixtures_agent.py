@@ -121,7 +121,7 @@ def pki_files(tmp_path_factory) -> PkiFiles:
 @pytest.fixture(scope="session")
 def llama_server_binary() -> Path:
     """The engine the agent runs; built (and cached) here when no earlier step built it."""
-    return engine.find_llama_server("cpu") or engine.build_engine("cpu")
+    return engine.find_llama_server("cpu") or engine.build_engine("cpu", native=False)
 
 
 def agent_config(model_path: Path, tls: dict, *, gateway_port: int, model_port: int, **sections) -> dict:

@@ -1,0 +1,137 @@
+"""`clawbot status [-i DIR] [--json]`: every node's agent, model, hugepages and certificate state.
+
+Read from the agents themselves over mutual TLS, with the control machine's own client certificate that
+deploy.py issues into the state directory (nodes/clawbot-control/). Certificates inside their renewal window (less
+than a third of their lifetime left) are flagged: re-running deploy renews them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import ssl
+import sys
+from pathlib import Path
+
+
+CONTROL_NAME = "clawbot-control"  # the control machine's client certificate (deploy.py issues it)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("-i", "--inventory", default="inventory", help="inventory directory (default: inventory)")
+    parser.add_argument("--vault-password-file")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per node (default 10)")
+
+
+def _state_dir(inventory, base: Path) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from deploy import state_directory
+
+    return state_directory(inventory, base)
+
+
+def _peer_certificate(address: str, port: int, ca: str, cert: str, key: str, timeout: float) -> dict:
+    """Expiry and lifetime left of the certificate a node presents (its server certificate)."""
+    import socket
+
+    from cryptography import x509
+
+    from clawbot import pki
+
+    context = ssl.create_default_context(cafile=ca)
+    context.load_cert_chain(cert, key)
+    with socket.create_connection((address, port), timeout=timeout) as sock:
+        with context.wrap_socket(sock, server_hostname=address) as tls:
+            der = tls.getpeercert(binary_form=True)
+    certificate = x509.load_der_x509_certificate(der)
+    return {**pki.cert_summary(certificate), "lifetime_fraction_left": pki.lifetime_fraction_left(certificate)}
+
+
+def node_status(host, role: str, config: dict, material: Path, timeout: float) -> dict:
+    import httpx
+
+    from clawbot.config import gateway_host_port
+
+    control = material / "nodes" / CONTROL_NAME
+    ca, cert, key = str(material / "ca" / "ca.pem"), str(control / "client.pem"), str(control / "client.key")
+    if role == "model":
+        _, port = gateway_host_port(config["model_gateway"]["endpoint"])
+        url = f"https://{host.address}:{port}/status"
+    else:
+        port = config["chat"]["port"]
+        url = f"https://{host.address}:{port}/api/status"
+    row = {"host": host.name, "role": role, "url": url}
+    try:
+        context = ssl.create_default_context(cafile=ca)
+        context.load_cert_chain(cert, key)
+        response = httpx.get(url, verify=context, timeout=timeout)
+        row["http"] = response.status_code
+        row["body"] = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+    except (httpx.HTTPError, ValueError, OSError) as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        row["certificate"] = _peer_certificate(host.address, port, ca, cert, key, timeout)
+    except (OSError, ssl.SSLError) as exc:
+        row.setdefault("error", f"TLS: {exc}")
+    return row
+
+
+def _describe(row: dict) -> tuple[str, str, str, str]:
+    body = row.get("body") or {}
+    if "error" in row:
+        return "unreachable", row["error"][:60], "", ""
+    if row["role"] == "model":
+        model = body.get("model") or {}
+        state = str(model.get("state", "?"))
+        pages = model.get("hugepages") or model.get("memory") or {}
+        huge = json.dumps(pages)[:40] if pages else "-"
+        return "up", state, huge, ""
+    gateway = body.get("gateway") or {}
+    return "up", f"chat {body.get('chat', {}).get('state', '?')}, gateway {gateway.get('state', gateway.get('ready', '?'))}", "-", ""
+
+
+def run(args) -> int:
+    from clawbot.config import check_file
+    from clawbot.inventory import InventoryError, load_inventory
+
+    try:
+        inventory = load_inventory(args.inventory, args.vault_password_file)
+    except InventoryError as exc:
+        print(f"clawbot status: {exc}", file=sys.stderr)
+        return 2
+    base = Path(args.inventory) if os.path.isdir(args.inventory) else Path(args.inventory).parent
+    config_name = next((h.vars.get("clawbot_config_file") for h in inventory.hosts.values()
+                        if h.vars.get("clawbot_config_file")), "clawbot.json")
+    result = check_file(str(base / config_name))
+    if not result.ok:
+        for d in result.diagnostics:
+            print(d.text(), file=sys.stderr)
+        return 1
+    material = _state_dir(inventory, base)
+    if not (material / "nodes" / CONTROL_NAME / "client.pem").exists():
+        print(f"clawbot status: no control certificate in {material}: run deploy.py first", file=sys.stderr)
+        return 1
+    rows = []
+    for host in inventory.hosts.values():
+        for role, group in (("model", "model_nodes"), ("chat", "chat_nodes")):
+            if group in host.groups:
+                rows.append(node_status(host, role, result.config, material, args.timeout))
+    warnings = 0
+    for row in rows:
+        cert = row.get("certificate") or {}
+        fraction = cert.get("lifetime_fraction_left")
+        row["renewal_due"] = fraction is not None and fraction < 1 / 3
+        warnings += bool(row["renewal_due"]) + ("error" in row)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print(f"{'host':<16} {'role':<6} {'agent':<12} {'model / state':<36} {'cert expires':<22} note")
+        for row in rows:
+            agent, state, _, _ = _describe(row)
+            cert = row.get("certificate") or {}
+            expires = str(cert.get("not_after", "?"))[:19]
+            note = "renew: re-run deploy.py" if row["renewal_due"] else ""
+            print(f"{row['host']:<16} {row['role']:<6} {agent:<12} {state:<36} {expires:<22} {note}")
+    return 1 if warnings else 0

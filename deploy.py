@@ -1,0 +1,403 @@
+#!/usr/bin/env python3
+"""The one-command rollout: python deploy.py [-i DIR] [--check] [--diff] [--limit HOST|GROUP] [--vault-password-file F]
+
+1. Read the Ansible-format inventory (ansible-core) and clawbot.json; refuse with file:line:col before any
+   host is touched if either is invalid.
+2. Prepare on this (control) machine: the cluster CA and each node's certificates, the agent wheelhouse,
+   the model file, the engine binary.
+3. Converge every node with pyinfra, roles in order: hosts -> hugepages -> pki -> agent -> model -> chat.
+4. Print a summary per host (changed / unchanged / failed), the chat URL and where the CA certificate is.
+
+A second run with nothing drifted changes nothing; a run killed mid-way converges when re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from clawbot.config import check_file, gateway_host_port  # noqa: E402
+from clawbot.inventory import InventoryError, check_inventory, load_inventory  # noqa: E402
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="deploy.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-i", "--inventory", default=str(ROOT / "inventory"), help="inventory directory or file")
+    parser.add_argument("--check", action="store_true", help="change nothing; list what would change")
+    parser.add_argument("--diff", action="store_true", help="show diffs of changed files")
+    parser.add_argument("--limit", action="append", default=[], metavar="HOST|GROUP",
+                        help="only these hosts or groups (repeatable)")
+    parser.add_argument("--vault-password-file", help="file holding the Ansible vault password")
+    parser.add_argument("--json", metavar="FILE", help="also write the plan/results as JSON to FILE")
+    return parser.parse_args(argv)
+
+
+def say(message: str) -> None:
+    print(f"clawbot: {message}", flush=True)
+
+
+# --- step 1: read and refuse -------------------------------------------------------------------------
+
+
+def read_inputs(args):
+    """Inventory + clawbot.json, both checked; exits 1 with positioned errors before touching a host."""
+    try:
+        inventory_result, facts = check_inventory(args.inventory)
+        inventory = load_inventory(args.inventory, args.vault_password_file)
+    except InventoryError as exc:
+        print(f"deploy.py: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+    base = Path(args.inventory) if os.path.isdir(args.inventory) else Path(args.inventory).parent
+    config_names = {h.vars.get("clawbot_config_file") or "clawbot.json" for h in inventory.hosts.values()}
+    if len(config_names) > 1:
+        print(f"deploy.py: clawbot_config_file differs between hosts ({', '.join(sorted(config_names))}); "
+              "one clawbot.json configures the whole cluster: set it in group_vars/all", file=sys.stderr)
+        raise SystemExit(1)
+    config_path = (base / config_names.pop()).resolve()
+    try:
+        config_result = check_file(str(config_path), facts)
+    except OSError as exc:
+        print(f"deploy.py: {exc}", file=sys.stderr)
+        raise SystemExit(2)
+    diagnostics = inventory_result.diagnostics + config_result.diagnostics
+    for d in diagnostics:
+        print(d.text(), file=sys.stderr)
+    if not (inventory_result.ok and config_result.ok):
+        print("deploy.py: refusing to roll out: fix the errors above (no host was touched)", file=sys.stderr)
+        raise SystemExit(1)
+    return inventory, config_result.config, config_path, base
+
+
+def selected_hosts(inventory, limits):
+    if not limits:
+        return list(inventory.hosts.values())
+    chosen = [h for h in inventory.hosts.values() if h.name in limits or set(h.groups) & set(limits)]
+    unknown = [l for l in limits if l not in inventory.hosts and not inventory.group(l)]
+    if unknown:
+        print(f"deploy.py: --limit names no host or group: {', '.join(unknown)}", file=sys.stderr)
+        raise SystemExit(2)
+    return chosen
+
+
+# --- step 2: control-side preparation ------------------------------------------------------------------
+
+
+def state_directory(inventory, base: Path) -> Path:
+    values = {str(h.vars.get("clawbot_state_dir") or "") for h in inventory.hosts.values()}
+    value = values.pop() if len(values) == 1 else ""
+    if value:
+        path = Path(os.path.expanduser(value))
+        path = path if path.is_absolute() else base / path
+    else:
+        import hashlib
+
+        cluster = hashlib.sha256(str(base.resolve()).encode()).hexdigest()[:10]
+        path = Path(os.path.expanduser("~/.local/state/clawbot")) / f"{base.resolve().name}-{cluster}"
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def cache_directory() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    path = Path(base) / "clawbot" / "deploy"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# --- step 3: converge with pyinfra ---------------------------------------------------------------------
+
+
+def pyinfra_inventory(hosts, plans):
+    from pyinfra.api import Inventory
+
+    names = []
+    for h in hosts:
+        data = {"clawbot_plan": plans[h.name], "clawbot_name": h.name}
+        for key, value in h.vars.items():
+            if key.startswith("ssh_"):
+                data[key] = value
+        if h.vars.get("ansible_connection") == "local":
+            names.append(("@local", data))
+            continue
+        data["ssh_hostname"] = str(h.vars.get("ansible_host") or h.name)
+        if h.vars.get("ansible_port"):
+            data["ssh_port"] = int(h.vars["ansible_port"])
+        data["ssh_user"] = str(h.vars.get("ansible_user") or "root")
+        if h.vars.get("ansible_ssh_private_key_file"):
+            data["ssh_key"] = os.path.expanduser(str(h.vars["ansible_ssh_private_key_file"]))
+        if data["ssh_user"] != "root":
+            data["_sudo"] = True
+        names.append((h.name, data))
+    return Inventory((names, {}))
+
+
+def converge():
+    """The per-host deploy: roles in order, driven by the plan computed on the control machine."""
+    from pyinfra import host
+
+    from roles.agent import ensure_agent, ensure_service_user
+    from roles.hosts import ensure_hosts_entries
+    from roles.hugepages import ensure_hugepages
+    from roles.model import ensure_model
+    from roles.pki import install_node_certificates
+    from roles.services import ensure_service, service_manager
+
+    plan = host.data.clawbot_plan
+    user, prefix, tls = plan["user"], plan["prefix"], plan["tls"]
+    ensure_hosts_entries(plan["hosts_entries"])
+    if plan["is_model"]:
+        ensure_hugepages(plan["hugepages"], plan["thp"])
+    ensure_service_user(user)
+    cert_ops = install_node_certificates(plan["material"], tls, user) + plan["material_changed"]
+    agent_ops = ensure_agent(plan["config_file"], Path(plan["wheelhouse"]), plan["wheelhouse_stamp"], user, prefix,
+                             plan["offline"])
+    manager = service_manager(plan["service_manager"])
+    host.data.clawbot_service_manager_used = manager
+    python = f"{prefix}/venv/bin/python"
+    command = f"{prefix}/venv/bin/clawbot agent --config /etc/clawbot/clawbot.json --role"
+    environment = {"XDG_CACHE_HOME": f"{prefix}/cache", "HOME": "/var/lib/clawbot", "PYTHONUNBUFFERED": "1"}
+    writable = ["/var/lib/clawbot", "/var/log/clawbot"]
+    if plan["is_model"]:
+        model_ops = ensure_model(Path(plan["model_file"]), plan["model_path"], Path(plan["engine"]),
+                                 plan["engine_dest"], user)
+        ensure_service("clawbot-model", "clawbot agent (model role)", f"{command} model", user, writable + plan["model_writable"],
+                       environment, manager, changed=agent_ops + model_ops + cert_ops)
+    if plan["is_chat"]:
+        ensure_service("clawbot-chat", "clawbot agent (chat role)", f"{command} chat", user, writable, environment,
+                       manager, changed=agent_ops + cert_ops)
+
+
+class _MaterialChanged:
+    """Stands in an op list for 'this node's certificates were reissued on the control machine'."""
+
+    def __init__(self, changed: bool):
+        self.changed = changed
+
+    def did_change(self) -> bool:
+        return self.changed
+
+
+def verify_after_run(state, log=say) -> dict[str, list[str]]:
+    """Checks that change nothing, so they are not operations: agents healthy, hugepages asked vs got."""
+    from pyinfra.api import StringCommand
+
+    from roles.hugepages import reserved_pages
+    from roles.services import health_probe
+
+    problems: dict[str, list[str]] = {}
+    for pyinfra_host in state.inventory.iter_activated_hosts():
+        if pyinfra_host in state.failed_hosts:
+            continue
+        plan = pyinfra_host.data.clawbot_plan
+        name = pyinfra_host.data.clawbot_name
+
+        def run_shell(command: str):
+            ok, output = pyinfra_host.run_shell_command(StringCommand(command))
+            return ok, "\n".join(output.stdout_lines)
+
+        if plan["is_model"] and plan["hugepages"] is not None:
+            got = reserved_pages(run_shell)
+            note = "" if got >= plan["hugepages"] else (
+                " (fewer: not enough contiguous free memory; the boot-time setting in /etc/sysctl.d applies early "
+                "at the next boot)")
+            log(f"  {name}: hugepages asked {plan['hugepages']}, the kernel reserved {got}{note}")
+        python = f"{plan['prefix']}/venv/bin/python"
+        checks = []
+        if plan["is_model"]:
+            checks.append(("model gateway", plan["model_health_url"]))
+        if plan["is_chat"]:
+            checks.append(("chat agent", plan["chat_health_url"]))
+        for what, url in checks:
+            ok, output = run_shell(health_probe(url, python, plan["tls"], deadline_s=180))
+            if ok:
+                log(f"  {name}: {what} healthy ({url})")
+            else:
+                problems.setdefault(name, []).append(f"{what}: {output.strip()[-400:]}")
+                log(f"  {name}: {what} NOT healthy: {output.strip()[-400:]}")
+    return problems
+
+
+def summarise(state) -> dict:
+    summary = {}
+    for pyinfra_host in state.inventory.iter_activated_hosts():
+        changed = unchanged = failed = 0
+        for op_hash, op in state.ops[pyinfra_host].items():
+            meta = op.operation_meta
+            if not meta.did_succeed(_raise_if_not_complete=False):
+                failed += 1
+            elif meta.did_change():
+                changed += 1
+            else:
+                unchanged += 1
+        name = pyinfra_host.data.clawbot_name
+        summary[name] = {"changed": changed, "unchanged": unchanged, "failed": failed,
+                         "service_manager": getattr(pyinfra_host.data, "clawbot_service_manager_used", None),
+                         "host_failed": pyinfra_host in state.failed_hosts}
+    return summary
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    started = time.monotonic()
+    inventory, config, config_path, base = read_inputs(args)
+    hosts = selected_hosts(inventory, args.limit)
+    say(f"inventory {inventory.source}: {len(inventory.hosts)} host(s), config {config_path} is valid")
+
+    # -- control machine: CA, certificates, wheelhouse, model, engine
+    from roles import agent as agent_role
+    from roles import model as model_role
+    from roles import pki as pki_role
+    from clawbot import sizing
+
+    state_dir = state_directory(inventory, base)
+    cache = cache_directory()
+    from clawbot.status import CONTROL_NAME
+
+    every_name = sorted({n for h in inventory.hosts.values() for n in h.names} | {CONTROL_NAME})
+    ca_key, ca_cert = pki_role.ensure_cluster_ca(state_dir, every_name, log=say)
+    pki_role.ensure_node_material(state_dir, CONTROL_NAME, [CONTROL_NAME], ca_key, ca_cert)  # for `clawbot status`
+    model_hosts = [h for h in hosts if "model_nodes" in h.groups]
+    model_file = None
+    engine_binary = None
+    if model_hosts:
+        files = {str(h.vars.get("clawbot_model_file") or "") for h in model_hosts}
+        chosen = files.pop() if len(files) == 1 else ""
+        if chosen:
+            model_file = Path(chosen) if os.path.isabs(chosen) else (base / chosen)
+            if not model_file.is_file():
+                print(f"deploy.py: clawbot_model_file {model_file}: no such file", file=sys.stderr)
+                return 1
+        else:
+            model_file = model_role.demo_model(cache, log=say)
+        engines = {str(h.vars.get("clawbot_engine_file") or "") for h in model_hosts}
+        prebuilt = engines.pop() if len(engines) == 1 else ""
+        if prebuilt:
+            engine_binary = Path(prebuilt) if os.path.isabs(prebuilt) else (base / prebuilt)
+            if not engine_binary.is_file():
+                print(f"deploy.py: clawbot_engine_file {engine_binary}: no such file", file=sys.stderr)
+                return 1
+        else:
+            engine_binary = model_role.engine_binary(log=say)
+        info = sizing.read_model_info(model_file)
+        say(f"model {model_file.name}: {info.file_bytes / 2**20:.0f} MiB, {info.n_layer} layers")
+    python_version = "%d.%d" % sys.version_info[:2]
+    offline = all(h.vars.get("clawbot_offline", True) is not False for h in hosts)
+    wheelhouse, stamp = agent_role.build_wheelhouse(cache, python_version, offline, log=say)
+
+    gateway_host, gateway_port = gateway_host_port(config["model_gateway"]["endpoint"])
+    hosts_entries = [(h.address, [n for n in h.names if n != h.address]) for h in inventory.hosts.values()
+                     if h.vars.get("ansible_connection") != "local" or h.address != "127.0.0.1"]
+    hosts_entries += [("127.0.0.1", [h.name]) for h in inventory.hosts.values()
+                      if h.vars.get("ansible_connection") == "local" and h.address == "127.0.0.1"]
+    plans = {}
+    for h in hosts:
+        material = pki_role.ensure_node_material(state_dir, h.name, h.names, ca_key, ca_cert)
+        for line in material.reissued:
+            say(f"{h.name}: issued {line}")
+        is_model, is_chat = "model_nodes" in h.groups, "chat_nodes" in h.groups
+        prefix = str(h.vars.get("clawbot_prefix") or "/opt/clawbot")
+        pages = None
+        if is_model and config["model_server"]["hugepages"] != "off":
+            setting = h.vars.get("clawbot_hugepages_count", "auto")
+            pages = sizing.hugepages_for(model_file.stat().st_size) if setting in (None, "auto") else int(setting)
+        from clawbot import engine as engine_module
+
+        plans[h.name] = {
+            "user": str(h.vars.get("clawbot_user") or "clawbot"),
+            "prefix": prefix,
+            "tls": config["tls"],
+            "hosts_entries": hosts_entries,
+            "is_model": is_model,
+            "is_chat": is_chat,
+            "hugepages": pages,
+            "thp": str(h.vars.get("clawbot_transparent_hugepages") or "madvise"),
+            "material": material,
+            "material_changed": [_MaterialChanged(bool(material.reissued))],
+            "config_file": str(config_path),
+            "wheelhouse": str(wheelhouse),
+            "wheelhouse_stamp": stamp,
+            "offline": offline,
+            "service_manager": str(h.vars.get("clawbot_service_manager") or "auto"),
+            "model_file": str(model_file) if model_file else "",
+            "model_path": config["model_server"]["model_path"],
+            "model_writable": [],
+            "engine": str(engine_binary) if engine_binary else "",
+            "engine_dest": (f"{prefix}/cache/clawbot/engine/{engine_module.LLAMA_CPP_PYTHON_VERSION}-cpu-portable/bin/"
+                            f"{engine_module.SERVER_TARGET}"),
+            "model_health_url": f"https://127.0.0.1:{gateway_port}/healthz",
+            "chat_health_url": f"https://127.0.0.1:{config['chat']['port']}/healthz",
+        }
+
+    # -- converge
+    from pyinfra.api import Config, State
+    from pyinfra.api.connect import connect_all
+    from pyinfra_cli.prints import build_plan_json, build_results_json  # patches gevent: import before connecting
+    from pyinfra.api.deploy import add_deploy
+    from pyinfra.api.operations import run_ops
+
+    logging.basicConfig(level=logging.INFO, format="  %(message)s")
+    state = State(inventory=pyinfra_inventory(hosts, plans), config=Config(DIFF=args.diff),
+                  check_for_changes=args.check or args.diff)
+    say(f"connecting to {len(hosts)} host(s)")
+    from pyinfra.api.exceptions import PyinfraError
+
+    try:
+        connect_all(state)
+    except PyinfraError as exc:
+        print(f"deploy.py: cannot connect: {exc} (see the SSH errors above); nothing was changed", file=sys.stderr)
+        return 1
+    unreachable = [h.data.clawbot_name for h in state.inventory if h not in state.activated_hosts]
+    if unreachable:
+        print(f"deploy.py: cannot connect to {', '.join(unreachable)}", file=sys.stderr)
+    add_deploy(state, converge)
+    if args.check:
+        plan = build_plan_json(state)
+        would = [op for op in plan if op["hosts_with_change"] or op["hosts_with_conditional_change"]]
+        say(f"--check: {len(would)} operation(s) would change something; nothing was changed")
+        for op in would:
+            print(f"  would: {op['name']} on {', '.join(op['hosts_with_change'] + op['hosts_with_conditional_change'])}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"plan": plan}, indent=2, default=str))
+        return 0
+    try:
+        run_ops(state)
+    except PyinfraError as exc:
+        say(f"rollout failed: {exc}")
+    summary = summarise(state)
+    problems = verify_after_run(state)
+    for name, items in problems.items():
+        summary.setdefault(name, {})["unhealthy"] = items
+    elapsed = time.monotonic() - started
+    say(f"done in {elapsed:.1f} s")
+    for name, row in summary.items():
+        status = "FAILED" if row["host_failed"] or row["failed"] else "ok"
+        manager = row["service_manager"]
+        note = f", services via {manager}" if manager == "supervisor" else ""
+        say(f"  {name}: {status}: {row['changed']} changed, {row['unchanged']} unchanged, {row['failed']} failed{note}")
+        if manager == "supervisor":
+            say(f"  {name}: systemd is not PID 1 there, so the agents run under Debian's supervisor")
+    chat_hosts = [h for h in hosts if "chat_nodes" in h.groups]
+    for h in chat_hosts:
+        say(f"chat: https://{h.name if h.vars.get('ansible_connection') != 'local' else 'localhost'}:{config['chat']['port']}/")
+    say(f"browsers must trust the cluster CA: {state_dir / 'ca' / 'ca.pem'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "results": build_results_json(state)}, indent=2,
+                                              default=str))
+    failed = any(row.get("host_failed") or row.get("failed") or row.get("unhealthy") for row in summary.values()) \
+        or unreachable
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Every node has the clawbot agent installed in its own venv, its own user, and a checked clawbot.json.
+
+Settings: `clawbot_user` (system user, default clawbot), `clawbot_prefix` (venv and binaries, default
+/opt/clawbot). The agent and all its dependencies are installed from a wheelhouse built on the control
+machine and pushed to the node, so nodes never need PyPI (privacy-first nodes often have no internet);
+`clawbot_offline: false` lets the node's pip fetch the dependencies itself instead.
+
+clawbot.json is copied next to the live file, checked there with the node's own `clawbot validate`, and
+only then moved over the live file (atomic rename): a bad config never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import deploy, operation
+from pyinfra.facts.files import File, FileContents, Link, Sha256File
+from pyinfra.operations import apt, files, server
+
+CONFIG_DIR = "/etc/clawbot"
+CONFIG_PATH = f"{CONFIG_DIR}/clawbot.json"
+STAGED_CONFIG = f"{CONFIG_DIR}/clawbot.json.staged"
+STATE_DIR = "/var/lib/clawbot"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- control machine --------------------------------------------------------------------------
+
+
+def source_digest() -> str:
+    """A digest of what goes into the agent wheel: rebuild (and reinstall on nodes) only when it changes."""
+    digest = hashlib.sha256()
+    for base in ("agent", "schemas"):
+        for path in sorted((ROOT / base).rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                digest.update(str(path.relative_to(ROOT)).encode())
+                digest.update(path.read_bytes())
+    digest.update((ROOT / "pyproject.toml").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build_wheelhouse(cache_dir: Path, python_version: str, offline: bool, log=print) -> tuple[Path, str]:
+    """The agent wheel (reproducible: fixed timestamps) plus, offline, every dependency for the node's Python.
+
+    Returns (wheelhouse directory, its stamp). Built once per source digest and Python version."""
+    digest = source_digest()
+    house = cache_dir / f"wheelhouse-{digest}-py{python_version}-{'offline' if offline else 'online'}"
+    stamp = f"{digest}-{python_version}-{int(offline)}"
+    if (house / ".complete").exists():
+        return house, stamp
+    house.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, SOURCE_DATE_EPOCH="315532800", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    log(f"building the agent wheel ({digest})")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(house), str(ROOT)], check=True,
+                   env=env)
+    if offline:
+        log(f"downloading the agent's dependencies for Python {python_version} into the wheelhouse")
+        wheel = next(house.glob("clawbot-*.whl"))
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(house), "--only-binary", ":all:",
+                        "--python-version", python_version, str(wheel)], check=True, env=env)
+    (house / ".complete").write_text(stamp)
+    return house, stamp
+
+
+# --- node ---------------------------------------------------------------------------------------
+
+
+@operation()
+def agent_installed(venv: str, wheelhouse: str, stamp: str, offline: bool):
+    """pip-install the agent from the pushed wheelhouse unless the venv already holds this exact build."""
+    marker = f"{venv}/.clawbot-installed"
+    current = host.get_fact(FileContents, path=marker)
+    if current and current[0].strip() == stamp:
+        host.noop("agent already installed from this wheelhouse")
+        return
+    index = f"--no-index --find-links {wheelhouse}" if offline else f"--find-links {wheelhouse}"
+    yield f"{venv}/bin/pip install -q --disable-pip-version-check {index} --force-reinstall --no-deps {wheelhouse}/clawbot-*.whl"
+    yield f"{venv}/bin/pip install -q --disable-pip-version-check {index} {wheelhouse}/clawbot-*.whl"
+    yield f"echo {stamp} > {marker}"
+
+
+@operation()
+def venv_exists(venv: str):
+    """A Python venv for the agent, created with the node's own python3 when missing."""
+    if host.get_fact(File, path=f"{venv}/bin/python") or host.get_fact(Link, path=f"{venv}/bin/python"):
+        host.noop(f"venv {venv} already exists")
+        return
+    yield f"python3 -m venv {venv}"
+
+
+@operation()
+def config_installed(staged: str, live: str, validator: str, user: str):
+    """Move the staged clawbot.json over the live one, only if it differs and the node's validator accepts it."""
+    staged_sum = host.get_fact(Sha256File, path=staged)
+    live_sum = host.get_fact(Sha256File, path=live)
+    if staged_sum and staged_sum == live_sum:
+        host.noop("clawbot.json already installed")
+        return
+    tmp = f"{live}.tmp"
+    yield (f"{validator} validate {staged} && cp {staged} {tmp} && chown root:{user} {tmp} && chmod 640 {tmp} "
+           f"&& mv -f {tmp} {live}")
+
+
+@deploy("Ensure the clawbot system user exists")
+def ensure_service_user(user: str):
+    """The agent's own user: owns its keys and state, nothing else (needed before certificates are installed)."""
+    server.group(name=f"Ensure group {user} exists", group=user, system=True)
+    server.user(name=f"Ensure system user {user} exists", user=user, group=user, system=True, home=STATE_DIR,
+                shell="/usr/sbin/nologin", create_home=False, ensure_home=False)
+
+
+@deploy("Ensure the clawbot agent is installed with a checked clawbot.json")
+def ensure_agent(config_file: str, wheelhouse: Path, stamp: str, user: str, prefix: str, offline: bool):
+    """Returns the operations whose change means the agent must restart."""
+    apt.packages(name="Ensure Python's venv module is installed", packages=["python3-venv"], no_recommends=True)
+    files.directory(name=f"Ensure {prefix} exists", path=prefix, user="root", group="root", mode="755")
+    files.directory(name=f"Ensure {CONFIG_DIR} exists", path=CONFIG_DIR, user="root", group=user, mode="750")
+    files.directory(name=f"Ensure {STATE_DIR} exists", path=STATE_DIR, user=user, group=user, mode="750")
+    remote_house = f"{prefix}/wheelhouse"
+    files.sync(name="Ensure the agent wheelhouse is on the node", src=str(wheelhouse), dest=remote_house,
+               delete=True, exclude=[".complete"], mode="644", dir_mode="755")
+    venv = f"{prefix}/venv"
+    venv_exists(name=f"Ensure the agent venv exists at {venv}", venv=venv)
+    installed = agent_installed(name="Ensure the agent is installed in the venv", venv=venv,
+                                wheelhouse=remote_house, stamp=stamp, offline=offline)
+    files.put(name="Ensure the new clawbot.json is staged on the node", src=config_file, dest=STAGED_CONFIG,
+              user="root", group=user, mode="640")
+    config = config_installed(name="Ensure clawbot.json is installed after the node's clawbot validate accepts it",
+                              staged=STAGED_CONFIG, live=CONFIG_PATH, validator=f"{venv}/bin/clawbot", user=user)
+    return [installed, config]

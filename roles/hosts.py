@@ -1,0 +1,34 @@
+"""Every node can resolve every other node by name, without DNS.
+
+The article traced 80 % of its timeouts to DNS lookups and fixed them with /etc/hosts entries; this role
+keeps one managed block in /etc/hosts with every node's names and address. Lines outside the block are
+never touched; re-running replaces the block in place, so there are no duplicates.
+
+Settings (inventory variables): `clawbot_address` (default: ansible_host), `clawbot_names` (extra names).
+"""
+
+from __future__ import annotations
+
+from pyinfra.api import deploy
+from pyinfra.operations import files
+
+MARKER = "# {mark} clawbot managed nodes"
+
+
+def hosts_block(nodes: list[tuple[str, list[str]]]) -> str:
+    """The managed block's lines: `ADDRESS name alias...`, sorted for a stable file."""
+    lines = []
+    for address, names in sorted(nodes):
+        lines.append(f"{address} {' '.join(names)}")
+    return "\n".join(lines)
+
+
+@deploy("Ensure /etc/hosts names every clawbot node")
+def ensure_hosts_entries(nodes: list[tuple[str, list[str]]]):
+    files.block(
+        name="Ensure the clawbot block in /etc/hosts lists every node",
+        path="/etc/hosts",
+        content=hosts_block(nodes),
+        marker=MARKER,
+        try_prevent_shell_expansion=True,
+    )

@@ -1,0 +1,77 @@
+"""Model nodes reserve the 2 MiB huge pages their weights need, persistently, and say what they got.
+
+Settings (inventory variables, defaults in docs/inventory.md):
+- `clawbot_hugepages_count`: `auto` (default) = `clawbot.sizing.hugepages_for(model file bytes)`, the same
+  computation `clawbot preflight` uses: the model's bytes rounded up to 2 MiB pages plus headroom
+  (max(4 pages, 1 %)). Only when clawbot.json's `model_server.hugepages` is `stage`, `reserve` or `auto`;
+  `off` leaves the kernel's setting alone.
+- `clawbot_transparent_hugepages`: THP policy (`madvise` default: only memory that asks for THP gets it, so
+  the model server's anonymous buffers can, and unrelated services keep predictable latency).
+
+Persistence: /etc/sysctl.d/60-clawbot-hugepages.conf, applied by systemd-sysctl early at boot, before the
+services start and before memory fragments. On a long-running, fragmented machine the kernel may reserve
+fewer pages than asked; the role reports how many it got (and the agent falls back to the on-disk model
+with a warning). The earliest possible reservation is the kernel command line (`hugepages=N`), which this
+role does not edit: boot loaders differ too much to change them unattended.
+"""
+
+from __future__ import annotations
+
+from pyinfra import host
+from pyinfra.api import deploy, operation
+from pyinfra.facts.files import FileContents
+from pyinfra.facts.server import Command
+from pyinfra.operations import files, server
+
+SYSCTL_FILE = "/etc/sysctl.d/60-clawbot-hugepages.conf"
+THP_TMPFILES = "/etc/tmpfiles.d/60-clawbot-thp.conf"
+THP_SYSFS = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+def reserved_pages(run_shell) -> int:
+    """HugePages_Total as the kernel reports it now (deploy.py reads it after the run: asked vs got)."""
+    ok, output = run_shell("grep HugePages_Total /proc/meminfo")
+    return int(output.split()[1]) if ok and output.split() else 0
+
+
+@operation()
+def thp_policy(policy: str):
+    """Set the transparent hugepage policy now, if the kernel's current one differs."""
+    current = host.get_fact(FileContents, path=THP_SYSFS) or []
+    text = " ".join(current)
+    if f"[{policy}]" in text:
+        host.noop(f"transparent hugepages already {policy}")
+        return
+    if not text:
+        host.noop("transparent hugepages not supported by this kernel")
+        return
+    writable = host.get_fact(Command, command=f"test -w {THP_SYSFS} && echo yes || echo no")
+    if writable != "yes":
+        host.noop(f"transparent hugepages are {text} and /sys is read-only here (a container): "
+                  f"the policy {policy} applies where the kernel's sysfs is writable, e.g. at the next boot")
+        return
+    yield f"echo {policy} > {THP_SYSFS}"
+
+
+@deploy("Ensure huge pages are reserved for the model")
+def ensure_hugepages(pages: int | None, thp: str = "madvise"):
+    if pages is not None:
+        server.sysctl(
+            name=f"Ensure vm.nr_hugepages is {pages} now and at boot",
+            key="vm.nr_hugepages",
+            value=pages,
+            persist=True,
+            persist_file=SYSCTL_FILE,
+        )
+    files.put(
+        name=f"Ensure transparent hugepages policy {thp} is applied at boot",
+        src=_text(f"w {THP_SYSFS} - - - - {thp}\n"),
+        dest=THP_TMPFILES,
+        mode="644",
+    )
+    thp_policy(name=f"Ensure transparent hugepages policy is {thp}", policy=thp)
+
+
+def _text(content: str):
+    from io import BytesIO
+
+    return BytesIO(content.encode())

@@ -1,0 +1,171 @@
+"""The agent runs as a supervised service: a hardened systemd unit, or Debian's supervisor without systemd.
+
+Settings: `clawbot_service_manager` (`auto`: systemd when /run/systemd/system exists — systemd is PID 1 —
+else supervisor, e.g. in containers, WSL or minimal VMs; deploy says which it used).
+
+A service is restarted only when something it uses changed (its unit, clawbot.json, certificates, the
+installed agent, the model file), and started whenever it is not running (a stopped agent is repaired).
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+from pyinfra import host
+from pyinfra.api import deploy, operation
+from pyinfra.facts.files import Directory
+from pyinfra.facts.server import Command
+from pyinfra.operations import apt, files, server, systemd
+
+UNIT_DIR = "/etc/systemd/system"
+SUPERVISOR_DIR = "/etc/supervisor/conf.d"
+
+
+def service_manager(setting: str) -> str:
+    if setting in ("systemd", "supervisor"):
+        return setting
+    return "systemd" if host.get_fact(Directory, path="/run/systemd/system") else "supervisor"
+
+
+def systemd_unit(name: str, description: str, command: str, user: str, writable: list[str], environment: dict) -> str:
+    env = "".join(f'Environment="{k}={v}"\n' for k, v in sorted(environment.items()))
+    return f"""# Managed by clawbot deploy; edits are replaced on the next run.
+[Unit]
+Description={description}
+After=network-online.target
+Wants=network-online.target
+StartLimitIntervalSec=0
+
+[Service]
+Type=simple
+User={user}
+Group={user}
+ExecStart={command}
+ExecReload=/bin/kill -HUP $MAINPID
+{env}Restart=on-failure
+RestartSec=2
+KillMode=control-group
+TimeoutStopSec=30
+LimitMEMLOCK=infinity
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictSUIDSGID=yes
+RestrictNamespaces=yes
+RestrictRealtime=yes
+LockPersonality=yes
+CapabilityBoundingSet=
+SystemCallArchitectures=native
+UMask=0077
+StateDirectory=clawbot
+StateDirectoryMode=0750
+LogsDirectory=clawbot
+ReadWritePaths={' '.join('-' + path for path in writable)}
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def supervisor_program(name: str, command: str, user: str, environment: dict, log_dir: str) -> str:
+    env = ",".join(f'{k}="{v}"' for k, v in sorted(environment.items()))
+    return f"""; Managed by clawbot deploy; edits are replaced on the next run.
+[program:{name}]
+command={command}
+user={user}
+directory=/
+environment={env}
+autostart=true
+autorestart=true
+startsecs=2
+stopasgroup=true
+killasgroup=true
+stopsignal=TERM
+umask=077
+redirect_stderr=true
+stdout_logfile={log_dir}/{name}.log
+stdout_logfile_maxbytes=10MB
+stdout_logfile_backups=3
+"""
+
+
+@operation()
+def supervisor_program_running(program: str):
+    """Start the program if supervisor does not show it RUNNING."""
+    status = host.get_fact(Command, command=f"supervisorctl status {program} 2>&1 || true") or ""
+    if "RUNNING" in status:
+        host.noop(f"{program} already running")
+        return
+    yield f"supervisorctl start {program}"
+
+
+def health_probe(url: str, python: str, tls: dict, deadline_s: float) -> str:
+    """A shell command, run on the node after the rollout, that polls an agent's health URL over mTLS.
+
+    Not an operation: checking health changes nothing, so it must not count as a change."""
+    script = (
+        "import ssl,sys,time,httpx\n"
+        f"ctx=ssl.create_default_context(cafile={tls['ca_cert']!r})\n"
+        f"ctx.load_cert_chain({tls['client_cert']!r},{tls['client_key']!r})\n"
+        f"end=time.monotonic()+{deadline_s}\nlast=''\n"
+        "while time.monotonic()<end:\n"
+        "    try:\n"
+        f"        r=httpx.get({url!r},verify=ctx,timeout=5)\n"
+        "        if r.status_code==200: print('healthy'); sys.exit(0)\n"
+        "        last=f'HTTP {r.status_code} {r.text[:300]}'\n"
+        "    except Exception as e: last=repr(e)\n"
+        "    time.sleep(1)\n"
+        f"print('not healthy after {deadline_s:.0f} s: '+last); sys.exit(1)\n"
+    )
+    return f"{python} -c {_quote(script)}"
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+@deploy("Ensure the clawbot agent service runs")
+def ensure_service(name: str, description: str, command: str, user: str, writable: list[str], environment: dict,
+                   manager: str, changed: list, log_dir: str = "/var/log/clawbot"):
+    """Install the unit/program for `command` and keep it running; restart when any op in `changed` changed."""
+    if manager == "systemd":
+        unit = files.put(
+            name=f"Ensure systemd unit {name}.service is current",
+            src=BytesIO(systemd_unit(name, description, command, user, writable, environment).encode()),
+            dest=f"{UNIT_DIR}/{name}.service",
+            mode="644",
+        )
+        systemd.daemon_reload(name="Reload systemd units", _if=unit.did_change)
+        systemd.service(name=f"Ensure {name} is enabled and running", service=f"{name}.service", running=True,
+                        enabled=True)
+        systemd.service(name=f"Restart {name} because its inputs changed", service=f"{name}.service",
+                        restarted=True, _if=_any_changed([unit, *changed]))
+        return
+    apt.packages(name="Ensure supervisor is installed (systemd is not PID 1 here)", packages=["supervisor"],
+                 no_recommends=True)
+    files.directory(name=f"Ensure {log_dir} exists", path=log_dir, user=user, group=user, mode="750")
+    server.service(name="Ensure supervisord is running", service="supervisor", running=True)
+    program = files.put(
+        name=f"Ensure supervisor program {name} is current",
+        src=BytesIO(supervisor_program(name, command, user, environment, log_dir).encode()),
+        dest=f"{SUPERVISOR_DIR}/{name}.conf",
+        mode="644",
+    )
+    server.shell(name="Let supervisor pick up the changed program", commands=["supervisorctl update"],
+                 _if=program.did_change)
+    restart_needed = _any_changed([program, *changed])
+    server.shell(name=f"Restart {name} because its inputs changed", commands=[f"supervisorctl restart {name}"],
+                 _if=restart_needed)
+    supervisor_program_running(name=f"Ensure {name} is running", program=name)
+
+
+def _any_changed(ops: list):
+    ops = [op for op in ops if op is not None]
+    return lambda: any(op.did_change() for op in ops)

@@ -1,0 +1,197 @@
+"""End to end: `python deploy.py` against two real Debian nodes (systemd + sshd) from the test harness.
+
+Converge, re-run with zero changes (asserted on pyinfra's results), repair drift, --check, refuse a bad
+config before touching a host, and converge after a rollout killed mid-way. The nodes share this machine's
+kernel, so the hugepages and THP settings the rollout makes are kernel-wide: the fixture restores them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.nodes, pytest.mark.slow]
+
+CONFIG = {
+    "model_gateway": {"endpoint": "https://MODEL:5000", "max_tokens": 64, "max_concurrency": 2,
+                      "rate_limit": {"requests_per_second": 5, "burst": 4}},
+    "context_window": 1024,
+    "fallback_strategies": ["knowledge_base"],
+    "model_server": {"parallel_slots": 2, "chat_template": "gemma", "model_name": "gemma-3-270m", "threads": 1},
+    "chat": {"summary": {"max_tokens": 64}},
+}
+
+
+def deploy(inventory: Path, *extra: str, timeout: float = 1500) -> tuple[subprocess.CompletedProcess, dict | None]:
+    out = inventory / f"result-{time.monotonic_ns()}.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "deploy.py"), "-i", str(inventory), "--json", str(out), *extra],
+                          capture_output=True, text=True, timeout=timeout)
+    print(proc.stdout[-6000:], proc.stderr[-6000:], sep="\n")
+    result = json.loads(out.read_text()) if out.exists() else None
+    return proc, result
+
+
+def changed_ops(result: dict) -> list[str]:
+    return [f"{op['name']} on {','.join(op['success'])}" for op in result["results"]["operations"] if op["success"]]
+
+
+@pytest.fixture(scope="module")
+def kernel_settings():
+    """Hugepages and THP are kernel-wide (the nodes share this kernel): put them back afterwards."""
+    hugepages = Path("/proc/sys/vm/nr_hugepages").read_text()
+    thp_path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    thp = thp_path.read_text().split("[")[1].split("]")[0] if thp_path.exists() else None
+    yield
+    Path("/proc/sys/vm/nr_hugepages").write_text(hugepages)
+    if thp:
+        try:
+            thp_path.write_text(thp)
+        except OSError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def cluster_inventory(nodes, kernel_settings, tmp_path_factory):
+    """The harness's inventory plus a clawbot.json whose endpoint is the model node, and a private CA state dir."""
+    inventory = tmp_path_factory.mktemp("inventory")
+    shutil.copytree(nodes[0].inventory_dir, inventory, dirs_exist_ok=True)
+    config = json.loads(json.dumps(CONFIG))
+    config["model_gateway"]["endpoint"] = f"https://{nodes[1].address}:5000"
+    (inventory / "clawbot.json").write_text(json.dumps(config, indent=2))
+    (inventory / "group_vars").mkdir(exist_ok=True)
+    (inventory / "group_vars" / "all.yml").write_text(f"clawbot_state_dir: {inventory / 'state'}\n")
+    return inventory
+
+
+def ssh(node, command: str, check: bool = True) -> str:
+    """Run a shell command on a test node over real SSH; its stdout."""
+    return node.ssh(command, timeout_s=300, check=check).stdout
+
+
+@pytest.fixture(scope="module")
+def first_run(cluster_inventory, nodes):
+    started = time.monotonic()
+    proc, result = deploy(cluster_inventory)
+    assert proc.returncode == 0, "first rollout failed"
+    return {"seconds": time.monotonic() - started, "result": result, "stdout": proc.stdout}
+
+
+def test_first_run_converges_both_nodes(first_run, nodes, cluster_inventory):
+    chat, model = nodes
+    for node in nodes:
+        hosts = ssh(node, "cat /etc/hosts")
+        assert f"{chat.address} {chat.name}" in hosts and f"{model.address} {model.name}" in hosts
+    assert ssh(chat, "systemctl is-active clawbot-chat").strip() == "active"
+    assert ssh(model, "systemctl is-active clawbot-model").strip() == "active"
+    assert int(Path("/proc/sys/vm/nr_hugepages").read_text()) > 0
+    assert "vm.nr_hugepages" in ssh(model, "cat /etc/sysctl.d/60-clawbot-hugepages.conf")
+    for node in nodes:
+        assert ssh(node, "stat -c '%a %U' /etc/clawbot/tls/server.key").split() == ["600", "clawbot"]
+        sans = ssh(node, "python3 - <<'EOF'\nimport ssl\nprint(ssl._ssl._test_decode_cert('/etc/clawbot/tls/server.pem')"
+                         "['subjectAltName'])\nEOF")
+        assert node.address in sans and node.name in sans, sans
+        assert "ca.key" not in ssh(node, "ls -R /etc/clawbot")
+    # The chat node reaches the model node's gateway over mutual TLS with its own client certificate.
+    code = (
+        "import httpx,json,ssl\n"
+        "c=ssl.create_default_context(cafile='/etc/clawbot/tls/ca.pem')\n"
+        "c.load_cert_chain('/etc/clawbot/tls/client.pem','/etc/clawbot/tls/client.key')\n"
+        "r=httpx.post('https://%s:5000/v1/chat/completions',verify=c,timeout=120,"
+        "json={'messages':[{'role':'user','content':'Say hello.'}],'max_tokens':8})\n"
+        "print(r.status_code); print(json.dumps(r.json()))\n" % model.address
+    )
+    out = ssh(chat, f"/opt/clawbot/venv/bin/python -c \"{code}\"")
+    status, body = out.strip().split("\n", 1)
+    assert status == "200", body
+    assert json.loads(body)["choices"][0]["message"]["content"] is not None
+    # ...and without a client certificate it is refused.
+    code = ("import httpx\ntry:\n  httpx.get('https://%s:5000/healthz',verify='/etc/clawbot/tls/ca.pem');print('served')\n"
+            "except Exception as e: print('refused', type(e).__name__)\n" % model.address)
+    assert ssh(chat, f"/opt/clawbot/venv/bin/python -c \"{code}\"").startswith("refused")
+
+
+def test_second_run_changes_nothing(first_run, cluster_inventory):
+    started = time.monotonic()
+    proc, result = deploy(cluster_inventory)
+    assert proc.returncode == 0
+    assert changed_ops(result) == []
+    assert all(row["changed"] == 0 and row["failed"] == 0 for row in result["summary"].values())
+    print(f"re-run with nothing drifted: {time.monotonic() - started:.1f} s")
+
+
+def test_check_lists_drift_and_changes_nothing_then_drift_is_repaired(first_run, nodes, cluster_inventory):
+    chat, model = nodes
+    ssh(chat, "echo '10.99.99.99 intruder' >> /etc/hosts && sed -i 's/10.231/10.232/' /etc/hosts")
+    ssh(model, "rm /etc/clawbot/tls/server.pem")
+    ssh(chat, "systemctl stop clawbot-chat")
+    ssh(model, "sed -i 's/^RestartSec=.*/RestartSec=30/' /etc/systemd/system/clawbot-model.service")
+
+    proc = subprocess.run([sys.executable, str(ROOT / "deploy.py"), "-i", str(cluster_inventory), "--check"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "would:" in proc.stdout and "/etc/hosts" in proc.stdout and "server.pem" in proc.stdout
+    assert ssh(model, "test -e /etc/clawbot/tls/server.pem || echo missing").strip() == "missing"
+    assert ssh(chat, "systemctl is-active clawbot-chat || true").strip() != "active"
+
+    proc, result = deploy(cluster_inventory)
+    assert proc.returncode == 0
+    assert changed_ops(result)
+    hosts = ssh(chat, "cat /etc/hosts")
+    assert "10.99.99.99 intruder" in hosts  # lines outside the managed block are left alone
+    assert f"{model.address} {model.name}" in hosts and "10.232." not in hosts.split("# BEGIN")[1]
+    assert ssh(model, "test -e /etc/clawbot/tls/server.pem && echo ok").strip() == "ok"
+    assert ssh(chat, "systemctl is-active clawbot-chat").strip() == "active"
+    assert "RestartSec=2" in ssh(model, "cat /etc/systemd/system/clawbot-model.service")
+
+    proc, result = deploy(cluster_inventory)
+    assert proc.returncode == 0 and changed_ops(result) == []
+
+
+def test_bad_config_refused_before_any_host_is_touched(first_run, nodes, cluster_inventory):
+    model = nodes[1]
+    before = ssh(model, "sha256sum /etc/clawbot/clawbot.json")
+    good = (cluster_inventory / "clawbot.json").read_text()
+    try:
+        (cluster_inventory / "clawbot.json").write_text(good.replace('"context_window": 1024', '"context_window": "big"'))
+        proc = subprocess.run([sys.executable, str(ROOT / "deploy.py"), "-i", str(cluster_inventory)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1
+        assert f"{cluster_inventory / 'clawbot.json'}:" in proc.stderr and "/context_window" in proc.stderr
+        assert "no host was touched" in proc.stderr
+        assert "connecting" not in proc.stdout
+    finally:
+        (cluster_inventory / "clawbot.json").write_text(good)
+    assert ssh(model, "sha256sum /etc/clawbot/clawbot.json") == before
+
+
+def test_rollout_killed_midway_converges_when_rerun(first_run, nodes, cluster_inventory):
+    chat, model = nodes
+    # Give the run something to do, then kill it while it works on the nodes.
+    ssh(model, "rm -f /opt/clawbot/venv/.clawbot-installed /etc/clawbot/tls/client.pem")
+    ssh(chat, "rm -f /opt/clawbot/venv/.clawbot-installed")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "deploy.py"), "-i", str(cluster_inventory)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    seen = ""
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        seen += line
+        if "connecting to" in seen and ("Ensure" in line or "Starting operation" in line or "[node" in line):
+            break
+        if proc.poll() is not None:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc, result = deploy(cluster_inventory)
+    assert proc.returncode == 0
+    proc, result = deploy(cluster_inventory)
+    assert proc.returncode == 0 and changed_ops(result) == []
