@@ -174,6 +174,9 @@ def test_hand_written_malformed_requests_get_4xx(own_agent):
         ("/v1/completions", json.dumps({"prompt": "x", "max_tokens": 10**12}).encode()),
         ("/v1/tokenize", json.dumps({"content": "x", "messages": [{"role": "user", "content": "x"}]}).encode()),
         ("/v1/tokenize", b"null"),
+        # valid shape, but longer than a slot's context: llama-server's own 400 is passed through
+        ("/v1/completions", json.dumps({"prompt": "x" * 5000}).encode()),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x" * 5000}], "stream": True}).encode()),
     ]
     with own_agent.client() as c:
         for path, body in cases:
