@@ -52,8 +52,8 @@ def say(message: str) -> None:
 def read_inputs(args):
     """Inventory + clawbot.json, both checked; exits 1 with positioned errors before touching a host."""
     try:
-        inventory_result, facts = check_inventory(args.inventory)
         inventory = load_inventory(args.inventory, args.vault_password_file)
+        inventory_result, facts = check_inventory(args.inventory, inventory=inventory)
     except InventoryError as exc:
         print(f"deploy.py: {exc}", file=sys.stderr)
         raise SystemExit(2)
@@ -215,11 +215,11 @@ def verify_after_run(state, log=say) -> dict[str, list[str]]:
         python = f"{plan['prefix']}/venv/bin/python"
         checks = []
         if plan["is_model"]:
-            checks.append(("model gateway", plan["model_health_url"]))
+            checks.append(("model (gateway /readyz: loaded and able to generate)", plan["model_health_url"]))
         if plan["is_chat"]:
             checks.append(("chat agent", plan["chat_health_url"]))
         for what, url in checks:
-            ok, output = run_shell(health_probe(url, python, plan["tls"], deadline_s=180))
+            ok, output = run_shell(health_probe(url, python, plan["tls"], deadline_s=plan["ready_deadline_s"]))
             if ok:
                 log(f"  {name}: {what} healthy ({url})")
             else:
@@ -335,8 +335,9 @@ def main(argv=None) -> int:
             "engine": str(engine_binary) if engine_binary else "",
             "engine_dest": (f"{prefix}/cache/clawbot/engine/{engine_module.LLAMA_CPP_PYTHON_VERSION}-cpu-portable/bin/"
                             f"{engine_module.SERVER_TARGET}"),
-            "model_health_url": f"https://127.0.0.1:{gateway_port}/healthz",
+            "model_health_url": f"https://127.0.0.1:{gateway_port}/readyz",
             "chat_health_url": f"https://127.0.0.1:{config['chat']['port']}/healthz",
+            "ready_deadline_s": min(900, config["model_server"]["startup_timeout_s"] + 30),
         }
 
     # -- converge

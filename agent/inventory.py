@@ -159,11 +159,15 @@ def _hosts_file(path: str) -> str:
     return path
 
 
-def check_inventory(path: str, vault_password_file: str | None = None) -> tuple[CheckResult, InventoryFacts]:
-    """Validate every host's clawbot_* / connection variables against schemas/inventory.schema.json."""
+def check_inventory(path: str, vault_password_file: str | None = None,
+                    inventory: Inventory | None = None) -> tuple[CheckResult, InventoryFacts]:
+    """Validate every host's clawbot_* / connection variables against schemas/inventory.schema.json.
+
+    Pass an already loaded `inventory` to avoid reading it twice (deploy.py does)."""
     import jsonschema
 
-    inventory = load_inventory(path, vault_password_file, decrypt=False)
+    if inventory is None:
+        inventory = load_inventory(path, vault_password_file, decrypt=False)
     hosts_file = _hosts_file(path)
     result = CheckResult(hosts_file)
     schema = load_schema(INVENTORY_SCHEMA)

@@ -218,12 +218,17 @@ def resolve_load_mode(mode: str, model_bytes: int) -> str:
 
 
 def resolve_threads(threads: int) -> int:
+    """0 means: every core this process may use but one, which the gateway keeps.
+
+    Measured on 2 cores: llama.cpp with -t 2 next to a busy gateway made 11-20 tok/s, with -t 1 108-123 tok/s
+    (its threads spin-wait for each other, so one preempted thread stalls all of them)."""
     if threads > 0:
         return threads
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 API_KEY_FILE = "model-server.key"

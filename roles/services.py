@@ -44,6 +44,7 @@ ExecStart={command}
 ExecReload=/bin/kill -HUP $MAINPID
 {env}Restart=on-failure
 RestartSec=2
+RestartPreventExitStatus=78
 KillMode=control-group
 TimeoutStopSec=30
 LimitMEMLOCK=infinity
