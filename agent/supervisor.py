@@ -175,10 +175,20 @@ def memory_evidence(pid: int | None, model_path: str) -> dict:
     """What /proc says about the running model server's memory: reported, never assumed.
 
     mlock took effect when VmLck covers the model file; hugepages took effect when the mapping of the
-    model file has a 2048 kB (or larger) KernelPageSize. Another engineer extends this for staging.
+    model file has a 2048 kB (or larger) KernelPageSize. A file on hugetlbfs is pinned without mlock (the
+    kernel never swaps or reclaims huge pages, and does not count them in VmLck), hence `weights_pinned`.
     """
     if not pid:
         return {"pid": None}
+    from clawbot import staging
+
+    on_hugetlbfs = staging.is_hugetlbfs(model_path)
+    try:
+        st = Path(model_path).stat()
+        # hugetlbfs counts the pages a file holds in i_blocks: the pages this copy really occupies
+        file_hugepage_kib = st.st_blocks * 512 // 1024 if on_hugetlbfs else 0
+    except OSError:
+        file_hugepage_kib = 0
     vmlck = _status_kib(pid, "VmLck")
     maps = model_mappings(pid, model_path)
     mapped_kib = sum(m.get("Size", 0) for m in maps)
@@ -189,6 +199,10 @@ def memory_evidence(pid: int | None, model_path: str) -> dict:
     page_sizes = sorted({m.get("KernelPageSize", 0) for m in maps})
     hugepage_kib = sum(m.get("Size", 0) for m in maps if m.get("KernelPageSize", 0) >= 2048)
     locked_map_kib = sum(m.get("Locked", 0) for m in maps)
+    mlock_effective = bool(vmlck and file_kib and vmlck >= file_kib * 0.95)
+    hugepages_effective = bool(maps) and hugepage_kib >= mapped_kib * 0.95
+    meminfo = _meminfo()
+    page_kib = meminfo.get("Hugepagesize", 2048) or 2048
     return {
         "pid": pid,
         "vm_locked_kib": vmlck,
@@ -200,10 +214,14 @@ def memory_evidence(pid: int | None, model_path: str) -> dict:
         "model_page_sizes_kib": page_sizes,
         # mlock is in effect if the process has locked at least the model's size (mmap+mlock locks the
         # mapping; `mlock` without mmap locks the anonymous copy, which smaps does not tie to the file).
-        "mlock_effective": bool(vmlck and file_kib and vmlck >= file_kib * 0.95),
-        "hugepages_effective": bool(maps) and hugepage_kib >= mapped_kib * 0.95,
+        "mlock_effective": mlock_effective,
+        "hugepages_effective": hugepages_effective,
         "hugepages_kib": hugepage_kib,
-        "meminfo": _meminfo(),
+        "model_hugetlb_rss_kib": sum(m.get("Shared_Hugetlb", 0) + m.get("Private_Hugetlb", 0) for m in maps),
+        "model_on_hugetlbfs": on_hugetlbfs,
+        "model_hugepages_used": file_hugepage_kib // page_kib,
+        "weights_pinned": mlock_effective or (hugepages_effective and on_hugetlbfs),
+        "meminfo": meminfo,
     }
 
 
@@ -215,6 +233,31 @@ def resolve_load_mode(mode: str, model_bytes: int) -> str:
     if mode == "auto":
         return "mmap+mlock" if can_mlock(model_bytes) else "mmap"
     return mode
+
+
+def staging_wanted(server: dict, model_path: str) -> tuple[bool, str]:
+    """The schema's `model_server.hugepages`: whether to stage the weights into huge pages, and why (not).
+
+    `auto` stages unless every layer is offloaded to a GPU (then the weights are read once into VRAM and
+    host-side huge pages buy nothing)."""
+    setting = server["hugepages"]
+    if setting == "stage":
+        return True, "model_server.hugepages is stage"
+    if setting in ("off", "reserve"):
+        return False, f"model_server.hugepages is {setting}: the model server maps the on-disk file"
+    if server["accelerator"] in ("cpu", "auto") or server["gpu_layers"] == 0:
+        return True, "model_server.hugepages is auto on a CPU node"
+    if server["gpu_layers"] < 0:
+        return False, "model_server.hugepages is auto and every layer is offloaded to the GPU"
+    try:
+        from clawbot import sizing
+
+        n_layer = sizing.read_model_info(Path(model_path)).n_layer
+    except Exception:  # noqa: BLE001 - unknown layer count: partial offload, stage the CPU share
+        n_layer = 1 << 30
+    if server["gpu_layers"] >= n_layer:
+        return False, "model_server.hugepages is auto and every layer is offloaded to the GPU"
+    return True, "model_server.hugepages is auto and some layers stay on the CPU"
 
 
 def resolve_threads(threads: int) -> int:
@@ -234,11 +277,14 @@ def resolve_threads(threads: int) -> int:
 API_KEY_FILE = "model-server.key"
 
 
-def llama_server_command(binary: str, config: dict, model_path: str, api_key_file: str | None = None) -> list[str]:
+def llama_server_command(binary: str, config: dict, model_path: str, api_key_file: str | None = None, *,
+                         accelerator: str | None = None, gpu_free_bytes: int | None = None) -> list[str]:
     """llama-server's argv for this config. Every setting explicit, so `ps` shows the whole picture.
 
     -c is context_window x parallel_slots with -no-kvu: this llama.cpp gives each slot n_ctx/np cells
     when the KV cache is not unified, which is the schema's promise (each slot gets context_window).
+    accelerator: what the binary was built for, `auto` already resolved (default: the config's, where
+    `auto` counts as CPU); gpu_free_bytes: free memory of the GPU it runs on, for gpu_layers -1.
     """
     server = config["model_server"]
     slots = server["parallel_slots"]
@@ -246,8 +292,7 @@ def llama_server_command(binary: str, config: dict, model_path: str, api_key_fil
         size = Path(model_path).stat().st_size
     except OSError:
         size = 0
-    gpu_layers = server["gpu_layers"]
-    accelerator = server["accelerator"]
+    accelerator = accelerator or server["accelerator"]
     cmd = [
         binary,
         "-m", model_path,
@@ -257,9 +302,9 @@ def llama_server_command(binary: str, config: dict, model_path: str, api_key_fil
         "-np", str(slots),
         "-no-kvu",
         "-t", str(resolve_threads(server["threads"])),
-        "-ngl", _gpu_layers_flag(gpu_layers, accelerator),
+        "-ngl", gpu_layers_flag(config, model_path, accelerator, gpu_free_bytes),
         "-fit", "off",
-        "-fa", server["flash_attention"],
+        "-fa", flash_attention_flag(server["flash_attention"], accelerator),
         "-ctk", server["cache_type_k"],
         "-ctv", server["cache_type_v"],
         "-lm", resolve_load_mode(server["load_mode"], size),
@@ -277,11 +322,47 @@ def llama_server_command(binary: str, config: dict, model_path: str, api_key_fil
     return cmd + list(server["extra_args"])
 
 
-def _gpu_layers_flag(gpu_layers: int, accelerator: str) -> str:
-    """-1 means "as many as fit": `all` on a GPU build (sizing/preflight checked the fit), 0 on CPU."""
-    if accelerator in ("cpu", "auto") and gpu_layers < 0:
+def resolve_accelerator(accelerator: str, gpus) -> str:
+    """`auto` → cuda when nvidia-smi lists a GPU (preflight.query_gpus), else cpu; others as they are."""
+    if accelerator != "auto":
+        return accelerator
+    return "cuda" if gpus else "cpu"
+
+
+def gpu_layers_flag(config: dict, model_path: str, accelerator: str, gpu_free_bytes: int | None = None) -> str:
+    """llama-server's -ngl. gpu_layers -1 means "as many as fit": 0 on CPU; on a GPU `all` when the whole
+    model (weights, output head, KV cache of every slot, compute buffer) fits in gpu_free_bytes, else the
+    most layers that fit (sizing.gpu_layers_that_fit; the rest run on the CPU). Unknown free memory or an
+    unreadable model: `all` (preflight checks the fit before a rollout)."""
+    server = config["model_server"]
+    gpu_layers = server["gpu_layers"]
+    if gpu_layers >= 0:
+        return str(gpu_layers)
+    if accelerator in ("cpu", "auto"):
         return "0"
-    return "all" if gpu_layers < 0 else str(gpu_layers)
+    if gpu_free_bytes is None:
+        return "all"
+    from clawbot import sizing
+
+    try:
+        info = sizing.read_model_info(model_path)
+    except (OSError, ValueError) as exc:
+        log.warning("cannot size %s for GPU offload (%s): offloading all layers", model_path, exc)
+        return "all"
+    slots = server["parallel_slots"]
+    fit = sizing.size_model(info, config["context_window"] * slots, slots, server["cache_type_k"],
+                            server["cache_type_v"], flash_attn=flash_attention_flag(server["flash_attention"],
+                                                                                    accelerator) == "on")
+    split = sizing.gpu_layers_that_fit(fit, gpu_free_bytes)
+    return "all" if split.n_gpu_layers > info.n_layer else str(split.n_gpu_layers)
+
+
+def flash_attention_flag(flash_attention: str, accelerator: str) -> str:
+    """-fa: `auto` is on for CUDA (measured on an H100: faster prefill and a smaller KV working set, see
+    benchmarks/results/gpu.json); elsewhere llama.cpp decides per backend."""
+    if flash_attention == "auto" and accelerator == "cuda":
+        return "on"
+    return flash_attention
 
 
 def llama_cpp_python_settings(config: dict, model_path: str, api_key: str | None = None) -> dict:
@@ -364,6 +445,9 @@ class Supervisor:
         self.attempt = Attempt()
         self.evidence: dict = {}
         self.command: list[str] = []
+        self.serving_path: str = ""  # the model file the server was pointed at: the staged copy or the disk file
+        self.staging: dict = {}
+        self._mounted: str | None = None  # a hugetlbfs mount this agent made itself (root only)
         self._find_engine = find_engine
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -410,6 +494,7 @@ class Supervisor:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
+        await asyncio.to_thread(self._release_staging)
         self._set_state("stopped", "agent stopping")
 
     async def apply(self, config: dict) -> bool:
@@ -437,24 +522,83 @@ class Supervisor:
     def snapshot(self) -> dict:
         """JSON-ready state for /status."""
         server = self.config["model_server"]
+        in_use = self.serving_path or server["model_path"]
         if self.ready and self.pid:
-            self.evidence = memory_evidence(self.pid, server["model_path"])
+            self.evidence = memory_evidence(self.pid, in_use)
         return {
             "state": self.status.state,
             "reason": self.status.reason,
             "since": self.status.since,
             "engine": server["engine"],
             "model_path": server["model_path"],
+            "model_file_in_use": in_use,
             "model_name": server["model_name"],
             "pid": self.pid,
             "restarts": self.restarts,
             "command": self.command,
             "load_seconds": (self.attempt.ready_at - self.attempt.started_at) if self.attempt.ready_at else None,
             "memory": self.evidence,
+            "hugepages": self._hugepages_report(in_use),
             "log_tail": list(self.logs),
         }
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _hugepages_report(self, in_use: str) -> dict:
+        """Staging as it really is: the file in use, where it lives, its pages, mlock and the fallback reason."""
+        from clawbot import staging
+
+        ev = self.evidence
+        return {
+            **self.staging,
+            "file_in_use": in_use,
+            "on_hugetlbfs": staging.is_hugetlbfs(in_use),
+            "hugepages_used": ev.get("model_hugepages_used"),
+            "kernel_page_sizes_kib": ev.get("model_page_sizes_kib"),
+            "hugepages_effective": ev.get("hugepages_effective"),
+            "mlock_effective": ev.get("mlock_effective"),
+            "weights_pinned": ev.get("weights_pinned"),
+        }
+
+    def _prepare_weights(self) -> str:
+        """Stage the model into huge pages when the config asks for it; on any failure serve the disk file.
+
+        Runs in a thread (copying gigabytes must not block the gateway). Returns the path to serve."""
+        from clawbot import staging
+
+        server = self.config["model_server"]
+        path, mount = server["model_path"], server["hugepages_mount"]
+        wanted, why = staging_wanted(server, path)
+        self.staging = {"setting": server["hugepages"], "wanted": wanted, "why": why, "mount": mount,
+                        "staged": False, "fallback_reason": None}
+        if not wanted:
+            staging.release(self.state_dir)  # a copy from an earlier config gives its pages back
+            return path
+        try:
+            if self._mounted is None and staging.ensure_mount(mount):
+                self._mounted = mount
+            record = staging.stage(path, mount, self.state_dir, file_sha256(Path(path), self.state_dir))
+        except (staging.StagingError, OSError) as exc:
+            reason = str(exc)
+            log.warning("hugepages: serving the on-disk file %s, staging failed: %s", path, reason)
+            self.logs.append(f"[clawbot] WARNING: serving the on-disk model file, hugepages staging failed: {reason}")
+            self.staging["fallback_reason"] = reason
+            return path
+        self.staging.update(staged=True, staged_path=record.path, pages=record.pages, page_kib=record.page_kib,
+                            reused=record.reused, copy_seconds=record.copy_seconds, sha256=record.source_sha256)
+        return record.path
+
+    def _release_staging(self) -> None:
+        """On stop: free the staged copy's pages and unmount what this agent mounted itself."""
+        from clawbot import staging
+
+        try:
+            staging.release(self.state_dir, self._mounted)
+        except OSError as exc:
+            log.warning("cannot release the staged model: %s", exc)
+        if self._mounted:
+            staging.unmount(self._mounted)
+            self._mounted = None
 
     def _set_state(self, state: str, reason: str = "") -> None:
         if state != self.status.state or reason != self.status.reason:
@@ -472,23 +616,35 @@ class Supervisor:
 
     def _build_command(self) -> list[str]:
         server = self.config["model_server"]
-        model_path = server["model_path"]
+        model_path = self.serving_path or server["model_path"]
         if server["engine"] == "llama-server":
-            accelerator = server["accelerator"]
-            if accelerator == "auto":
-                accelerator = "cpu"  # GPU detection belongs to build-engine/preflight; CPU build is the fallback
-            finder = self._find_engine
-            if finder is None:
-                from clawbot.engine import find_llama_server as finder
-            binary = finder(accelerator) or (finder("cpu") if accelerator != "cpu" else None)
-            if binary is None:
-                raise ModelFileError("no llama-server binary found: run `clawbot build-engine` on this node")
+            binary, accelerator, gpu_free = self._find_binary(server["accelerator"])
             key_file = self.state_dir / API_KEY_FILE
             _write_private(key_file, self.api_key + "\n")
-            return llama_server_command(str(binary), self.config, model_path, str(key_file))
+            return llama_server_command(str(binary), self.config, model_path, str(key_file),
+                                        accelerator=accelerator, gpu_free_bytes=gpu_free)
         settings_path = self.state_dir / "llama-cpp-python.json"
         _write_private(settings_path, json.dumps(llama_cpp_python_settings(self.config, model_path, self.api_key), indent=2))
         return [sys.executable, "-m", "llama_cpp.server", "--config_file", str(settings_path)]
+
+    def _find_binary(self, configured: str) -> tuple[str, str, int | None]:
+        """The engine for the configured accelerator (`auto`: CUDA where nvidia-smi sees a GPU), falling
+        back to the CPU build; returns (binary, the accelerator it was built for, free GPU bytes)."""
+        from clawbot.preflight import query_gpus
+
+        gpus = query_gpus() if configured in ("auto", "cuda") else ()
+        accelerator = resolve_accelerator(configured, gpus)
+        finder = self._find_engine
+        if finder is None:
+            from clawbot.engine import find_llama_server as finder
+        binary = finder(accelerator)
+        if binary is None and accelerator != "cpu":
+            log.warning("no %s build of llama-server: falling back to the CPU build", accelerator)
+            binary, accelerator = finder("cpu"), "cpu"
+        if binary is None:
+            raise ModelFileError("no llama-server binary found: run `clawbot build-engine` on this node")
+        gpu_free = max(g.memory_free for g in gpus) if gpus and accelerator == "cuda" else None
+        return str(binary), accelerator, gpu_free
 
     async def _run(self) -> None:
         first, longest = self.config["model_server"]["restart_backoff_s"]
@@ -529,9 +685,12 @@ class Supervisor:
         config_seen = self.config
         self.attempt = Attempt(started_at=time.monotonic())
         self.evidence = {}
+        self.serving_path = ""
         self._set_state("loading", f"checking {server['model_path']}")
         try:
             await asyncio.to_thread(check_model_file, server["model_path"], server["model_sha256"], self.state_dir)
+            self._set_state("loading", f"preparing {server['model_path']} (hugepages: {server['hugepages']})")
+            self.serving_path = await asyncio.to_thread(self._prepare_weights)
             self.command = self._build_command()
         except ModelFileError as exc:
             self.logs.append(f"[clawbot] {exc}")
@@ -552,8 +711,8 @@ class Supervisor:
             ok, why = await self._wait_ready(proc, server["startup_timeout_s"])
             if ok:
                 self.attempt.ready_at = time.monotonic()
-                self.evidence = memory_evidence(proc.pid, server["model_path"])
-                self._set_state("ready", f"{server['engine']} pid {proc.pid} loaded {server['model_path']} "
+                self.evidence = memory_evidence(proc.pid, self.serving_path)
+                self._set_state("ready", f"{server['engine']} pid {proc.pid} loaded {self.serving_path} "
                                 f"in {self.attempt.ready_at - self.attempt.started_at:.1f} s")
                 code = await proc.wait()
                 self.attempt.exit_code = code

@@ -135,7 +135,9 @@ def agent_config(model_path: Path, tls: dict, *, gateway_port: int, model_port: 
         "context_window": 2048,
         "model_server": {"engine": "llama-server", "model_path": str(model_path), "model_name": "tiny",
                          "port": model_port, "threads": 1, "parallel_slots": 2, "accelerator": "cpu",
-                         "load_mode": "mmap", "restart_backoff_s": [1, 4], "startup_timeout_s": 60},
+                         "load_mode": "mmap", "restart_backoff_s": [1, 4], "startup_timeout_s": 60,
+                         # staging needs a hugetlbfs mount and kernel-global pages: only tests/test_hugepages.py
+                         "hugepages": "off"},
         "chat": {"port": free_port()},
         "tls": tls,
     }
