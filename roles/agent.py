@@ -19,7 +19,8 @@ from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import deploy, operation
-from pyinfra.facts.files import File, FileContents, Link, Sha256File
+from pyinfra.facts.files import FileContents, Sha256File
+from pyinfra.facts.server import Command
 from pyinfra.operations import apt, files, server
 
 CONFIG_DIR = "/etc/clawbot"
@@ -85,12 +86,15 @@ def agent_installed(venv: str, wheelhouse: str, stamp: str, offline: bool):
 
 
 @operation()
-def venv_exists(venv: str):
-    """A Python venv for the agent, created with the node's own python3 when missing."""
-    if host.get_fact(File, path=f"{venv}/bin/python") or host.get_fact(Link, path=f"{venv}/bin/python"):
+def venv_exists(venv: str, python: str = "/usr/bin/python3"):
+    """A venv for the agent made from the distribution's Python (never a per-user one like pyenv's, which the
+    agent's user could not read), recreated when missing or built from another interpreter."""
+    current = host.get_fact(Command, command=f"readlink -f {venv}/bin/python 2>/dev/null || true") or ""
+    wanted = host.get_fact(Command, command=f"readlink -f {python} 2>/dev/null || true") or ""
+    if current and current == wanted:
         host.noop(f"venv {venv} already exists")
         return
-    yield f"python3 -m venv {venv}"
+    yield f"rm -rf {venv} && {python} -m venv {venv}"
 
 
 @operation()

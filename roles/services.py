@@ -15,7 +15,7 @@ from pyinfra import host
 from pyinfra.api import deploy, operation
 from pyinfra.facts.files import Directory
 from pyinfra.facts.server import Command
-from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations import apt, files, server, systemd, sysvinit
 
 UNIT_DIR = "/etc/systemd/system"
 SUPERVISOR_DIR = "/etc/supervisor/conf.d"
@@ -152,7 +152,8 @@ def ensure_service(name: str, description: str, command: str, user: str, writabl
     apt.packages(name="Ensure supervisor is installed (systemd is not PID 1 here)", packages=["supervisor"],
                  no_recommends=True)
     files.directory(name=f"Ensure {log_dir} exists", path=log_dir, user=user, group=user, mode="750")
-    server.service(name="Ensure supervisord is running", service="supervisor", running=True)
+    # Without systemd as PID 1, Debian's supervisor is started by its init script.
+    sysvinit.service(name="Ensure supervisord is running", service="supervisor", running=True)
     program = files.put(
         name=f"Ensure supervisor program {name} is current",
         src=BytesIO(supervisor_program(name, command, user, environment, log_dir).encode()),
