@@ -316,7 +316,10 @@ def llama_server_command(binary: str, config: dict, model_path: str, api_key_fil
         "--log-colors", "off",
     ]
     if server["chat_template"]:
-        cmd += ["--chat-template", server["chat_template"]]
+        # llama-server's Jinja engine (on by default) would take a built-in name such as "gemma" as a literal
+        # template and drop every message; built-in names need the legacy engine.
+        jinja = "{" in server["chat_template"]
+        cmd += ["--jinja" if jinja else "--no-jinja", "--chat-template", server["chat_template"]]
     if api_key_file:
         cmd += ["--api-key-file", api_key_file]
     return cmd + list(server["extra_args"])

@@ -123,6 +123,16 @@ def test_llama_server_command_gives_each_slot_the_context_window():
     assert cmd[-2:] == ["--cache-reuse", "256"]
 
 
+def test_named_chat_template_uses_the_builtin_engine_and_jinja_text_uses_jinja():
+    """With Jinja on (llama-server's default) a name like "gemma" would be taken as a literal template and
+    every message dropped (seen: a 3-token prompt for any conversation)."""
+    named = supervisor.llama_server_command("/bin/llama-server", _config(chat_template="gemma"), "/m.gguf")
+    assert named[named.index("--chat-template") - 1] == "--no-jinja"
+    text = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    jinja = supervisor.llama_server_command("/bin/llama-server", _config(chat_template=text), "/m.gguf")
+    assert jinja[jinja.index("--chat-template") - 1] == "--jinja" and jinja[jinja.index("--chat-template") + 1] == text
+
+
 def test_llama_cpp_python_settings_turn_interrupt_requests_off():
     settings = supervisor.llama_cpp_python_settings(_config(load_mode="mmap+mlock", cache_type_k="q8_0"), "/m.gguf")
     assert settings["interrupt_requests"] is False and settings["host"] == "127.0.0.1"

@@ -112,7 +112,9 @@ def test_first_run_converges_both_nodes(first_run, nodes, cluster_inventory):
     out = ssh(chat, f"/opt/clawbot/venv/bin/python -c \"{code}\"")
     status, body = out.strip().split("\n", 1)
     assert status == "200", body
-    assert json.loads(body)["choices"][0]["message"]["content"] is not None
+    reply = json.loads(body)
+    assert reply["choices"][0]["message"]["content"] is not None
+    assert reply["usage"]["prompt_tokens"] > 5  # the chat template really carried the message
     # ...and without a client certificate it is refused.
     code = ("import httpx\ntry:\n  httpx.get('https://%s:5000/healthz',verify='/etc/clawbot/tls/ca.pem');print('served')\n"
             "except Exception as e: print('refused', type(e).__name__)\n" % model.address)
