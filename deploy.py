@@ -148,7 +148,7 @@ def converge():
 
     from roles.agent import ensure_agent, ensure_service_user
     from roles.hosts import ensure_hosts_entries
-    from roles.hugepages import ensure_hugepages
+    from roles.hugepages import ensure_hugepages, ensure_hugetlbfs_mount
     from roles.model import ensure_model
     from roles.pki import install_node_certificates
     from roles.services import ensure_service, service_manager
@@ -159,6 +159,8 @@ def converge():
     if plan["is_model"]:
         ensure_hugepages(plan["hugepages"], plan["thp"])
     ensure_service_user(user)
+    if plan["is_model"] and plan["hugepages_mount"]:
+        ensure_hugetlbfs_mount(plan["hugepages_mount"], user)  # after the user: its name is a mount option
     cert_ops = install_node_certificates(plan["material"], tls, user) + plan["material_changed"]
     agent_ops = ensure_agent(plan["config_file"], Path(plan["wheelhouse"]), plan["wheelhouse_stamp"], user, prefix,
                              plan["offline"])
@@ -308,6 +310,7 @@ def main(argv=None) -> int:
         is_model, is_chat = "model_nodes" in h.groups, "chat_nodes" in h.groups
         prefix = str(h.vars.get("clawbot_prefix") or "/opt/clawbot")
         pages = None
+        staging = is_model and config["model_server"]["hugepages"] in ("auto", "stage")
         if is_model and config["model_server"]["hugepages"] != "off":
             setting = h.vars.get("clawbot_hugepages_count", "auto")
             pages = sizing.hugepages_for(model_file.stat().st_size) if setting in (None, "auto") else int(setting)
@@ -331,7 +334,8 @@ def main(argv=None) -> int:
             "service_manager": str(h.vars.get("clawbot_service_manager") or "auto"),
             "model_file": str(model_file) if model_file else "",
             "model_path": config["model_server"]["model_path"],
-            "model_writable": [],
+            "hugepages_mount": config["model_server"]["hugepages_mount"] if staging else "",
+            "model_writable": [config["model_server"]["hugepages_mount"]] if staging else [],
             "engine": str(engine_binary) if engine_binary else "",
             "engine_dest": (f"{prefix}/cache/clawbot/engine/{engine_module.LLAMA_CPP_PYTHON_VERSION}-cpu-portable/bin/"
                             f"{engine_module.SERVER_TARGET}"),

@@ -88,7 +88,7 @@ def hugetlbfs_mounted(path: str, user: str):
             host.noop(f"hugetlbfs already mounted at {path} for {user}")
             return
         yield f"umount {path}"
-    yield f"mkdir -p {path} && mount {path}"
+    yield f"mkdir -p {path} && mount -T {FSTAB} {path}"
 
 
 @deploy("Ensure the hugetlbfs staging mount for the model agent")

@@ -6,6 +6,7 @@ what it (or the agent it started) mounted. Runs as root (the agent mounts hugetl
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -166,3 +167,60 @@ def test_unprivileged_agent_needs_the_rollouts_mount(tmp_path):
             "except staging.StagingError as e: print('refused:', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "refused:" in out.stdout and "not a hugetlbfs mount" in out.stdout, out.stdout + out.stderr
+
+
+def test_rollout_mounts_hugetlbfs_for_the_agent_where_its_sandbox_can_write():
+    """The unprivileged service can only stage into a mount the rollout made: owned by its user, 2M pages,
+    outside /dev (PrivateDevices=yes hides /dev), and in the unit's ReadWritePaths (ProtectSystem=strict)."""
+    from clawbot.config import defaults
+    from roles.hugepages import fstab_line
+    from roles.services import systemd_unit
+
+    mount = defaults()["model_server"]["hugepages_mount"]
+    assert not mount.startswith("/dev/")
+    assert fstab_line(mount, "clawbot").split() == [
+        "clawbot-hugepages", mount, "hugetlbfs", "uid=clawbot,gid=clawbot,mode=0700,pagesize=2M", "0", "0"]
+    unit = systemd_unit("clawbot-model", "d", "/bin/true", "clawbot", ["/var/lib/clawbot", mount], {})
+    assert "PrivateDevices=yes" in unit and "ProtectSystem=strict" in unit
+    assert f"-{mount}" in next(line for line in unit.splitlines() if line.startswith("ReadWritePaths="))
+
+
+_CONVERGE = r"""
+import json, sys
+from pyinfra.api import Config, Inventory, State
+from pyinfra.api.connect import connect_all
+from pyinfra.api.deploy import add_deploy
+from pyinfra.api.operations import run_ops
+import roles.hugepages as hp
+hp.FSTAB = sys.argv[1]
+state = State(inventory=Inventory((["@local"], {})), config=Config())
+connect_all(state)
+add_deploy(state, hp.ensure_hugetlbfs_mount, sys.argv[2], "daemon")
+run_ops(state)
+host = next(iter(state.inventory.iter_activated_hosts()))
+metas = [op.operation_meta for op in state.ops[host].values()]
+print(json.dumps({"changed": sum(m.did_change() for m in metas),
+                  "failed": sum(not m.did_succeed(_raise_if_not_complete=False) for m in metas)}))
+"""
+
+
+def test_rollout_mount_ops_converge_and_rerun_with_zero_changes(tmp_path, mount_dir):
+    """pyinfra on this machine (@local), with a scratch fstab: first run mounts, a re-run changes nothing."""
+    fstab = tmp_path / "fstab"
+    fstab.write_text("# scratch fstab\nUUID=x / ext4 defaults 0 1\nold %s tmpfs defaults 0 0\n" % mount_dir)
+    repo = Path(__file__).resolve().parents[1]
+
+    def converge() -> dict:
+        done = subprocess.run([sys.executable, "-c", _CONVERGE, str(fstab), str(mount_dir)], cwd=repo,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert converge() == {"changed": 2, "failed": 0}
+    assert staging.is_hugetlbfs(mount_dir)
+    assert subprocess.run(["stat", "-c", "%U:%G:%a", str(mount_dir)], capture_output=True,
+                          text=True).stdout.strip() == "daemon:daemon:700"
+    lines = fstab.read_text().splitlines()
+    assert lines[:2] == ["# scratch fstab", "UUID=x / ext4 defaults 0 1"] and len(lines) == 3
+    assert lines[2].split()[1:3] == [str(mount_dir), "hugetlbfs"]
+    assert converge() == {"changed": 0, "failed": 0}
