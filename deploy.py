@@ -190,6 +190,38 @@ class _MaterialChanged:
         return self.changed
 
 
+def preflight_model_nodes(state, model_info, config: dict, log=say) -> bool:
+    """Before any change: the model must fit every model node (exact sizing vs what the node has)."""
+    from pyinfra.api import StringCommand
+
+    from clawbot import preflight
+    from roles.preflight import check_node
+
+    fits = True
+    for pyinfra_host in state.inventory.iter_activated_hosts():
+        if not pyinfra_host.data.clawbot_plan["is_model"]:
+            continue
+
+        def run_shell(command: str, _host=pyinfra_host):
+            ok, output = _host.run_shell_command(StringCommand(command))
+            return ok, "\n".join(output.stdout_lines)
+
+        report = check_node(run_shell, model_info, config)
+        name = pyinfra_host.data.clawbot_name
+        for finding in report.findings:
+            if finding.level in ("error", "warning"):
+                log(f"  preflight {name}: {finding.level}: {finding.message}")
+        if any(f.level == "error" for f in report.findings):
+            fits = False
+        else:
+            log(f"  preflight {name}: model fits ({preflight.sizing.gib(report.fit.total_bytes)} needed, "
+                f"{preflight.sizing.gib(report.node.memory_available)} available)")
+    if not fits:
+        print("deploy.py: refusing to roll out: the model does not fit (numbers above); nothing was changed",
+              file=sys.stderr)
+    return fits
+
+
 def verify_after_run(state, log=say) -> dict[str, list[str]]:
     """Checks that change nothing, so they are not operations: agents healthy, hugepages asked vs got."""
     from pyinfra.api import StringCommand
@@ -365,6 +397,8 @@ def main(argv=None) -> int:
     unreachable = [h.data.clawbot_name for h in state.inventory if h not in state.activated_hosts]
     if unreachable:
         print(f"deploy.py: cannot connect to {', '.join(unreachable)}", file=sys.stderr)
+    if model_file is not None and not preflight_model_nodes(state, sizing.read_model_info(model_file), config):
+        return 1
     add_deploy(state, converge)
     if args.check:
         plan = build_plan_json(state)

@@ -267,6 +267,7 @@ class InventoryFacts:
     source: str
     model_node_names: set[str]
     all_node_names: set[str]
+    model_hosts: list = field(default_factory=list)  # clawbot.inventory.Host objects, for the static fit check
 
 
 def gateway_host_port(endpoint: str) -> tuple[str, int]:

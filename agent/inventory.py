@@ -62,7 +62,7 @@ class Inventory:
     def facts(self) -> InventoryFacts:
         model = {n for h in self.group("model_nodes") for n in h.names}
         every = {n for h in self.hosts.values() for n in h.names}
-        return InventoryFacts(self.source, model, every)
+        return InventoryFacts(self.source, model, every, self.group("model_nodes"))
 
 
 def _origin(value):
@@ -102,8 +102,8 @@ def load_inventory(path: str, vault_password_file: str | None = None, decrypt: b
         raise InventoryError(f"{path}: no such inventory file or directory")
     os.environ.setdefault("ANSIBLE_INVENTORY_UNPARSED_WARNING", "False")
     os.environ.setdefault("ANSIBLE_LOCALHOST_WARNING", "False")
-    # clawbot.json usually sits beside hosts.yml: it is our config, not an inventory source.
-    os.environ.setdefault("ANSIBLE_INVENTORY_IGNORE_REGEX", r"^clawbot.*\.json$")
+    # clawbot.json, model files and the CA state dir often sit beside hosts.yml: not inventory sources.
+    os.environ.setdefault("ANSIBLE_INVENTORY_IGNORE_REGEX", r"^(clawbot.*\.json|.*\.gguf|models|state|result.*\.json)$")
     from ansible.inventory.manager import InventoryManager
     from ansible.parsing.dataloader import DataLoader
     from ansible.template import Templar

@@ -228,6 +228,11 @@ def query_gpus(timeout_s: float = 3.0) -> tuple[GpuFacts, ...]:
             capture_output=True, text=True, timeout=timeout_s, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return ()
+    return parse_gpus(out)
+
+
+def parse_gpus(out: str) -> tuple[GpuFacts, ...]:
+    """`nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader,nounits` → GpuFacts."""
     gpus = []
     for line in out.strip().splitlines():
         parts = [p.strip() for p in line.split(",")]
@@ -551,3 +556,18 @@ def run(args: argparse.Namespace) -> int:
                 print(f"clawbot preflight: {finding.message}", file=sys.stderr)
         return 1
     return 0
+
+
+def settings_from_config(config: dict) -> RunSettings:
+    """RunSettings for a checked clawbot.json (defaults filled in)."""
+    server = config["model_server"]
+    return RunSettings(model_path=server["model_path"], context_window=config["context_window"],
+                       parallel_slots=server["parallel_slots"], cache_type_k=server["cache_type_k"],
+                       cache_type_v=server["cache_type_v"], flash_attention=server["flash_attention"])
+
+
+def declared_fit(info: sizing.ModelInfo, config: dict, memory_mib: int) -> PreflightReport:
+    """The static check `clawbot validate --inventory` runs: a host's declared memory instead of a probe."""
+    memory = memory_mib * 1024 * 1024
+    node = NodeFacts(memory_total=memory, memory_available=memory, memory_source="clawbot_memory_mib (declared)")
+    return evaluate(info, settings_from_config(config), node)

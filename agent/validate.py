@@ -64,6 +64,10 @@ def run(args) -> int:
             results.append(check_file(path, inventory_facts))
         except UnreadableFile as exc:
             unreadable.append(str(exc))
+    if inventory_facts is not None:
+        for result in results[1:]:
+            if result.ok:
+                result.diagnostics.extend(declared_fit_diagnostics(inventory_facts, result.config, args.inventory))
     diagnostics = [d for r in results for d in r.diagnostics]
     emit(args.format, results, diagnostics, sys.stdout)
     for message in unreadable:
@@ -71,6 +75,31 @@ def run(args) -> int:
     if unreadable:
         return 2
     return 0 if all(r.ok for r in results) else 1
+
+
+def declared_fit_diagnostics(facts, config: dict, inventory_dir: str) -> list[Diagnostic]:
+    """Static preflight: does the model fit each model node's declared memory (clawbot_memory_mib)?"""
+    import os
+
+    from clawbot import preflight, sizing
+
+    base = inventory_dir if os.path.isdir(inventory_dir) else os.path.dirname(inventory_dir)
+    out = []
+    for host in facts.model_hosts:
+        memory_mib = host.vars.get("clawbot_memory_mib")
+        model_file = host.vars.get("clawbot_model_file")
+        if not isinstance(memory_mib, int) or memory_mib <= 0 or not isinstance(model_file, str) or not model_file:
+            continue
+        path = model_file if os.path.isabs(model_file) else os.path.join(base, model_file)
+        if not os.path.isfile(path):
+            continue  # the model is not on this machine (a CI checkout): nothing to size
+        report = preflight.declared_fit(sizing.read_model_info(path), config, memory_mib)
+        file, line, col = host.origins.get("clawbot_memory_mib", (facts.source, 1, 1))
+        for finding in report.findings:
+            if finding.level == "error":
+                out.append(Diagnostic(file, line, col, "error", "/clawbot_memory_mib",
+                                      f"{host.name}: {finding.message}", rule="preflight"))
+    return out
 
 
 def emit(fmt: str, results: list[CheckResult], diagnostics: list[Diagnostic], out) -> None:

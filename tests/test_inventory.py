@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 from clawbot.inventory import VAULTED, InventoryError, check_inventory, load_inventory
+from tests.fixtures_models import models_dir, tiny_gguf  # noqa: F401  (fixtures)
 
 VAULT_PASSWORD = "correct horse battery staple"
 
@@ -114,3 +115,21 @@ def test_missing_inventory_is_a_usage_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "clawbot", "validate", "--inventory", str(tmp_path / "nowhere"),
                            str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no such inventory" in proc.stderr
+
+
+def test_static_fit_against_declared_memory(inventory_dir, tiny_gguf):
+    """`clawbot validate --inventory` sizes the model against clawbot_memory_mib before any host is reached."""
+    import shutil
+
+    shutil.copy(tiny_gguf, inventory_dir / "tiny.gguf")
+    hosts = (inventory_dir / "hosts.yml").read_text()
+    (inventory_dir / "hosts.yml").write_text(hosts.replace("clawbot_memory_mib: 65536", "clawbot_memory_mib: 1")
+                                             + "  vars:\n    clawbot_model_file: tiny.gguf\n")
+    argv = [sys.executable, "-m", "clawbot", "validate", "--inventory", str(inventory_dir), str(inventory_dir / "clawbot.json")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    [line] = [l for l in proc.stdout.splitlines() if "preflight" in l or "needs" in l]
+    assert line.startswith(f"{inventory_dir / 'hosts.yml'}:11:31: error: /clawbot_memory_mib: model-a: model needs ")
+    assert "but only 1.0 MiB is available" in line
+    (inventory_dir / "hosts.yml").write_text(hosts + "  vars:\n    clawbot_model_file: tiny.gguf\n")
+    assert subprocess.run(argv, capture_output=True, text=True, timeout=120).returncode == 0
