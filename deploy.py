@@ -42,8 +42,11 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+_STARTED = time.monotonic()
+
+
 def say(message: str) -> None:
-    print(f"clawbot: {message}", flush=True)
+    print(f"clawbot [{time.monotonic() - _STARTED:5.1f}s]: {message}", flush=True)
 
 
 # --- step 1: read and refuse -------------------------------------------------------------------------
