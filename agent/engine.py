@@ -298,6 +298,7 @@ def build_engine(
     jobs: int | None = None,
     prefix: Path | None = None,
     sdist: Path | None = None,
+    source_dir: Path | None = None,
     with_bench: bool = False,
     native: bool = True,
 ) -> Path:
@@ -316,8 +317,12 @@ def build_engine(
             raise RuntimeError("no CUDA architecture: nvidia-smi found no GPU; pass --cuda-arch (e.g. 90)")
         _say(f"detected CUDA architecture {cuda_arch}")
     root = cache_root()
-    sdist = sdist or fetch_sdist(root / "sdist")
-    source_dir = extract_vendored_llama_cpp(sdist, root / "src" / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}")
+    if source_dir is None:
+        sdist = sdist or fetch_sdist(root / "sdist")
+        source_dir = extract_vendored_llama_cpp(sdist, root / "src" / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}")
+    elif not (Path(source_dir) / "CMakeLists.txt").is_file():
+        raise RuntimeError(f"{source_dir} has no CMakeLists.txt: not a llama.cpp source tree")
+    source_dir = Path(source_dir).resolve()
     flags = cmake_flags(accelerator, cuda_arch, declared_options=declared_cmake_options(source_dir), native=native)
     key = build_key(accelerator, flags)
     prefix = prefix or default_prefix(key)
@@ -409,6 +414,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="install prefix (default ~/.cache/clawbot/engine/<version>-<accel>-<hash>)")
     parser.add_argument("--sdist", type=Path, default=None,
                         help=f"use this llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist instead of pip download")
+    parser.add_argument("--source-dir", type=Path, default=None,
+                        help="build from this llama.cpp source tree (the sdist's vendor/llama.cpp, e.g. carried to "
+                             "a node without internet) instead of the sdist")
     parser.add_argument("--with-bench", action="store_true", help="also build llama-bench")
     parser.add_argument("--portable", action="store_true",
                         help="build for any AVX2-class CPU (to copy to other nodes) instead of -march=native")
@@ -418,7 +426,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         binary = build_engine(
             args.accelerator, cuda_arch=args.cuda_arch, jobs=args.jobs,
-            prefix=args.prefix, sdist=args.sdist, with_bench=args.with_bench, native=not args.portable,
+            prefix=args.prefix, sdist=args.sdist, source_dir=args.source_dir, with_bench=args.with_bench, native=not args.portable,
         )
     except (RuntimeError, ValueError, subprocess.CalledProcessError) as exc:
         print(f"clawbot build-engine: {exc}", file=sys.stderr)

@@ -1,0 +1,206 @@
+"""GPU model nodes without a GPU: `accelerator: auto` resolution from (fake) nvidia-smi output, the engine
+the supervisor picks for it, and the GPU-aware llama-server flags (-ngl from sizing, -fa, -cram)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from clawbot import engine, preflight, sizing, supervisor
+from clawbot.config import defaults
+from clawbot.sizing import MIB
+from tests.fixtures_models import write_model_file
+
+# What `nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader,nounits` printed on the
+# benchmark H100 (benchmarks/results/gpu.json), plus a second, busier card.
+H100_CSV = "NVIDIA H100 80GB HBM3, 81559, 0\n"
+TWO_GPUS_CSV = "NVIDIA H100 80GB HBM3, 81559, 0\nNVIDIA GeForce RTX 4090, 24564, 20000\n"
+
+
+def _config(**server) -> dict:
+    config = defaults()
+    config["model_server"].update(server)
+    return config
+
+
+def _flags(cmd: list[str]) -> dict[str, str]:
+    return {name: cmd[cmd.index(name) + 1] for name in ("-ngl", "-fa", "-cram", "-c", "-np")}
+
+
+# --------------------------------------------------------------------------- nvidia-smi parsing, auto
+
+
+def test_parse_gpus_reads_name_and_free_memory():
+    (gpu,) = preflight.parse_gpus(H100_CSV)
+    assert gpu.name == "NVIDIA H100 80GB HBM3"
+    assert gpu.memory_total == 81559 * MIB and gpu.memory_free == 81559 * MIB
+    gpus = preflight.parse_gpus(TWO_GPUS_CSV + "garbage line\nNVIDIA X, [N/A], 3\n")
+    assert [g.name for g in gpus] == ["NVIDIA H100 80GB HBM3", "NVIDIA GeForce RTX 4090"]
+    assert gpus[1].memory_free == (24564 - 20000) * MIB
+    assert preflight.parse_gpus("") == ()
+
+
+def test_auto_is_cuda_with_a_gpu_and_cpu_without():
+    gpus = preflight.parse_gpus(H100_CSV)
+    assert supervisor.resolve_accelerator("auto", gpus) == "cuda"
+    assert supervisor.resolve_accelerator("auto", ()) == "cpu"
+    # an explicit choice is never second-guessed
+    assert supervisor.resolve_accelerator("cpu", gpus) == "cpu"
+    assert supervisor.resolve_accelerator("vulkan", ()) == "vulkan"
+
+
+def test_compute_capability_picks_the_cuda_architecture():
+    assert engine.parse_compute_capabilities("9.0\n") == "90"
+    flags = engine.cmake_flags("cuda", engine.parse_compute_capabilities("9.0\n"))
+    assert "-DGGML_CUDA=ON" in flags and "-DCMAKE_CUDA_ARCHITECTURES=90" in flags
+
+
+# --------------------------------------------------------------------------- -fa and -ngl
+
+
+def test_flash_attention_auto_is_on_for_cuda_only():
+    assert supervisor.flash_attention_flag("auto", "cuda") == "on"
+    assert supervisor.flash_attention_flag("auto", "cpu") == "auto"
+    assert supervisor.flash_attention_flag("auto", "vulkan") == "auto"
+    assert supervisor.flash_attention_flag("off", "cuda") == "off"  # an explicit setting wins
+
+
+def test_gpu_layers_explicit_and_cpu():
+    assert supervisor.gpu_layers_flag(_config(gpu_layers=20), "/m.gguf", "cuda", 1) == "20"
+    assert supervisor.gpu_layers_flag(_config(gpu_layers=-1), "/m.gguf", "cpu", 80 << 30) == "0"
+    # free memory unknown, or a model that cannot be read: all layers (preflight checked the fit)
+    assert supervisor.gpu_layers_flag(_config(gpu_layers=-1), "/m.gguf", "cuda", None) == "all"
+    assert supervisor.gpu_layers_flag(_config(gpu_layers=-1), "/does/not/exist.gguf", "cuda", 1 << 30) == "all"
+
+
+@pytest.fixture(scope="module")
+def eight_layer_model(tmp_path_factory) -> Path:
+    return write_model_file(tmp_path_factory.mktemp("gpu-models"), "tiny", "Q8_0", n_layer=8)
+
+
+def test_gpu_layers_all_when_the_model_fits_else_the_most_that_fit(eight_layer_model):
+    config = _config(gpu_layers=-1, parallel_slots=2, flash_attention="auto")
+    config["context_window"] = 1024
+    path = str(eight_layer_model)
+    assert supervisor.gpu_layers_flag(config, path, "cuda", 80 << 30) == "all"
+
+    info = sizing.read_model_info(path)
+    fit = sizing.size_model(info, 1024 * 2, 2, flash_attn=True)
+    reserve = 512 * MIB  # gpu_layers_that_fit's default driver/compute reserve
+    per_layer = [w + fit.kv.bytes_per_layer for w in info.layer_bytes]
+    # room for exactly 5 layers: 5 layers are offloaded, the other 3 (and the output head) stay on the CPU
+    free = reserve + fit.compute_bytes + sum(per_layer[:5]) + per_layer[5] // 2
+    assert supervisor.gpu_layers_flag(config, path, "cuda", free) == "5"
+    assert sizing.gpu_layers_that_fit(fit, free).n_gpu_layers == 5
+    # not even one layer: nothing offloaded
+    assert supervisor.gpu_layers_flag(config, path, "cuda", reserve) == "0"
+    # every layer fits but not the output head: all repeating layers, not `all`
+    free = reserve + fit.compute_bytes + sum(per_layer) + info.output_bytes // 2
+    assert supervisor.gpu_layers_flag(config, path, "cuda", free) == str(info.n_layer)
+
+
+def test_command_line_for_a_cuda_node_and_for_cpu(eight_layer_model):
+    config = _config(gpu_layers=-1, flash_attention="auto", accelerator="auto", parallel_slots=4)
+    config["context_window"] = 4096
+    gpu = supervisor.llama_server_command("/e/llama-server", config, str(eight_layer_model),
+                                          accelerator="cuda", gpu_free_bytes=80 << 30)
+    assert _flags(gpu) == {"-ngl": "all", "-fa": "on", "-cram": "0", "-c": str(4096 * 4), "-np": "4"}
+    # `auto` not resolved (older callers): treated as CPU, as before
+    cpu = supervisor.llama_server_command("/e/llama-server", config, str(eight_layer_model))
+    assert _flags(cpu)["-ngl"] == "0" and _flags(cpu)["-fa"] == "auto"
+
+
+# --------------------------------------------------------------------------- the supervisor's choice
+
+
+def _fake_nvidia_smi(directory: Path, csv: str | None) -> str:
+    """A PATH holding only a fake nvidia-smi that prints csv (or fails when csv is None)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    script = directory / "nvidia-smi"
+    body = f"cat <<'EOF'\n{csv}EOF\n" if csv is not None else "echo 'NVIDIA-SMI has failed' >&2; exit 9\n"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return str(directory)
+
+
+class FakeEngines:
+    def __init__(self, available: dict[str, str]):
+        self.available = available
+        self.asked: list[str] = []
+
+    def __call__(self, accelerator: str):
+        self.asked.append(accelerator)
+        return self.available.get(accelerator)
+
+
+def _build(tmp_path, monkeypatch, csv, engines: FakeEngines, model: Path, accelerator="auto") -> list[str]:
+    monkeypatch.setenv("PATH", _fake_nvidia_smi(tmp_path / "bin", csv) + os.pathsep + "/usr/bin:/bin")
+    config = _config(model_path=str(model), accelerator=accelerator, gpu_layers=-1, flash_attention="auto")
+    sup = supervisor.Supervisor(config, tmp_path / "state", find_engine=engines)
+    (tmp_path / "state").mkdir(exist_ok=True)
+    return sup._build_command()
+
+
+def test_supervisor_runs_the_cuda_engine_when_nvidia_smi_sees_a_gpu(tmp_path, monkeypatch, eight_layer_model):
+    engines = FakeEngines({"cuda": "/engines/cuda/llama-server", "cpu": "/engines/cpu/llama-server"})
+    cmd = _build(tmp_path, monkeypatch, H100_CSV, engines, eight_layer_model)
+    assert engines.asked == ["cuda"]
+    assert cmd[0] == "/engines/cuda/llama-server"
+    assert _flags(cmd)["-ngl"] == "all" and _flags(cmd)["-fa"] == "on" and _flags(cmd)["-cram"] == "0"
+
+
+def test_supervisor_sizes_offload_by_the_freest_gpu(tmp_path, monkeypatch, eight_layer_model):
+    # free memory comes from nvidia-smi: 100 MiB free leaves nothing beside the 512 MiB reserve, while of
+    # two cards the one with the most free memory (the H100) decides
+    engines = FakeEngines({"cuda": "/engines/cuda/llama-server"})
+    cmd = _build(tmp_path, monkeypatch, "NVIDIA T4, 15360, 15260\n", engines, eight_layer_model)
+    assert _flags(cmd)["-ngl"] == "0"
+    cmd = _build(tmp_path, monkeypatch, TWO_GPUS_CSV, engines, eight_layer_model)
+    assert _flags(cmd)["-ngl"] == "all"
+
+
+def test_supervisor_falls_back_to_the_cpu_engine(tmp_path, monkeypatch, eight_layer_model):
+    engines = FakeEngines({"cpu": "/engines/cpu/llama-server"})
+    cmd = _build(tmp_path, monkeypatch, H100_CSV, engines, eight_layer_model)
+    assert engines.asked == ["cuda", "cpu"]
+    assert cmd[0] == "/engines/cpu/llama-server"
+    assert _flags(cmd)["-ngl"] == "0" and _flags(cmd)["-fa"] == "auto"
+
+
+@pytest.mark.parametrize("csv", [None, ""], ids=["nvidia-smi fails", "no GPUs listed"])
+def test_auto_without_a_usable_gpu_is_cpu(tmp_path, monkeypatch, eight_layer_model, csv):
+    engines = FakeEngines({"cuda": "/engines/cuda/llama-server", "cpu": "/engines/cpu/llama-server"})
+    cmd = _build(tmp_path, monkeypatch, csv, engines, eight_layer_model)
+    assert engines.asked == ["cpu"] and cmd[0] == "/engines/cpu/llama-server"
+    assert _flags(cmd)["-ngl"] == "0"
+
+
+def test_explicit_cpu_never_asks_nvidia_smi(tmp_path, monkeypatch, eight_layer_model):
+    engines = FakeEngines({"cuda": "/engines/cuda/llama-server", "cpu": "/engines/cpu/llama-server"})
+    cmd = _build(tmp_path, monkeypatch, H100_CSV, engines, eight_layer_model, accelerator="cpu")
+    assert engines.asked == ["cpu"] and _flags(cmd)["-ngl"] == "0"
+
+
+def test_no_engine_at_all_names_the_fix(tmp_path, monkeypatch, eight_layer_model):
+    with pytest.raises(supervisor.ModelFileError, match="clawbot build-engine"):
+        _build(tmp_path, monkeypatch, H100_CSV, FakeEngines({}), eight_layer_model)
+
+
+# --------------------------------------------------------------------------- build from carried sources
+
+
+def test_build_engine_refuses_a_source_dir_without_cmakelists(tmp_path):
+    with pytest.raises(RuntimeError, match="not a llama.cpp source tree"):
+        engine.build_engine("cpu", source_dir=tmp_path)
+
+
+def test_build_engine_cli_takes_a_source_dir():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    engine.add_arguments(parser)
+    args = parser.parse_args(["--accelerator", "cuda", "--cuda-arch", "90", "--source-dir", "/src/llama.cpp"])
+    assert args.source_dir == Path("/src/llama.cpp") and args.accelerator == "cuda"
