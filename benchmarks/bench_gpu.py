@@ -236,7 +236,7 @@ def main() -> int:
     agent = Agent(agent_dir / "clawbot.json", agent_dir / "state", pki).start()
     try:
         t = time.perf_counter()
-        status = agent.wait_ready(timeout=600)
+        status = wait_agent_ready(agent, timeout=600)
         results["agent_start_to_ready_s"] = round(time.perf_counter() - t, 2)
         results["agent_model_server_command"] = status.get("model", {}).get("command") or _command_from_log(agent)
         rounds: dict[str, list] = {"raw": [], "gateway": [], "raw_default_cram": cram_reports}
@@ -271,6 +271,21 @@ def main() -> int:
     out.with_suffix(".md").write_text(md)
     print(md, flush=True)
     return 0
+
+
+def wait_agent_ready(agent: Agent, timeout: float) -> dict:
+    """Agent.wait_ready, but an agent that exits (a missing dependency, a bad config) fails at once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if agent.proc.poll() is not None:
+            raise RuntimeError(f"agent exited with {agent.proc.returncode}:\n{agent.log()[-3000:]}")
+        try:
+            if agent.get("/readyz").status_code == 200:
+                return agent.status()
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"agent not ready after {timeout:g} s:\n{agent.log()[-3000:]}")
 
 
 def _command_from_log(agent: Agent) -> str | None:

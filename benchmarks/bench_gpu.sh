@@ -7,7 +7,8 @@
 #   .carry/llama-src.tar.gz  the sdist's vendor/llama.cpp without models/docs/tests/examples
 #                            (tar -czf ... llama-cpp-python-0.3.36 from ~/.cache/clawbot/src, ~10 MB)
 #   .carry/whl/*.whl         wheels of clawbot's dependencies the machine lacks (fastapi, uvicorn, pydantic,
-#                            cryptography, jsonschema, gguf, ...) for its Python
+#                            cryptography, jsonschema, gguf, opentelemetry-api: fastapi 0.165 imports it) for
+#                            its Python, with `pip download --no-deps --only-binary=:all: --python-version 3.12 ...`
 # Everything it writes goes under $WORK (default /tmp/clawbot-gpu-bench): sources, site-packages, engine
 # cache, the generated model (4.5 GB), logs. Results: benchmarks/results/gpu.json (or --out).
 set -euo pipefail
