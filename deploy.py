@@ -183,6 +183,30 @@ def converge():
                        manager, changed=agent_ops + cert_ops)
 
 
+def add_converge(state) -> None:
+    """Add `converge` for every host, identifying operations by their call site as pyinfra's CLI does.
+
+    pyinfra's API mode (add_deploy) numbers operations per host, so when chat and model nodes run different
+    operation lists, operation k of one host is merged with operation k of another: plans and results would
+    show one host's operation names for the other's changes."""
+    import inspect
+
+    import pyinfra
+    from pyinfra.api.state import StateStage
+    from pyinfra.context import ctx_host, ctx_state
+
+    state.current_deploy_filename = inspect.currentframe().f_code.co_filename
+    state.set_stage(StateStage.Prepare)
+    pyinfra.is_cli = True
+    try:
+        with ctx_state.use(state):
+            for pyinfra_host in state.inventory.get_active_hosts():
+                with ctx_host.use(pyinfra_host):
+                    converge()
+    finally:
+        pyinfra.is_cli = False
+
+
 class _MaterialChanged:
     """Stands in an op list for 'this node's certificates were reissued on the control machine'."""
 
@@ -383,7 +407,6 @@ def main(argv=None) -> int:
     from pyinfra.api import Config, State
     from pyinfra.api.connect import connect_all
     from pyinfra_cli.prints import build_plan_json, build_results_json  # patches gevent: import before connecting
-    from pyinfra.api.deploy import add_deploy
     from pyinfra.api.operations import run_ops
 
     logging.basicConfig(level=logging.INFO, format="  %(message)s")
@@ -402,13 +425,17 @@ def main(argv=None) -> int:
         print(f"deploy.py: cannot connect to {', '.join(unreachable)}", file=sys.stderr)
     if model_file is not None and not preflight_model_nodes(state, sizing.read_model_info(model_file), config):
         return 1
-    add_deploy(state, converge)
+    add_converge(state)
     if args.check:
         plan = build_plan_json(state)
-        would = [op for op in plan if op["hosts_with_change"] or op["hosts_with_conditional_change"]]
+        would = [op for op in plan if op["hosts_with_change"]]
+        # Conditional operations (restarts) run only when an operation they watch changes.
+        then = [op for op in plan if op["hosts_with_conditional_change"]] if would else []
         say(f"--check: {len(would)} operation(s) would change something; nothing was changed")
         for op in would:
-            print(f"  would: {op['name']} on {', '.join(op['hosts_with_change'] + op['hosts_with_conditional_change'])}")
+            print(f"  would: {op['name']} on {', '.join(op['hosts_with_change'])}")
+        for op in then:
+            print(f"  then maybe: {op['name']} on {', '.join(op['hosts_with_conditional_change'])}")
         if args.json:
             Path(args.json).write_text(json.dumps({"plan": plan}, indent=2, default=str))
         return 0

@@ -121,6 +121,17 @@ def test_first_run_converges_both_nodes(first_run, nodes, cluster_inventory):
     assert ssh(chat, f"/opt/clawbot/venv/bin/python -c \"{code}\"").startswith("refused")
 
 
+def test_status_reads_every_node_over_mtls(first_run, nodes, cluster_inventory):
+    proc = subprocess.run([sys.executable, "-m", "clawbot", "status", "-i", str(cluster_inventory), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {row["role"]: row for row in json.loads(proc.stdout)}
+    assert rows["model"]["host"] == nodes[1].name and rows["model"]["body"]["model"]["state"] == "ready"
+    assert rows["chat"]["host"] == nodes[0].name and rows["chat"]["http"] == 200
+    for row in rows.values():
+        assert row["certificate"]["days_left"] > 300 and not row["renewal_due"]
+
+
 def test_second_run_changes_nothing(first_run, cluster_inventory):
     started = time.monotonic()
     proc, result = deploy(cluster_inventory)
@@ -132,7 +143,9 @@ def test_second_run_changes_nothing(first_run, cluster_inventory):
 
 def test_check_lists_drift_and_changes_nothing_then_drift_is_repaired(first_run, nodes, cluster_inventory):
     chat, model = nodes
-    ssh(chat, "echo '10.99.99.99 intruder' >> /etc/hosts && sed -i 's/10.231/10.232/' /etc/hosts")
+    # Drift inside clawbot's block (a wrong address for the model node) and a line of someone else's outside it.
+    ssh(chat, f"sed -i '/# BEGIN clawbot/,/# END clawbot/ s/^{model.address} /10.99.0.1 /' /etc/hosts "
+              "&& echo '10.99.99.99 intruder' >> /etc/hosts")
     ssh(model, "rm /etc/clawbot/tls/server.pem")
     ssh(chat, "systemctl stop clawbot-chat")
     ssh(model, "sed -i 's/^RestartSec=.*/RestartSec=30/' /etc/systemd/system/clawbot-model.service")
@@ -149,7 +162,7 @@ def test_check_lists_drift_and_changes_nothing_then_drift_is_repaired(first_run,
     assert changed_ops(result)
     hosts = ssh(chat, "cat /etc/hosts")
     assert "10.99.99.99 intruder" in hosts  # lines outside the managed block are left alone
-    assert f"{model.address} {model.name}" in hosts and "10.232." not in hosts.split("# BEGIN")[1]
+    assert f"{model.address} {model.name}" in hosts and "10.99.0.1" not in hosts.split("# BEGIN")[1]
     assert ssh(model, "test -e /etc/clawbot/tls/server.pem && echo ok").strip() == "ok"
     assert ssh(chat, "systemctl is-active clawbot-chat").strip() == "active"
     assert "RestartSec=2" in ssh(model, "cat /etc/systemd/system/clawbot-model.service")
