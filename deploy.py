@@ -118,6 +118,21 @@ def cache_directory() -> Path:
     return path
 
 
+def control_file(hosts, variable: str, base: Path) -> Path | None:
+    """A file on this machine named by an inventory variable (one value for all these hosts); None if unset."""
+    values = {str(h.vars.get(variable) or "") for h in hosts}
+    if len(values) > 1:
+        raise ValueError(f"{variable} differs between model nodes ({', '.join(sorted(values))}): set one value")
+    value = values.pop() if values else ""
+    if not value:
+        return None
+    path = Path(os.path.expanduser(value))
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise ValueError(f"{variable} {path}: no such file")
+    return path
+
+
 # --- step 3: converge with pyinfra ---------------------------------------------------------------------
 
 
@@ -332,23 +347,14 @@ def main(argv=None) -> int:
     model_file = None
     engine_binary = None
     if model_hosts:
-        files = {str(h.vars.get("clawbot_model_file") or "") for h in model_hosts}
-        chosen = files.pop() if len(files) == 1 else ""
-        if chosen:
-            model_file = Path(chosen) if os.path.isabs(chosen) else (base / chosen)
-            if not model_file.is_file():
-                print(f"deploy.py: clawbot_model_file {model_file}: no such file", file=sys.stderr)
-                return 1
-        else:
-            model_file = model_role.demo_model(cache, log=say)
-        engines = {str(h.vars.get("clawbot_engine_file") or "") for h in model_hosts}
-        prebuilt = engines.pop() if len(engines) == 1 else ""
-        if prebuilt:
-            engine_binary = Path(prebuilt) if os.path.isabs(prebuilt) else (base / prebuilt)
-            if not engine_binary.is_file():
-                print(f"deploy.py: clawbot_engine_file {engine_binary}: no such file", file=sys.stderr)
-                return 1
-        else:
+        try:
+            model_file = control_file(model_hosts, "clawbot_model_file", base)
+            engine_binary = control_file(model_hosts, "clawbot_engine_file", base)
+        except ValueError as exc:
+            print(f"deploy.py: {exc}", file=sys.stderr)
+            return 1
+        model_file = model_file or model_role.demo_model(cache, log=say)
+        if engine_binary is None:
             engine_binary = model_role.engine_binary(log=say)
         info = sizing.read_model_info(model_file)
         say(f"model {model_file.name}: {info.file_bytes / 2**20:.0f} MiB, {info.n_layer} layers")
