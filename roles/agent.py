@@ -12,6 +12,7 @@ only then moved over the live file (atomic rename): a bad config never replaces 
 from __future__ import annotations
 
 import hashlib
+from io import BytesIO
 import os
 import subprocess
 import sys
@@ -126,8 +127,16 @@ def ensure_agent(config_file: str, wheelhouse: Path, stamp: str, user: str, pref
     files.directory(name=f"Ensure {CONFIG_DIR} exists", path=CONFIG_DIR, user="root", group=user, mode="750")
     files.directory(name=f"Ensure {STATE_DIR} exists", path=STATE_DIR, user=user, group=user, mode="750")
     remote_house = f"{prefix}/wheelhouse"
-    files.sync(name="Ensure the agent wheelhouse is on the node", src=str(wheelhouse), dest=remote_house,
-               delete=True, exclude=[".complete"], mode="644", dir_mode="755")
+    # The wheelhouse's stamp names its exact contents: comparing one small file instead of every wheel's
+    # checksum keeps a no-change re-run fast (dozens of wheels would cost a round trip each).
+    pushed = host.get_fact(FileContents, path=f"{remote_house}/.stamp")
+    if not pushed or pushed[0].strip() != stamp:
+        files.sync(name="Ensure the agent wheelhouse is on the node", src=str(wheelhouse), dest=remote_house,
+                   delete=True, exclude=[".complete", ".stamp"], mode="644", dir_mode="755")
+        files.put(name="Record which wheelhouse the node holds", src=BytesIO(f"{stamp}\n".encode()),
+                  dest=f"{remote_house}/.stamp", mode="644")
+    else:
+        host.noop("agent wheelhouse already on the node")
     venv = f"{prefix}/venv"
     venv_exists(name=f"Ensure the agent venv exists at {venv}", venv=venv)
     installed = agent_installed(name="Ensure the agent is installed in the venv", venv=venv,

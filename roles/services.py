@@ -112,15 +112,14 @@ def health_probe(url: str, python: str, tls: dict, deadline_s: float) -> str:
 
     Not an operation: checking health changes nothing, so it must not count as a change."""
     script = (
-        "import ssl,sys,time,httpx\n"
+        "import ssl,sys,time,urllib.request,urllib.error\n"
         f"ctx=ssl.create_default_context(cafile={tls['ca_cert']!r})\n"
         f"ctx.load_cert_chain({tls['client_cert']!r},{tls['client_key']!r})\n"
         f"end=time.monotonic()+{deadline_s}\nlast=''\n"
         "while time.monotonic()<end:\n"
         "    try:\n"
-        f"        r=httpx.get({url!r},verify=ctx,timeout=5)\n"
-        "        if r.status_code==200: print('healthy'); sys.exit(0)\n"
-        "        last=f'HTTP {r.status_code} {r.text[:300]}'\n"
+        f"        urllib.request.urlopen({url!r},context=ctx,timeout=5); print('healthy'); sys.exit(0)\n"
+        "    except urllib.error.HTTPError as e: last=f'HTTP {e.code} {e.read()[:300]!r}'\n"
         "    except Exception as e: last=repr(e)\n"
         "    time.sleep(1)\n"
         f"print('not healthy after {deadline_s:.0f} s: '+last); sys.exit(1)\n"
