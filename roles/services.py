@@ -9,6 +9,7 @@ installed agent, the model file), and started whenever it is not running (a stop
 
 from __future__ import annotations
 
+import shlex
 from io import BytesIO
 
 from pyinfra import host
@@ -124,11 +125,7 @@ def health_probe(url: str, python: str, tls: dict, deadline_s: float) -> str:
         "    time.sleep(1)\n"
         f"print('not healthy after {deadline_s:.0f} s: '+last); sys.exit(1)\n"
     )
-    return f"{python} -c {_quote(script)}"
-
-
-def _quote(text: str) -> str:
-    return "'" + text.replace("'", "'\"'\"'") + "'"
+    return f"{python} -c {shlex.quote(script)}"
 
 
 @deploy("Ensure the clawbot agent service runs")
