@@ -35,7 +35,7 @@ from tests.fixtures_models import write_model_file  # noqa: E402
 # wake-up of the gateway or the client (sharing those 2 cores) stalls a whole token (measured: 2 threads
 # gave 11-20 tok/s under load, 1 thread 108-123 tok/s). A model node that runs the gateway too should
 # leave it a core.
-THREADS = 1
+THREADS = int(os.environ.get("CLAWBOT_BENCH_THREADS", 1))
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clawbot" / "bench"
 
 
@@ -108,19 +108,21 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating gateway/direct rounds")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--skip-sizes", action="store_true", help="skip the start-time-vs-size series")
+    parser.add_argument("--preset", default="test-100m", help="clawbot.modelgen preset of the benchmark model")
+    parser.add_argument("--quant", default="Q8_0", choices=["Q8_0", "Q4_0"])
     args = parser.parse_args()
 
     find_llama_server("cpu") or build_engine("cpu")
     CACHE.mkdir(parents=True, exist_ok=True)
     work = CACHE / f"run-{os.getpid()}"
     pki = make_pki(work / "pki")
-    model = CACHE / "test-100m-Q8_0.gguf"
+    model = CACHE / f"{args.preset}-{args.quant}.gguf"
     if not model.exists():
-        tmp = write_model_file(CACHE, "test-100m", "Q8_0")
+        tmp = write_model_file(CACHE, args.preset, args.quant)
         tmp.rename(model) if tmp != model else None
     results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                  "python": platform.python_version()},
-                     "model": {"path": str(model), "bytes": model.stat().st_size, "preset": "test-100m", "quant": "Q8_0"},
+                     "model": {"path": str(model), "bytes": model.stat().st_size, "preset": args.preset, "quant": args.quant},
                      "settings": {"requests_per_level": args.requests, "max_tokens": args.max_tokens,
                                   "prompt_tokens": 128, "threads": THREADS, "parallel_slots": 4}}
 
