@@ -180,8 +180,8 @@ def converge():
     if plan["is_model"] and plan["hugepages_mount"]:
         ensure_hugetlbfs_mount(plan["hugepages_mount"], user)  # after the user: its name is a mount option
     cert_ops = install_node_certificates(plan["material"], tls, user) + plan["material_changed"]
-    agent_ops = ensure_agent(plan["config_file"], Path(plan["wheelhouse"]), plan["wheelhouse_stamp"], user, prefix,
-                             plan["offline"])
+    wheelhouse, stamp = host.data.clawbot_wheelhouse
+    agent_ops = ensure_agent(plan["config_file"], wheelhouse, stamp, user, prefix, plan["offline"])
     manager = service_manager(plan["service_manager"])
     host.data.clawbot_service_manager_used = manager
     python = f"{prefix}/venv/bin/python"
@@ -230,6 +230,23 @@ class _MaterialChanged:
 
     def did_change(self) -> bool:
         return self.changed
+
+
+def prepare_wheelhouses(state, cache: Path, offline: bool, log=say) -> None:
+    """One wheelhouse per Python version the nodes run (/usr/bin/python3): a node may run another release
+    of Debian/Ubuntu than this machine, and binary wheels are built per Python version."""
+    from pyinfra.api import StringCommand
+
+    from roles import agent as agent_role
+
+    houses: dict[str, tuple[Path, str]] = {}
+    for pyinfra_host in state.inventory.iter_activated_hosts():
+        ok, output = pyinfra_host.run_shell_command(StringCommand(
+            "/usr/bin/python3 -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])'"))
+        version = output.stdout_lines[0].strip() if ok and output.stdout_lines else "%d.%d" % sys.version_info[:2]
+        if version not in houses:
+            houses[version] = agent_role.build_wheelhouse(cache, version, offline, log=log)
+        pyinfra_host.data.clawbot_wheelhouse = houses[version]  # host.data hands out copies: set, don't mutate
 
 
 def preflight_model_nodes(state, model_info, config: dict, log=say) -> bool:
@@ -358,9 +375,7 @@ def main(argv=None) -> int:
             engine_binary = model_role.engine_binary(log=say)
         info = sizing.read_model_info(model_file)
         say(f"model {model_file.name}: {info.file_bytes / 2**20:.0f} MiB, {info.n_layer} layers")
-    python_version = "%d.%d" % sys.version_info[:2]
     offline = all(h.vars.get("clawbot_offline", True) is not False for h in hosts)
-    wheelhouse, stamp = agent_role.build_wheelhouse(cache, python_version, offline, log=say)
 
     gateway_host, gateway_port = gateway_host_port(config["model_gateway"]["endpoint"])
     hosts_entries = [(h.address, [n for n in h.names if n != h.address]) for h in inventory.hosts.values()
@@ -393,8 +408,6 @@ def main(argv=None) -> int:
             "material": material,
             "material_changed": [_MaterialChanged(bool(material.reissued))],
             "config_file": str(config_path),
-            "wheelhouse": str(wheelhouse),
-            "wheelhouse_stamp": stamp,
             "offline": offline,
             "service_manager": str(h.vars.get("clawbot_service_manager") or "auto"),
             "model_file": str(model_file) if model_file else "",
@@ -429,6 +442,7 @@ def main(argv=None) -> int:
     unreachable = [h.data.clawbot_name for h in state.inventory if h not in state.activated_hosts]
     if unreachable:
         print(f"deploy.py: cannot connect to {', '.join(unreachable)}", file=sys.stderr)
+    prepare_wheelhouses(state, cache, offline)
     if model_file is not None and not preflight_model_nodes(state, sizing.read_model_info(model_file), config):
         return 1
     add_converge(state)

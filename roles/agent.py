@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import deploy, operation
+from pyinfra.api import DeployError, deploy, operation
 from pyinfra.facts.files import FileContents, Sha256File
 from pyinfra.facts.server import Command
 from pyinfra.operations import apt, files, server
@@ -127,14 +127,20 @@ def ensure_agent(config_file: str, wheelhouse: Path, stamp: str, user: str, pref
     files.directory(name=f"Ensure {CONFIG_DIR} exists", path=CONFIG_DIR, user="root", group=user, mode="750")
     files.directory(name=f"Ensure {STATE_DIR} exists", path=STATE_DIR, user=user, group=user, mode="750")
     remote_house = f"{prefix}/wheelhouse"
-    # The wheelhouse's stamp names its exact contents: comparing one small file instead of every wheel's
-    # checksum keeps a no-change re-run fast (dozens of wheels would cost a round trip each).
-    pushed = host.get_fact(FileContents, path=f"{remote_house}/.stamp")
-    if not pushed or pushed[0].strip() != stamp:
+    # Compare one digest of the wheelhouse's listing (names and sizes) instead of every wheel's checksum: a
+    # no-change re-run stays fast (dozens of wheels would cost a round trip each), and a missing, extra or
+    # truncated wheel on the node still shows as a difference.
+    if not wheelhouse.is_dir() or not any(wheelhouse.glob("clawbot-*.whl")):
+        raise DeployError(f"no agent wheel in {wheelhouse}")
+    listing = "".join(f"{p.name} {p.stat().st_size}\n" for p in sorted(wheelhouse.iterdir())
+                      if p.is_file() and not p.name.startswith("."))
+    wanted = hashlib.sha256(listing.encode()).hexdigest()
+    present = host.get_fact(Command, command=(
+        f"cd {remote_house} 2>/dev/null && find . -maxdepth 1 -type f ! -name '.*' -printf '%f %s\\n' "
+        "| LC_ALL=C sort | sha256sum | cut -d' ' -f1 || true"))
+    if present != wanted:
         files.sync(name="Ensure the agent wheelhouse is on the node", src=str(wheelhouse), dest=remote_house,
                    delete=True, exclude=[".complete", ".stamp"], mode="644", dir_mode="755")
-        files.put(name="Record which wheelhouse the node holds", src=BytesIO(f"{stamp}\n".encode()),
-                  dest=f"{remote_house}/.stamp", mode="644")
     else:
         host.noop("agent wheelhouse already on the node")
     venv = f"{prefix}/venv"
