@@ -55,7 +55,29 @@ def engine_binary(log=print) -> Path:
     from clawbot import engine
 
     log("ensuring a portable llama-server for the nodes (built once; several minutes on 2 cores)")
+    if not engine.find_llama_server("cpu"):
+        ensure_build_tools(log)
     return engine.build_engine("cpu", native=False)
+
+
+BUILD_TOOLS = {"cmake": "cmake", "ninja": "ninja-build", "c++": "build-essential", "cc": "build-essential"}
+
+
+def ensure_build_tools(log=print) -> None:
+    """The engine is compiled here, once: install the compilers if this Debian/Ubuntu machine lacks them."""
+    import os
+    import shutil
+
+    missing = sorted({package for tool, package in BUILD_TOOLS.items() if not shutil.which(tool)})
+    if not missing:
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise SystemExit(f"deploy.py: building llama-server needs {', '.join(missing)} on this machine: "
+                         f"sudo apt-get install {' '.join(missing)}")
+    log(f"installing build tools on this machine: {', '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=env)
 
 
 @deploy("Ensure the model file and the engine are on the model node")
