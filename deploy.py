@@ -232,18 +232,26 @@ class _MaterialChanged:
         return self.changed
 
 
+def shell_on(pyinfra_host):
+    """run_shell(command) -> (ok, stdout) on a connected host, for checks that are not operations."""
+    from pyinfra.api import StringCommand
+
+    def run_shell(command: str) -> tuple[bool, str]:
+        ok, output = pyinfra_host.run_shell_command(StringCommand(command))
+        return ok, "\n".join(output.stdout_lines)
+
+    return run_shell
+
+
 def prepare_wheelhouses(state, cache: Path, offline: bool, log=say) -> None:
     """One wheelhouse per Python version the nodes run (/usr/bin/python3): a node may run another release
     of Debian/Ubuntu than this machine, and binary wheels are built per Python version."""
-    from pyinfra.api import StringCommand
-
     from roles import agent as agent_role
 
     houses: dict[str, tuple[Path, str]] = {}
     for pyinfra_host in state.inventory.iter_activated_hosts():
-        ok, output = pyinfra_host.run_shell_command(StringCommand(
-            "/usr/bin/python3 -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])'"))
-        version = output.stdout_lines[0].strip() if ok and output.stdout_lines else "%d.%d" % sys.version_info[:2]
+        ok, output = shell_on(pyinfra_host)("/usr/bin/python3 -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])'")
+        version = output.strip() if ok and output.strip() else "%d.%d" % sys.version_info[:2]
         if version not in houses:
             houses[version] = agent_role.build_wheelhouse(cache, version, offline, log=log)
         pyinfra_host.data.clawbot_wheelhouse = houses[version]  # host.data hands out copies: set, don't mutate
@@ -251,8 +259,6 @@ def prepare_wheelhouses(state, cache: Path, offline: bool, log=say) -> None:
 
 def preflight_model_nodes(state, model_info, config: dict, log=say) -> bool:
     """Before any change: the model must fit every model node (exact sizing vs what the node has)."""
-    from pyinfra.api import StringCommand
-
     from clawbot import preflight
     from roles.preflight import check_node
 
@@ -260,12 +266,7 @@ def preflight_model_nodes(state, model_info, config: dict, log=say) -> bool:
     for pyinfra_host in state.inventory.iter_activated_hosts():
         if not pyinfra_host.data.clawbot_plan["is_model"]:
             continue
-
-        def run_shell(command: str, _host=pyinfra_host):
-            ok, output = _host.run_shell_command(StringCommand(command))
-            return ok, "\n".join(output.stdout_lines)
-
-        report = check_node(run_shell, model_info, config)
+        report = check_node(shell_on(pyinfra_host), model_info, config)
         name = pyinfra_host.data.clawbot_name
         for finding in report.findings:
             if finding.level in ("error", "warning"):
@@ -283,8 +284,6 @@ def preflight_model_nodes(state, model_info, config: dict, log=say) -> bool:
 
 def verify_after_run(state, log=say) -> dict[str, list[str]]:
     """Checks that change nothing, so they are not operations: agents healthy, hugepages asked vs got."""
-    from pyinfra.api import StringCommand
-
     from roles.hugepages import reserved_pages
     from roles.services import health_probe
 
@@ -294,10 +293,7 @@ def verify_after_run(state, log=say) -> dict[str, list[str]]:
             continue
         plan = pyinfra_host.data.clawbot_plan
         name = pyinfra_host.data.clawbot_name
-
-        def run_shell(command: str):
-            ok, output = pyinfra_host.run_shell_command(StringCommand(command))
-            return ok, "\n".join(output.stdout_lines)
+        run_shell = shell_on(pyinfra_host)
 
         if plan["is_model"] and plan["hugepages"] is not None:
             got = reserved_pages(run_shell)

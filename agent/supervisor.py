@@ -159,18 +159,6 @@ def model_mappings(pid: int, model_path: str) -> list[dict]:
     return out
 
 
-def _meminfo() -> dict[str, int]:
-    out = {}
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key.startswith("HugePages") or key == "Hugepagesize":
-                out[key] = int(rest.split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
-    return out
-
-
 def memory_evidence(pid: int | None, model_path: str) -> dict:
     """What /proc says about the running model server's memory: reported, never assumed.
 
@@ -201,7 +189,7 @@ def memory_evidence(pid: int | None, model_path: str) -> dict:
     locked_map_kib = sum(m.get("Locked", 0) for m in maps)
     mlock_effective = bool(vmlck and file_kib and vmlck >= file_kib * 0.95)
     hugepages_effective = bool(maps) and hugepage_kib >= mapped_kib * 0.95
-    meminfo = _meminfo()
+    meminfo = staging.meminfo_hugepages()
     page_kib = meminfo.get("Hugepagesize", 2048) or 2048
     return {
         "pid": pid,

@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 from clawbot import sizing, staging  # noqa: E402
 from clawbot.config import defaults  # noqa: E402
 from clawbot.engine import build_engine, find_llama_server  # noqa: E402
+from bench_gateway import evict  # noqa: E402  (drops only this file from the page cache)
 from clawbot.supervisor import file_sha256, llama_server_command, model_mappings  # noqa: E402
 from tests.fixtures_agent import free_port  # noqa: E402
 from tests.fixtures_models import write_model_file  # noqa: E402
@@ -47,16 +48,6 @@ NR = Path("/proc/sys/vm/nr_hugepages")
 PROMPT = ("The quick brown fox jumps over the lazy dog while the model server measures how fast it reads "
           "its weights from memory pages of different sizes.")  # ~120 tokens: 5 s of prefill at -t 1
 DECODE_TOKENS = 32
-
-
-def evict(path: Path) -> None:
-    """Drop only this file from the page cache (not the whole machine's)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def reserve(pages: int) -> None:
