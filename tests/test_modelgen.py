@@ -15,11 +15,14 @@ from fixtures_models import gguf_100m, models_dir, tiny_gguf, tiny_gguf_q4, writ
 
 def test_tiny_model_loads_and_generates_in_llama_cpp(tiny_gguf):
     import llama_cpp  # the llama extra; CI installs it: a missing install must fail, not skip
-    llm = llama_cpp.Llama(model_path=str(tiny_gguf), n_ctx=256, n_threads=2, verbose=False, seed=1)
+    # logits_all: without it llama-cpp-python leaves `scores` unwritten (sampling happens in the sampler)
+    llm = llama_cpp.Llama(model_path=str(tiny_gguf), n_ctx=256, n_threads=2, verbose=False, seed=1,
+                          logits_all=True)
     prompt = llm.tokenize(b"hello world")
     assert prompt[0] == 1  # <s> added (add_bos_token)
     llm.eval(prompt)
-    assert np.isfinite(llm.scores[llm.n_tokens - 1]).all()
+    last = llm.scores[llm.n_tokens - 1]
+    assert np.isfinite(last).all() and np.abs(last).max() > 0
     # ban the end-of-text tokens so the count of generated tokens is exact
     out = llm.create_completion("hello", max_tokens=12, temperature=0.0,
                                 logit_bias={2: -1e9, llm.tokenize(b"<|im_end|>", special=True)[-1]: -1e9})
