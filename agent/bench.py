@@ -93,12 +93,16 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
                 await resp.aread()
                 result.error = f"HTTP {resp.status_code}: {resp.text[:200]}"
                 return result
+            done = False
             async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
+                # read the body to its end after [DONE] (as the openai client does): an abandoned body closes
+                # the keep-alive connection, and the next request would be timed with a new TLS handshake
+                if done or not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    break
+                    done = True
+                    continue
                 obj = json.loads(data)
                 if isinstance(obj.get("usage"), dict) and obj["usage"].get("completion_tokens") is not None:
                     usage_tokens = obj["usage"]["completion_tokens"]

@@ -351,7 +351,8 @@ def _rule_gateway_limits(config, document, filename, inventory, out):
         add("/model_gateway/rate_limit/burst",
             f"burst ({burst}) is smaller than max_concurrency ({gateway['max_concurrency']}): the concurrency limit can never be reached",
             f"set burst to at least {gateway['max_concurrency']}")
-    if gateway["max_concurrency"] > server["parallel_slots"] and server["engine"] == "llama-server":
+    if server["parallel_slots"] and gateway["max_concurrency"] > server["parallel_slots"] \
+            and server["engine"] == "llama-server":
         add("/model_gateway/max_concurrency",
             f"max_concurrency ({gateway['max_concurrency']}) exceeds model_server.parallel_slots ({server['parallel_slots']}): "
             "the extra requests wait inside the model server, invisible to the gateway's queue",

@@ -222,7 +222,7 @@ class Gateway:
         self.config = config
         self.supervisor = supervisor
         self.cert_watcher = cert_watcher
-        self.admission = Admission.from_config(config["model_gateway"])
+        self.admission = Admission.from_config(self._limits(config))
         self.metrics = Metrics()
         # read at scrape time, so the gauges are never stale
         self.metrics.queue_depth.set_function(lambda: self.admission.queued)
@@ -233,13 +233,24 @@ class Gateway:
         supervisor.listeners.append(self._on_state)
         self._on_state(supervisor.status.state)
 
+    def _limits(self, config: dict) -> dict:
+        """model_gateway with max_concurrency capped at the slots the model server was given (auto slots
+        may be fewer): a request beyond them would wait inside llama-server, out of the queue's sight."""
+        gateway = config["model_gateway"]
+        plan = getattr(self.supervisor, "slot_plan", None)
+        if plan is None or config["model_server"]["engine"] != "llama-server" or plan.slots >= gateway["max_concurrency"]:
+            return gateway
+        return {**gateway, "max_concurrency": plan.slots}
+
     def _on_state(self, state: str) -> None:
         self.metrics.model_state.state(state)
+        if state == "ready" and hasattr(self, "admission"):
+            self.admission.update(self._limits(self.config))
 
     def apply(self, config: dict) -> None:
         """Live limits from a reloaded config (the listener and TLS paths are handled by the agent)."""
         self.config = config
-        self.admission.update(config["model_gateway"])
+        self.admission.update(self._limits(config))
         if self.supervisor.base_url != str(self.client.base_url).rstrip("/"):
             old = self.client
             self.client = self._upstream_client()
@@ -407,7 +418,9 @@ class Gateway:
                                         code=504)
                         break
                     try:
-                        chunk = await asyncio.wait_for(chunks.__anext__(), remaining)
+                        # asyncio.timeout, not wait_for: wait_for (Python 3.11) wraps every chunk in a new task
+                        async with asyncio.timeout(remaining):
+                            chunk = await chunks.__anext__()
                     except StopAsyncIteration:
                         break
                     except asyncio.TimeoutError:

@@ -114,12 +114,16 @@ class ModelClient:
                             f"gateway is overloaded (429{', retry after ' + retry + ' s' if retry else ''})", 429)
                     raise ModelUnavailable(f"gateway answered {response.status_code}: {_error_text(response)}",
                                            response.status_code)
+                done = False
                 async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
+                    # after [DONE] the body is read to its end, not abandoned: an abandoned body closes the
+                    # connection, and the next message would pay a new mTLS handshake
+                    if done or not line.startswith("data:"):
                         continue
                     payload = line[5:].strip()
                     if payload == "[DONE]":
-                        break
+                        done = True
+                        continue
                     event = json.loads(payload)
                     if "error" in event:
                         raise StreamBroken(f"model error: {event['error']}")

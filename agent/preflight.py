@@ -20,6 +20,7 @@ that many KV cells, so llama-server is started with ``-c context_window × paral
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -60,6 +61,7 @@ class RunSettings:
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     flash_attention: str = "auto"  # auto|on|off as in clawbot.json
+    auto_slots: bool = False  # parallel_slots 0: the most of `parallel_slots` (max_concurrency) that fit
 
     @property
     def n_ctx(self) -> int:
@@ -359,6 +361,13 @@ def evaluate(info: sizing.ModelInfo, settings: RunSettings, node: NodeFacts,
              probes: ProbeResults | None = None) -> PreflightReport:
     """All checks and recommendations from facts alone: no I/O, so deploy can use declared memory."""
     probes = probes or ProbeResults()
+    auto_note = None
+    if settings.auto_slots:
+        # what the supervisor will pick (supervisor.resolve_parallel_slots, host memory): judged at that count
+        wanted = settings.parallel_slots
+        chosen = max(1, max_parallel_slots(info, settings, node.memory_available, limit=wanted))
+        settings = dataclasses.replace(settings, parallel_slots=chosen, auto_slots=False)
+        auto_note = f"parallel_slots auto: {chosen} of max_concurrency {wanted} slots fit the available memory"
     fit = sizing.size_model(info, settings.n_ctx, settings.parallel_slots, settings.cache_type_k,
                             settings.cache_type_v, flash_attn=settings.flash_attn)
     report = PreflightReport(settings=settings, fit=fit, node=node, probes=probes)
@@ -367,6 +376,8 @@ def evaluate(info: sizing.ModelInfo, settings: RunSettings, node: NodeFacts,
 
     verdict = sizing.check_fit(fit, have)
     add(Finding("info" if verdict.fits else "error", "memory_fit", verdict.message))
+    if auto_note:
+        add(Finding("info", "parallel_slots", auto_note))
 
     rule_bytes = int(info.n_params * PARAMS_RULE_FACTOR)
     if have < rule_bytes:
@@ -494,9 +505,13 @@ def settings_from(args: argparse.Namespace) -> RunSettings:
     else:
         cfg = config_module.defaults() if config_module is not None else {}
     server = cfg.get("model_server", {})
+    slots, auto = (None, False)
+    if "parallel_slots" in server:
+        slots, auto = _slots(server, (cfg.get("model_gateway") or {}).get("max_concurrency", 4))
     values.update({k: v for k, v in {
         "context_window": cfg.get("context_window"),
-        "parallel_slots": server.get("parallel_slots"),
+        "parallel_slots": slots,
+        "auto_slots": auto or None,
         "cache_type_k": server.get("cache_type_k"),
         "cache_type_v": server.get("cache_type_v"),
         "flash_attention": server.get("flash_attention"),
@@ -506,6 +521,8 @@ def settings_from(args: argparse.Namespace) -> RunSettings:
              "cache_type_k": args.cache_type_k or args.cache_type, "cache_type_v": args.cache_type_v or args.cache_type,
              "flash_attention": args.flash_attention}
     values.update({k: v for k, v in flags.items() if v is not None})
+    if args.parallel is not None:
+        values["auto_slots"] = False
     return RunSettings(**values)
 
 
@@ -561,9 +578,20 @@ def run(args: argparse.Namespace) -> int:
 def settings_from_config(config: dict) -> RunSettings:
     """RunSettings for a checked clawbot.json (defaults filled in)."""
     server = config["model_server"]
+    slots, auto = _slots(server, config["model_gateway"]["max_concurrency"])
     return RunSettings(model_path=server["model_path"], context_window=config["context_window"],
-                       parallel_slots=server["parallel_slots"], cache_type_k=server["cache_type_k"],
-                       cache_type_v=server["cache_type_v"], flash_attention=server["flash_attention"])
+                       parallel_slots=slots, cache_type_k=server["cache_type_k"],
+                       cache_type_v=server["cache_type_v"], flash_attention=server["flash_attention"],
+                       auto_slots=auto)
+
+
+def _slots(server: dict, max_concurrency: int) -> tuple[int, bool]:
+    """(slots, auto) for model_server.parallel_slots; 0 is auto, up to the gateway's max_concurrency."""
+    if server.get("parallel_slots"):
+        return server["parallel_slots"], False
+    if server.get("engine", "llama-server") != "llama-server":
+        return 1, False
+    return max_concurrency, True
 
 
 def declared_fit(info: sizing.ModelInfo, config: dict, memory_mib: int) -> PreflightReport:

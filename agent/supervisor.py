@@ -265,8 +265,83 @@ def resolve_threads(threads: int) -> int:
 API_KEY_FILE = "model-server.key"
 
 
+GPU_UBATCH = 1024
+
+
+def offloads(server: dict, accelerator: str) -> bool:
+    """Whether layers run on an accelerator (`auto` already resolved; `auto` here counts as CPU)."""
+    return accelerator not in ("cpu", "auto") and server["gpu_layers"] != 0
+
+
+def resolve_ubatch(server: dict, accelerator: str) -> int:
+    """-ub, the tokens of a prompt evaluated in one pass: model_server.ubatch_size, or for 0 (auto) 1024
+    on a GPU and llama.cpp's 512 on a CPU.
+
+    Measured on an H100 (benchmarks/results/gpu.json): a 540-token chat prompt's first token took
+    57-58 ms at -ub 1024 against 62-63 ms at 512 (one pass instead of two); a CPU gains nothing from
+    it, and the compute buffer grows with it (sizing.compute_buffer_bytes counts that)."""
+    if server["ubatch_size"]:
+        return server["ubatch_size"]
+    from clawbot import sizing
+
+    return GPU_UBATCH if offloads(server, accelerator) else sizing.DEFAULT_UBATCH
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    slots: int
+    reason: str
+
+
+def resolve_parallel_slots(config: dict, model_path: str, accelerator: str, gpu_free_bytes: int | None = None,
+                           host_free_bytes: int | None = None, weights_in_host_budget: bool = True) -> SlotPlan:
+    """-np. model_server.parallel_slots when set; 0 (auto): model_gateway.max_concurrency slots (the gateway
+    never sends more at once) when their KV cache fits the memory left after the weights, else the most
+    that fit, at least 1. That memory is the GPU's when the whole model is offloaded (gpu_free_bytes),
+    else the host's (host_free_bytes; weights_in_host_budget: False when they sit in staged huge pages,
+    which MemAvailable no longer counts). Unknown memory or an unreadable model: max_concurrency."""
+    server = config["model_server"]
+    if server["parallel_slots"]:
+        return SlotPlan(server["parallel_slots"], "model_server.parallel_slots")
+    wanted = config["model_gateway"]["max_concurrency"]
+    if server["engine"] != "llama-server":
+        return SlotPlan(1, "auto: llama_cpp.server serves one request at a time")
+    from clawbot import sizing
+
+    try:
+        info = sizing.read_model_info(model_path)
+    except (OSError, ValueError) as exc:
+        return SlotPlan(wanted, f"auto: model_gateway.max_concurrency (model not sized: {exc})")
+    flash = flash_attention_flag(server["flash_attention"], accelerator) != "off"
+    ubatch = resolve_ubatch(server, accelerator)
+
+    def fit_for(n: int):
+        return sizing.size_model(info, config["context_window"] * n, n, server["cache_type_k"], server["cache_type_v"],
+                                 n_ubatch=ubatch, flash_attn=flash)
+
+    full_offload = offloads(server, accelerator) and (server["gpu_layers"] < 0 or server["gpu_layers"] > info.n_layer)
+    if full_offload and gpu_free_bytes is not None and \
+            sizing.gpu_layers_that_fit(fit_for(1), gpu_free_bytes).n_gpu_layers > info.n_layer:
+        for n in range(wanted, 0, -1):
+            if sizing.gpu_layers_that_fit(fit_for(n), gpu_free_bytes).n_gpu_layers > info.n_layer:
+                per_slot = fit_for(1).kv_bytes
+                return SlotPlan(n, f"auto: {n} of max_concurrency {wanted} slots fit in the GPU's "
+                                   f"{sizing.gib(gpu_free_bytes)} free ({sizing.gib(per_slot)} of KV cache each)")
+    if host_free_bytes is None:
+        return SlotPlan(wanted, "auto: model_gateway.max_concurrency (free memory unknown)")
+    for n in range(wanted, 0, -1):
+        fit = fit_for(n)
+        need = fit.total_bytes - (0 if weights_in_host_budget else fit.weights_bytes)
+        if need <= host_free_bytes:
+            return SlotPlan(n, f"auto: {n} of max_concurrency {wanted} slots fit in {sizing.gib(host_free_bytes)} "
+                               f"of free memory ({sizing.gib(fit_for(1).kv_bytes)} of KV cache each)")
+    return SlotPlan(1, f"auto: not even one slot of context_window {config['context_window']} fits in "
+                       f"{sizing.gib(host_free_bytes)} of free memory; running 1 (preflight would have refused)")
+
+
 def llama_server_command(binary: str, config: dict, model_path: str, api_key_file: str | None = None, *,
-                         accelerator: str | None = None, gpu_free_bytes: int | None = None) -> list[str]:
+                         accelerator: str | None = None, gpu_free_bytes: int | None = None,
+                         slots: int | None = None) -> list[str]:
     """llama-server's argv for this config. Every setting explicit, so `ps` shows the whole picture.
 
     -c is context_window x parallel_slots with -no-kvu: this llama.cpp gives each slot n_ctx/np cells
@@ -275,12 +350,14 @@ def llama_server_command(binary: str, config: dict, model_path: str, api_key_fil
     `auto` counts as CPU); gpu_free_bytes: free memory of the GPU it runs on, for gpu_layers -1.
     """
     server = config["model_server"]
-    slots = server["parallel_slots"]
+    accelerator = accelerator or server["accelerator"]
+    if slots is None:
+        slots = resolve_parallel_slots(config, model_path, accelerator, gpu_free_bytes).slots
     try:
         size = Path(model_path).stat().st_size
     except OSError:
         size = 0
-    accelerator = accelerator or server["accelerator"]
+    ubatch = resolve_ubatch(server, accelerator)
     cmd = [
         binary,
         "-m", model_path,
@@ -290,7 +367,9 @@ def llama_server_command(binary: str, config: dict, model_path: str, api_key_fil
         "-np", str(slots),
         "-no-kvu",
         "-t", str(resolve_threads(server["threads"])),
-        "-ngl", gpu_layers_flag(config, model_path, accelerator, gpu_free_bytes),
+        "-ngl", gpu_layers_flag(config, model_path, accelerator, gpu_free_bytes, slots),
+        "-b", str(max(2048, ubatch)),
+        "-ub", str(ubatch),
         "-fit", "off",
         "-fa", flash_attention_flag(server["flash_attention"], accelerator),
         "-ctk", server["cache_type_k"],
@@ -320,7 +399,8 @@ def resolve_accelerator(accelerator: str, gpus) -> str:
     return "cuda" if gpus else "cpu"
 
 
-def gpu_layers_flag(config: dict, model_path: str, accelerator: str, gpu_free_bytes: int | None = None) -> str:
+def gpu_layers_flag(config: dict, model_path: str, accelerator: str, gpu_free_bytes: int | None = None,
+                    slots: int | None = None) -> str:
     """llama-server's -ngl. gpu_layers -1 means "as many as fit": 0 on CPU; on a GPU `all` when the whole
     model (weights, output head, KV cache of every slot, compute buffer) fits in gpu_free_bytes, else the
     most layers that fit (sizing.gpu_layers_that_fit; the rest run on the CPU). Unknown free memory or an
@@ -340,10 +420,11 @@ def gpu_layers_flag(config: dict, model_path: str, accelerator: str, gpu_free_by
     except (OSError, ValueError) as exc:
         log.warning("cannot size %s for GPU offload (%s): offloading all layers", model_path, exc)
         return "all"
-    slots = server["parallel_slots"]
+    if slots is None:
+        slots = resolve_parallel_slots(config, model_path, accelerator, gpu_free_bytes).slots
     fit = sizing.size_model(info, config["context_window"] * slots, slots, server["cache_type_k"],
-                            server["cache_type_v"], flash_attn=flash_attention_flag(server["flash_attention"],
-                                                                                    accelerator) == "on")
+                            server["cache_type_v"], n_ubatch=resolve_ubatch(server, accelerator),
+                            flash_attn=flash_attention_flag(server["flash_attention"], accelerator) == "on")
     split = sizing.gpu_layers_that_fit(fit, gpu_free_bytes)
     return "all" if split.n_gpu_layers > info.n_layer else str(split.n_gpu_layers)
 
@@ -385,6 +466,21 @@ def llama_cpp_python_settings(config: dict, model_path: str, api_key: str | None
     if api_key:
         settings["api_key"] = api_key
     return settings
+
+
+def _host_free_bytes(model_path: str) -> int | None:
+    """MemAvailable or the cgroup's headroom, whichever is lower (preflight.read_node's rule)."""
+    try:
+        from clawbot import preflight
+
+        meminfo = preflight.read_meminfo()
+        available = meminfo.get("MemAvailable", meminfo.get("MemFree"))
+        limit, usage = preflight.cgroup_memory()
+        if available is not None and limit is not None:
+            available = min(available, max(0, limit - (usage or 0)))
+        return available
+    except Exception:  # noqa: BLE001 - unknown: the caller falls back to max_concurrency
+        return None
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -437,6 +533,7 @@ class Supervisor:
         self.evidence: dict = {}
         self.command: list[str] = []
         self.serving_path: str = ""  # the model file the server was pointed at: the staged copy or the disk file
+        self.slot_plan: SlotPlan | None = None  # parallel slots the running server was given, and why
         self.staging: dict = {}
         self._mounted: str | None = None  # a hugetlbfs mount this agent made itself (root only)
         self._find_engine = find_engine
@@ -527,6 +624,8 @@ class Supervisor:
             "pid": self.pid,
             "restarts": self.restarts,
             "command": self.command,
+            "parallel_slots": self.slot_plan.slots if self.slot_plan else None,
+            "parallel_slots_reason": self.slot_plan.reason if self.slot_plan else None,
             "load_seconds": (self.attempt.ready_at - self.attempt.started_at) if self.attempt.ready_at else None,
             "memory": self.evidence,
             "hugepages": self._hugepages_report(in_use),
@@ -612,8 +711,12 @@ class Supervisor:
             binary, accelerator, gpu_free = self._find_binary(server["accelerator"])
             key_file = self.state_dir / API_KEY_FILE
             _write_private(key_file, self.api_key + "\n")
+            self.slot_plan = resolve_parallel_slots(self.config, model_path, accelerator, gpu_free,
+                                                    host_free_bytes=_host_free_bytes(model_path),
+                                                    weights_in_host_budget=model_path == server["model_path"])
             return llama_server_command(str(binary), self.config, model_path, str(key_file),
-                                        accelerator=accelerator, gpu_free_bytes=gpu_free)
+                                        accelerator=accelerator, gpu_free_bytes=gpu_free, slots=self.slot_plan.slots)
+        self.slot_plan = SlotPlan(1, "llama_cpp.server serves one request at a time")
         settings_path = self.state_dir / "llama-cpp-python.json"
         _write_private(settings_path, json.dumps(llama_cpp_python_settings(self.config, model_path, self.api_key), indent=2))
         return [sys.executable, "-m", "llama_cpp.server", "--config_file", str(settings_path)]

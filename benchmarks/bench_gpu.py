@@ -9,7 +9,8 @@ Steps, all on the machine with the GPU:
    Llama-3-8B shapes, Q4_0, random weights: speed does not depend on the weights' values);
 2. raw llama-bench (pp512 / tg128, all layers on the GPU, flash attention on);
 3. raw llama-server with the very command line the clawbot supervisor builds (no API key, no gateway),
-   and the same with llama-server's default prompt cache (--cache-ram left out) to measure that choice;
+   and the same with a variant flag (default `-ub 512`, the micro-batch clawbot used before `ubatch_size`
+   auto picked 1024 on GPUs; `--variant cram` measures llama-server's default prompt cache instead);
 4. the clawbot agent (`accelerator: auto`, `gpu_layers: -1`, `flash_attention: auto`: the GPU-aware defaults)
    behind its mTLS gateway; `clawbot bench` against raw and gateway in alternating rounds
    (1 and 4 streams, a 512-token prompt, 128 output tokens, ignore_eos); medians over rounds.
@@ -151,7 +152,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--slots", type=int, default=4, help="model_gateway.max_concurrency; parallel_slots is auto")
+    parser.add_argument("--variant", choices=["ub512", "cram"], default="ub512",
+                        help="raw llama-server variant measured against clawbot's command line (1 stream)")
     parser.add_argument("--context", type=int, default=4096, help="context per slot")
     args = parser.parse_args()
 
@@ -163,7 +166,7 @@ def main() -> int:
                                                       "python": platform.python_version()},
                      "settings": {"requests_per_level_and_round": args.requests, "rounds": args.rounds,
                                   "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
-                                  "parallel_slots": args.slots, "context_per_slot": args.context,
+                                  "max_concurrency": args.slots, "parallel_slots": "auto", "context_per_slot": args.context,
                                   "ignore_eos": True}}
     print(f"[bench-gpu] GPU: {results['gpu'] or 'none'}", flush=True)
 
@@ -199,7 +202,7 @@ def main() -> int:
                                          "queue_timeout_s": 300, "request_timeout_s": 600,
                                          "rate_limit": {"requests_per_second": 1000, "burst": 1000},
                                          "allowed_clients": []},
-                          model_server={"parallel_slots": args.slots, "threads": 0, "startup_timeout_s": 600,
+                          model_server={"parallel_slots": 0, "threads": 0, "startup_timeout_s": 600,
                                         "accelerator": "auto" if args.accelerator == "cuda" else args.accelerator,
                                         "gpu_layers": -1, "flash_attention": "auto", "load_mode": "auto",
                                         "model_name": args.preset},
@@ -210,8 +213,10 @@ def main() -> int:
     full = load_config(str(agent_dir / "clawbot.json"))  # schema defaults filled in, as the agent sees it
     raw_port = free_port()
     raw_config = {**full, "model_server": {**full["model_server"], "port": raw_port}}
+    plan = supervisor.resolve_parallel_slots(raw_config, str(model), accelerator, gpu_free)
+    results["slot_plan"] = {"slots": plan.slots, "reason": plan.reason}
     raw_cmd = supervisor.llama_server_command(str(server_bin), raw_config, str(model), None,
-                                              accelerator=accelerator, gpu_free_bytes=gpu_free)
+                                              accelerator=accelerator, gpu_free_bytes=gpu_free, slots=plan.slots)
     results["raw_llama_server_command"] = raw_cmd[1:]
     ngl = raw_cmd[raw_cmd.index("-ngl") + 1]
 
@@ -219,17 +224,21 @@ def main() -> int:
     results["llama_bench"] = run_llama_bench(bench_bin, model, ngl, logs)
     print(f"[bench-gpu] llama-bench: {results['llama_bench']}", flush=True)
 
-    # --cache-ram measured: llama-server's default prompt cache vs the supervisor's -cram 0, 1 stream
-    i = raw_cmd.index("-cram")
-    default_cram_cmd = raw_cmd[:i] + raw_cmd[i + 2:]
-    default_port = free_port()
-    default_cram_cmd[default_cram_cmd.index("--port") + 1] = str(default_port)
-    cram_default = RawServer(default_cram_cmd, default_port, logs / "llama-server-default-cram.log")
-    cram_default.start()
+    # one flag measured against the supervisor's choice, 1 stream: -ub 512 (or the default prompt cache)
+    if args.variant == "cram":
+        i = raw_cmd.index("-cram")
+        variant_cmd = raw_cmd[:i] + raw_cmd[i + 2:]
+    else:
+        variant_cmd = list(raw_cmd)
+        variant_cmd[variant_cmd.index("-ub") + 1] = "512"
+    variant_port = free_port()
+    variant_cmd[variant_cmd.index("--port") + 1] = str(variant_port)
+    variant = RawServer(variant_cmd, variant_port, logs / f"llama-server-{args.variant}.log")
+    variant.start()
     try:
-        cram_reports = [run_bench(cram_default.url, [1], args) for _ in range(2)]
+        variant_reports = [run_bench(variant.url, [1], args) for _ in range(2)]
     finally:
-        cram_default.stop()
+        variant.stop()
 
     raw = RawServer(raw_cmd, raw_port, logs / "llama-server-raw.log")
     results["raw_load_s"] = round(raw.start(), 2)
@@ -239,7 +248,7 @@ def main() -> int:
         status = wait_agent_ready(agent, timeout=600)
         results["agent_start_to_ready_s"] = round(time.perf_counter() - t, 2)
         results["agent_model_server_command"] = status.get("model", {}).get("command") or _command_from_log(agent)
-        rounds: dict[str, list] = {"raw": [], "gateway": [], "raw_default_cram": cram_reports}
+        rounds: dict[str, list] = {"raw": [], "gateway": [], f"raw_{args.variant}": variant_reports}
         for n in range(args.rounds):
             rounds["raw"].append(run_bench(raw.url, [1, 4], args))
             rounds["gateway"].append(run_bench(agent.url, [1, 4], args, pki=pki))
@@ -251,8 +260,8 @@ def main() -> int:
         raw.stop()
         (logs / "agent.log").write_text(agent.log()[-200000:] if agent.log_path.exists() else "")
 
-    raw_m, gw_m, cram_m = medians(rounds["raw"]), medians(rounds["gateway"]), medians(cram_reports)
-    results["raw_llama_server"], results["gateway"], results["raw_llama_server_default_cram"] = raw_m, gw_m, cram_m
+    raw_m, gw_m, var_m = medians(rounds["raw"]), medians(rounds["gateway"]), medians(variant_reports)
+    results["raw_llama_server"], results["gateway"], results[f"raw_llama_server_{args.variant}"] = raw_m, gw_m, var_m
     r1 = gw_m["1"]["output_tok_s"] / raw_m["1"]["output_tok_s"]
     r4 = gw_m["4"]["output_tok_s"] / raw_m["4"]["output_tok_s"]
     results["acceptance"] = {
@@ -261,8 +270,9 @@ def main() -> int:
         "ttft_p50_ms_512_prompt_gateway": {"value": gw_m["1"]["ttft_p50_ms"], "target": f"<= {TARGET_TTFT_MS}",
                                            "met": gw_m["1"]["ttft_p50_ms"] <= TARGET_TTFT_MS},
     }
-    results["cache_ram"] = {"ttft_p50_ms_cram_0": raw_m["1"]["ttft_p50_ms"],
-                            "ttft_p50_ms_default": cram_m["1"]["ttft_p50_ms"]}
+    results["variant"] = {"name": args.variant, "ttft_p50_ms_clawbot": raw_m["1"]["ttft_p50_ms"],
+                          "ttft_p50_ms_variant": var_m["1"]["ttft_p50_ms"],
+                          "output_tok_s_variant": var_m["1"]["output_tok_s"]}
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -295,6 +305,10 @@ def _command_from_log(agent: Agent) -> str | None:
     return None
 
 
+def _flag(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1] if name in cmd else "?"
+
+
 def markdown(r: dict) -> str:
     g, raw, a = r["gateway"], r["raw_llama_server"], r["acceptance"]
     bench_rows = {row["test"]: row for row in r["llama_bench"]}
@@ -316,8 +330,12 @@ def markdown(r: dict) -> str:
         f"{'met' if a['ttft_p50_ms_512_prompt_gateway']['met'] else 'MISSED'} |",
         f"| inter-token p50, 1 stream | - | {raw['1']['itl_p50_ms']} ms | {g['1']['itl_p50_ms']} ms | |",
         "",
-        f"Prompt cache: first token p50 {r['cache_ram']['ttft_p50_ms_cram_0']} ms with `--cache-ram 0` (clawbot's "
-        f"setting) vs {r['cache_ram']['ttft_p50_ms_default']} ms with llama-server's default.",
+        (f"Micro-batch: first token p50 {r['variant']['ttft_p50_ms_clawbot']} ms with clawbot's `-ub "
+         f"{_flag(r['raw_llama_server_command'], '-ub')}` vs {r['variant']['ttft_p50_ms_variant']} ms with `-ub 512` (raw llama-server)."
+         if r["variant"]["name"] == "ub512" else
+         f"Prompt cache: first token p50 {r['variant']['ttft_p50_ms_clawbot']} ms with `--cache-ram 0` (clawbot's "
+         f"setting) vs {r['variant']['ttft_p50_ms_variant']} ms with llama-server's default."),
+        f"Parallel slots (auto): {r['slot_plan']['slots']} — {r['slot_plan']['reason']}.",
         f"Engine: {r['engine']['build_info']['accelerator'] if r['engine'].get('build_info') else '?'} build, "
         f"compiled in {(r['engine'].get('build_info') or {}).get('compile_seconds', '?')} s; "
         f"agent start → ready {r.get('agent_start_to_ready_s')} s. Medians of {r['settings']['rounds']} alternating "

@@ -88,7 +88,7 @@ def test_gpu_layers_all_when_the_model_fits_else_the_most_that_fit(eight_layer_m
     assert supervisor.gpu_layers_flag(config, path, "cuda", 80 << 30) == "all"
 
     info = sizing.read_model_info(path)
-    fit = sizing.size_model(info, 1024 * 2, 2, flash_attn=True)
+    fit = sizing.size_model(info, 1024 * 2, 2, n_ubatch=supervisor.GPU_UBATCH, flash_attn=True)
     reserve = 512 * MIB  # gpu_layers_that_fit's default driver/compute reserve
     per_layer = [w + fit.kv.bytes_per_layer for w in info.layer_bytes]
     # room for exactly 5 layers: 5 layers are offloaded, the other 3 (and the output head) stay on the CPU
@@ -204,3 +204,103 @@ def test_build_engine_cli_takes_a_source_dir():
     engine.add_arguments(parser)
     args = parser.parse_args(["--accelerator", "cuda", "--cuda-arch", "90", "--source-dir", "/src/llama.cpp"])
     assert args.source_dir == Path("/src/llama.cpp") and args.accelerator == "cuda"
+
+
+# --------------------------------------------------------------------------- auto slots and ubatch
+
+
+def test_ubatch_auto_is_1024_on_a_gpu_and_512_on_a_cpu(eight_layer_model):
+    config = _config(gpu_layers=-1, parallel_slots=2)
+    gpu = supervisor.llama_server_command("/e/llama-server", config, str(eight_layer_model),
+                                          accelerator="cuda", gpu_free_bytes=80 << 30)
+    assert gpu[gpu.index("-ub") + 1] == "1024" and gpu[gpu.index("-b") + 1] == "2048"
+    cpu = supervisor.llama_server_command("/e/llama-server", config, str(eight_layer_model), accelerator="cpu")
+    assert cpu[cpu.index("-ub") + 1] == "512"
+    # every layer on the CPU although the binary is CUDA: no GPU pass to save
+    assert supervisor.resolve_ubatch(_config(gpu_layers=0)["model_server"], "cuda") == 512
+    fixed = _config(ubatch_size=4096)
+    cmd = supervisor.llama_server_command("/e/llama-server", fixed, str(eight_layer_model), accelerator="cuda",
+                                          gpu_free_bytes=80 << 30)
+    assert cmd[cmd.index("-ub") + 1] == "4096" and cmd[cmd.index("-b") + 1] == "4096"
+
+
+def _kv_per_slot(path: str, context: int) -> int:
+    info = sizing.read_model_info(path)
+    return sizing.size_model(info, context, 1).kv_bytes
+
+
+def test_auto_slots_are_max_concurrency_when_they_fit_on_the_gpu(eight_layer_model):
+    config = _config(gpu_layers=-1, parallel_slots=0)
+    config["model_gateway"]["max_concurrency"] = 6
+    plan = supervisor.resolve_parallel_slots(config, str(eight_layer_model), "cuda", gpu_free_bytes=80 << 30)
+    assert plan.slots == 6 and "GPU" in plan.reason
+    cmd = supervisor.llama_server_command("/e/llama-server", config, str(eight_layer_model),
+                                          accelerator="cuda", gpu_free_bytes=80 << 30)
+    assert _flags(cmd)["-np"] == "6" and _flags(cmd)["-c"] == str(6 * config["context_window"])
+
+
+def test_auto_slots_shrink_to_the_gpu_memory_left_for_kv(eight_layer_model):
+    path = str(eight_layer_model)
+    config = _config(gpu_layers=-1, parallel_slots=0, flash_attention="auto")
+    config["context_window"] = 2048
+    config["model_gateway"]["max_concurrency"] = 8
+    info = sizing.read_model_info(path)
+    per_slot = _kv_per_slot(path, 2048)
+
+    def fit(n):
+        return sizing.size_model(info, 2048 * n, n, n_ubatch=supervisor.GPU_UBATCH, flash_attn=True)
+
+    # the least free GPU memory (in 256 KiB steps) where 3 slots fit with every layer offloaded
+    free = 512 * MIB
+    while sizing.gpu_layers_that_fit(fit(3), free).n_gpu_layers <= info.n_layer:
+        free += 256 * 1024
+    assert per_slot > 256 * 1024
+    assert sizing.gpu_layers_that_fit(fit(4), free).n_gpu_layers <= info.n_layer  # a 4th would not fit
+    plan = supervisor.resolve_parallel_slots(config, path, "cuda", gpu_free_bytes=free)
+    assert plan.slots == 3, plan
+    # the flags agree: 3 slots, every layer offloaded
+    cmd = supervisor.llama_server_command("/e/llama-server", config, path, accelerator="cuda", gpu_free_bytes=free)
+    assert _flags(cmd)["-np"] == "3" and _flags(cmd)["-ngl"] == "all"
+
+
+def test_auto_slots_on_a_cpu_follow_free_host_memory(eight_layer_model):
+    path = str(eight_layer_model)
+    config = _config(parallel_slots=0)
+    config["context_window"] = 4096
+    config["model_gateway"]["max_concurrency"] = 4
+    info = sizing.read_model_info(path)
+    # flash_attention auto counts as on (llama.cpp enables it where the backend has the op, as the CPU does)
+    two = sizing.size_model(info, 4096 * 2, 2, flash_attn=True).total_bytes
+    three = sizing.size_model(info, 4096 * 3, 3, flash_attn=True).total_bytes
+    plan = supervisor.resolve_parallel_slots(config, path, "cpu", host_free_bytes=(two + three) // 2)
+    assert plan.slots == 2 and "free memory" in plan.reason
+    assert supervisor.resolve_parallel_slots(config, path, "cpu", host_free_bytes=64 << 30).slots == 4
+    # weights in staged huge pages are not in MemAvailable: they do not count against it
+    staged = supervisor.resolve_parallel_slots(config, path, "cpu", host_free_bytes=three - info.tensor_bytes,
+                                               weights_in_host_budget=False)
+    assert staged.slots == 3
+    # not even one: one slot, and the reason says so
+    tiny = supervisor.resolve_parallel_slots(config, path, "cpu", host_free_bytes=1024)
+    assert tiny.slots == 1 and "not even one" in tiny.reason
+    # unknown memory: max_concurrency
+    assert supervisor.resolve_parallel_slots(config, path, "cpu").slots == 4
+
+
+def test_explicit_slots_and_llama_cpp_python(eight_layer_model):
+    path = str(eight_layer_model)
+    assert supervisor.resolve_parallel_slots(_config(parallel_slots=7), path, "cuda", 1024).slots == 7
+    plan = supervisor.resolve_parallel_slots(_config(parallel_slots=0, engine="llama-cpp-python"), path, "cpu")
+    assert plan.slots == 1
+
+
+def test_preflight_judges_auto_slots_at_the_count_that_fits(eight_layer_model):
+    path = str(eight_layer_model)
+    config = _config(parallel_slots=0, model_path=path)
+    config["context_window"] = 4096
+    config["model_gateway"]["max_concurrency"] = 4
+    info = sizing.read_model_info(path)
+    two = sizing.size_model(info, 4096 * 2, 2, flash_attn=True).total_bytes
+    node = preflight.NodeFacts(memory_total=two, memory_available=two, memory_source="test")
+    report = preflight.evaluate(info, preflight.settings_from_config(config), node)
+    assert report.fits and report.settings.parallel_slots == 2
+    assert any(f.code == "parallel_slots" and "2 of max_concurrency 4" in f.message for f in report.findings)
