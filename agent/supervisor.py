@@ -278,7 +278,7 @@ def resolve_ubatch(server: dict, accelerator: str) -> int:
     on a GPU and llama.cpp's 512 on a CPU.
 
     Measured on an H100 (benchmarks/results/gpu.json): a 540-token chat prompt's first token took
-    57-58 ms at -ub 1024 against 62-63 ms at 512 (one pass instead of two); a CPU gains nothing from
+    57.0 ms at -ub 1024 against 60.4 ms at 512 (one pass instead of two); a CPU gains nothing from
     it, and the compute buffer grows with it (sizing.compute_buffer_bytes counts that)."""
     if server["ubatch_size"]:
         return server["ubatch_size"]
