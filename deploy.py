@@ -167,7 +167,6 @@ def converge():
     from roles.agent import ensure_agent, ensure_service_user
     from roles.hosts import ensure_hosts_entries
     from roles.hugepages import ensure_hugepages, ensure_hugetlbfs_mount
-    from roles.model import ensure_model
     from roles.pki import install_node_certificates
     from roles.services import ensure_service, service_manager
 
@@ -189,13 +188,34 @@ def converge():
     environment = {"XDG_CACHE_HOME": f"{prefix}/cache", "HOME": "/var/lib/clawbot", "PYTHONUNBUFFERED": "1"}
     writable = ["/var/lib/clawbot", "/var/log/clawbot"]
     if plan["is_model"]:
-        model_ops = ensure_model(Path(plan["model_file"]), plan["model_path"], Path(plan["engine"]),
-                                 plan["engine_dest"], user)
+        model_ops = ensure_engine_and_model(plan, prefix, user)
         ensure_service("clawbot-model", "clawbot agent (model role)", f"{command} model", user, writable + plan["model_writable"],
                        environment, manager, changed=agent_ops + model_ops + cert_ops)
     if plan["is_chat"]:
         ensure_service("clawbot-chat", "clawbot agent (chat role)", f"{command} chat", user, writable, environment,
                        manager, changed=agent_ops + cert_ops)
+
+
+def ensure_engine_and_model(plan: dict, prefix: str, user: str) -> list:
+    """The model file, and the engine for the node's accelerator: the control machine's portable CPU build (or
+    the inventory's clawbot_engine_file) is copied; a GPU node without an engine file builds its own."""
+    from pyinfra import host
+    from pyinfra.facts.server import Which
+
+    from clawbot import engine as engine_module
+    from roles.model import ensure_engine_built_on_node, ensure_model, resolve_node_accelerator
+
+    accelerator = resolve_node_accelerator(plan["accelerator"], bool(host.get_fact(Which, command="nvidia-smi")))
+    engines = f"{prefix}/cache/clawbot/engine/{engine_module.LLAMA_CPP_PYTHON_VERSION}"
+    built: list = []
+    if accelerator != "cpu" and not plan["engine_file_given"]:
+        built = ensure_engine_built_on_node(accelerator, Path(plan["sdist"]), prefix)
+        engine, dest = None, ""
+    elif accelerator != "cpu":
+        engine, dest = Path(plan["engine"]), f"{engines}-{accelerator}-prebuilt/bin/{engine_module.SERVER_TARGET}"
+    else:
+        engine, dest = Path(plan["engine"]), f"{engines}-cpu-portable/bin/{engine_module.SERVER_TARGET}"
+    return ensure_model(Path(plan["model_file"]), plan["model_path"], engine, dest, user) + built
 
 
 def add_converge(state) -> None:
@@ -359,6 +379,8 @@ def main(argv=None) -> int:
     model_hosts = [h for h in hosts if "model_nodes" in h.groups]
     model_file = None
     engine_binary = None
+    engine_file_given = False
+    sdist = None
     if model_hosts:
         try:
             model_file = control_file(model_hosts, "clawbot_model_file", base)
@@ -367,8 +389,10 @@ def main(argv=None) -> int:
             print(f"deploy.py: {exc}", file=sys.stderr)
             return 1
         model_file = model_file or model_role.demo_model(cache, log=say)
+        engine_file_given = engine_binary is not None
         if engine_binary is None:
             engine_binary = model_role.engine_binary(log=say)
+            sdist = model_role.engine_sdist(log=say)  # GPU nodes build their own engine from it
         info = sizing.read_model_info(model_file)
         say(f"model {model_file.name}: {info.file_bytes / 2**20:.0f} MiB, {info.n_layer} layers")
     offline = all(h.vars.get("clawbot_offline", True) is not False for h in hosts)
@@ -390,8 +414,6 @@ def main(argv=None) -> int:
         if is_model and config["model_server"]["hugepages"] != "off":
             setting = h.vars.get("clawbot_hugepages_count", "auto")
             pages = sizing.hugepages_for(model_file.stat().st_size) if setting in (None, "auto") else int(setting)
-        from clawbot import engine as engine_module
-
         plans[h.name] = {
             "user": str(h.vars.get("clawbot_user") or "clawbot"),
             "prefix": prefix,
@@ -411,8 +433,9 @@ def main(argv=None) -> int:
             "hugepages_mount": config["model_server"]["hugepages_mount"] if staging else "",
             "model_writable": [config["model_server"]["hugepages_mount"]] if staging else [],
             "engine": str(engine_binary) if engine_binary else "",
-            "engine_dest": (f"{prefix}/cache/clawbot/engine/{engine_module.LLAMA_CPP_PYTHON_VERSION}-cpu-portable/bin/"
-                            f"{engine_module.SERVER_TARGET}"),
+            "engine_file_given": engine_file_given,
+            "accelerator": str(h.vars.get("clawbot_accelerator") or config["model_server"]["accelerator"]),
+            "sdist": str(sdist) if sdist else "",
             "model_health_url": f"https://127.0.0.1:{gateway_port}/readyz",
             "chat_health_url": f"https://127.0.0.1:{config['chat']['port']}/healthz",
             "ready_deadline_s": min(900, config["model_server"]["startup_timeout_s"] + 30),

@@ -6,6 +6,8 @@ clawbot.json's `model_server.model_path`; pyinfra compares checksums first, so a
 copied again. The engine (llama-server from the llama.cpp vendored in the pinned llama-cpp-python sdist) is
 built once on the control machine as a portable, static binary and copied to nodes with the same
 architecture; the agent finds it through XDG_CACHE_HOME (see `clawbot.engine.find_llama_server`).
+GPU nodes (`clawbot_accelerator`, or `auto` with nvidia-smi installed) build their own engine instead: their
+toolkit and GPU decide the build (ensure_engine_built_on_node), unless `clawbot_engine_file` names one.
 """
 
 from __future__ import annotations
@@ -80,15 +82,81 @@ def ensure_build_tools(log=print) -> None:
     subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=env)
 
 
+# What a GPU node needs to compile llama-server itself (its nvcc and driver decide the build, so it cannot be
+# built on the control machine). The CUDA toolkit package lives in Debian's contrib/non-free and Ubuntu's
+# multiverse components; a node that already has nvcc (NVIDIA's own packages, /usr/local/cuda) keeps it.
+ENGINE_BUILD_PACKAGES = ["build-essential", "cmake", "ninja-build"]
+CUDA_TOOLKIT_PACKAGE = "nvidia-cuda-toolkit"
+NVCC_PATHS = ["/usr/local/cuda/bin/nvcc", "/usr/bin/nvcc"]
+ENGINE_BUILD_SECONDS_HINT = {"cuda": "about 5 minutes on 16 cores, far longer on fewer"}
+
+
+def node_engine_dir(prefix: str, accelerator: str) -> str:
+    """Where a node-built engine goes: under the agent's XDG cache, named so find_llama_server(accelerator)
+    finds it (`<version>-<accelerator>-*`)."""
+    from clawbot import engine
+
+    return f"{prefix}/cache/clawbot/engine/{engine.LLAMA_CPP_PYTHON_VERSION}-{accelerator}-node"
+
+
+def engine_sdist(log=print) -> Path:
+    """The pinned llama-cpp-python sdist on the control machine (downloaded once), to build from on nodes."""
+    from clawbot import engine
+
+    return engine.fetch_sdist(engine.cache_root() / "sdist")
+
+
+def resolve_node_accelerator(setting: str, has_nvidia_smi: bool) -> str:
+    """clawbot_accelerator (or model_server.accelerator) for one node: `auto` is cuda where nvidia-smi is
+    installed, else cpu; the agent makes the same choice at start (supervisor.resolve_accelerator)."""
+    if setting == "auto":
+        return "cuda" if has_nvidia_smi else "cpu"
+    return setting
+
+
+@deploy("Ensure llama-server is built on the node for its GPU")
+def ensure_engine_built_on_node(accelerator: str, sdist: Path, prefix: str):
+    """Build tools, the CUDA toolkit where nvcc is missing, the sdist, then `clawbot build-engine` with the
+    agent's own venv, only when the binary is missing or the sdist changed. Returns the change markers."""
+    from pyinfra import host
+    from pyinfra.facts.files import File
+    from pyinfra.operations import server
+
+    packages = list(ENGINE_BUILD_PACKAGES)
+    if accelerator == "cuda" and not any(host.get_fact(File, path=p) for p in NVCC_PATHS):
+        packages.append(CUDA_TOOLKIT_PACKAGE)
+    apt.packages(name=f"Ensure the {accelerator} engine's build tools are installed ({', '.join(packages)})",
+                 packages=packages, no_recommends=True, update=CUDA_TOOLKIT_PACKAGE in packages, cache_time=3600)
+    sdist_dir = f"{prefix}/cache/clawbot/sdist"
+    files.directory(name=f"Ensure {sdist_dir} exists", path=sdist_dir, user="root", group="root", mode="755")
+    sdist_dest = f"{sdist_dir}/{sdist.name}"
+    source = files.put(name=f"Ensure the llama-cpp-python sdist is at {sdist_dest} (checksum compared first)",
+                       src=str(sdist), dest=sdist_dest, user="root", group="root", mode="644")
+    engine_dir = node_engine_dir(prefix, accelerator)
+    binary = f"{engine_dir}/bin/llama-server"
+    build = (f"export PATH=/usr/local/cuda/bin:$PATH XDG_CACHE_HOME={prefix}/cache; "
+             f"{prefix}/venv/bin/clawbot build-engine --accelerator {accelerator} --sdist {sdist_dest} --prefix {engine_dir}")
+    hint = ENGINE_BUILD_SECONDS_HINT.get(accelerator, "several minutes")
+    name = f"Ensure llama-server is built for {accelerator} at {binary} ({hint})"
+    if host.get_fact(File, path=binary):
+        built = server.shell(name=name, commands=[build], _if=source.did_change)
+    else:
+        built = server.shell(name=name, commands=[build])
+    return [built]
+
+
 @deploy("Ensure the model file and the engine are on the model node")
-def ensure_model(model_file: Path, model_path: str, engine: Path, engine_dest: str, user: str):
-    """Returns the operations whose change means the model server must restart."""
+def ensure_model(model_file: Path, model_path: str, engine: Path | None, engine_dest: str, user: str):
+    """Returns the operations whose change means the model server must restart. engine None: the node
+    builds its own (ensure_engine_built_on_node), nothing is copied."""
     apt.packages(name="Ensure the engine's runtime library (OpenMP) is installed", packages=["libgomp1"],
                  no_recommends=True)
     model_dir = str(Path(model_path).parent)
     files.directory(name=f"Ensure {model_dir} exists", path=model_dir, user="root", group=user, mode="750")
     model = files.put(name=f"Ensure the model is staged at {model_path} (checksum compared first)",
                       src=str(model_file), dest=model_path, user="root", group=user, mode="640")
+    if engine is None:
+        return [model]
     binary = files.put(name=f"Ensure llama-server is installed at {engine_dest}", src=str(engine), dest=engine_dest,
                        user="root", group="root", mode="755")
     return [model, binary]

@@ -171,6 +171,26 @@ def test_check_lists_drift_and_changes_nothing_then_drift_is_repaired(first_run,
     assert proc.returncode == 0 and changed_ops(result) == []
 
 
+def test_check_plans_an_engine_build_on_a_node_that_has_an_nvidia_gpu(first_run, nodes, cluster_inventory):
+    """No GPU here: an nvidia-smi on the model node's PATH is what `accelerator: auto` looks for, so with one
+    the rollout plans the CUDA toolchain and a build of llama-server on that node (shown by --check only)."""
+    model = nodes[1]
+    ssh(model, "printf '#!/bin/sh\\necho GPU 0: test\\n' > /usr/local/bin/nvidia-smi && chmod 755 /usr/local/bin/nvidia-smi")
+    try:
+        proc = subprocess.run([sys.executable, str(ROOT / "deploy.py"), "-i", str(cluster_inventory), "--check"],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        out = proc.stdout
+        assert "nvidia-cuda-toolkit" in out and "Ensure llama-server is built for cuda" in out, out
+        assert "llama-cpp-python sdist" in out
+        assert ssh(model, "test -e /opt/clawbot/cache/clawbot/sdist || echo absent").strip() == "absent"  # check only
+    finally:
+        ssh(model, "rm -f /usr/local/bin/nvidia-smi")
+    proc = subprocess.run([sys.executable, str(ROOT / "deploy.py"), "-i", str(cluster_inventory), "--check"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "built for cuda" not in proc.stdout
+
+
 def test_bad_config_refused_before_any_host_is_touched(first_run, nodes, cluster_inventory):
     model = nodes[1]
     before = ssh(model, "sha256sum /etc/clawbot/clawbot.json")
