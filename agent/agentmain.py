@@ -26,6 +26,9 @@ EXIT_CONFIG = 78
 DEFAULT_STATE_DIR = "/var/lib/clawbot/agent"
 
 log = logging.getLogger("clawbot.agent")
+# Idle client connections are kept this long (uvicorn's default is 5 s): an mTLS handshake costs the chat node
+# milliseconds per message, and clients that expire theirs sooner (httpx: 5 s) never race the close.
+GATEWAY_KEEP_ALIVE_S = 75
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,6 +112,7 @@ class ModelNode:
             http=mtls.PeerCertH11Protocol, lifespan="off", log_level=self.log_level,
             ssl_certfile=tls["server_cert"], ssl_keyfile=tls["server_key"], ssl_ca_certs=tls["ca_cert"],
             ssl_cert_reqs=ssl.CERT_REQUIRED, timeout_graceful_shutdown=5,
+            timeout_keep_alive=GATEWAY_KEEP_ALIVE_S,
         )
         uconfig.load()
         uconfig.ssl = context  # our own context object, so rotation can reload it in place

@@ -257,9 +257,23 @@ class Gateway:
             asyncio.get_running_loop().create_task(old.aclose())
 
     def _upstream_client(self) -> httpx.AsyncClient:
+        # llama-server (cpp-httplib) closes connections idle for 5 s; expiring ours at 2 s keeps the pool from
+        # reusing one that is being closed (httpx's default expiry is the same 5 s: a race)
         return httpx.AsyncClient(base_url=self.supervisor.base_url, timeout=UPSTREAM_TIMEOUT,
                                  headers=self.supervisor.auth_headers,
-                                 limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+                                 limits=httpx.Limits(max_connections=256, max_keepalive_connections=64,
+                                                     keepalive_expiry=2.0))
+
+    async def _send_upstream(self, request: httpx.Request, stream: bool = False) -> httpx.Response:
+        """Send to the model server; once more on a fresh connection if the first one closed without any
+        answer (a keep-alive close that raced the request: the server never read it, so nothing ran twice)."""
+        try:
+            return await self.client.send(request, stream=stream)
+        except httpx.RemoteProtocolError as exc:
+            if not self.supervisor.ready:
+                raise
+            log.info("model server closed the connection without answering (%s); sending once more", exc)
+            return await self.client.send(request, stream=stream)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -348,7 +362,7 @@ class Gateway:
 
     async def _plain(self, request, path, payload, deadline, admitted, release) -> Response:
         try:
-            upstream = asyncio.create_task(self.client.post(path, json=payload))
+            upstream = asyncio.create_task(self._send_upstream(self.client.build_request("POST", path, json=payload)))
             watcher = asyncio.create_task(_wait_disconnect(request))
             done, _ = await asyncio.wait({upstream, watcher}, timeout=max(0.0, deadline - time.monotonic()),
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -385,7 +399,7 @@ class Gateway:
     async def _stream(self, request, path, payload, deadline, admitted, release) -> Response:
         try:
             req = self.client.build_request("POST", path, json=payload)
-            resp = await asyncio.wait_for(self.client.send(req, stream=True), max(0.1, deadline - time.monotonic()))
+            resp = await asyncio.wait_for(self._send_upstream(req, stream=True), max(0.1, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             release()
             raise GatewayError(504, "model server did not start answering within request_timeout_s", "server_error",

@@ -58,9 +58,13 @@ class ModelClient:
         self.timeout_s = timeout_s
         self.model = model
         context = pki.client_ssl_context(tls["client_cert"], tls["client_key"], tls["ca_cert"])
+        # keep the mTLS connection across messages (a handshake per message costs milliseconds of first-token
+        # time), but drop it well before the gateway does (GATEWAY_KEEP_ALIVE_S): reusing a connection the
+        # server is closing fails the request
         self._http = httpx.AsyncClient(
             base_url=self.endpoint, verify=context,
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)))
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=30.0))
 
     async def aclose(self) -> None:
         await self._http.aclose()

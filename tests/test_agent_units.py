@@ -207,3 +207,49 @@ def test_stream_observer_counts_tokens_in_lf_and_crlf_streams():
         for i in range(0, len(raw), 7):  # arbitrary chunk boundaries, as TCP delivers them
             observer.feed(raw[i:i + 7])
         assert observer.tokens == 2 and observer.usage_tokens == 3 and observer.first_token_at is not None
+
+
+# --------------------------------------------------------------------------- upstream keep-alive race
+
+
+def test_gateway_resends_once_when_the_model_server_closes_without_answering():
+    """llama-server closes keep-alive connections idle for 5 s; a request that races that close gets no
+    answer at all. A real TCP server here: its first connection is read and closed unanswered, the
+    second answers. The gateway's sender retries once on a fresh connection; a second silent close fails."""
+    import types
+
+    import httpx
+
+    from clawbot.gateway import Gateway
+
+    async def scenario(silent_closes: int) -> tuple[int | None, int]:
+        seen = {"connections": 0}
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+            seen["connections"] += 1
+            await reader.readuntil(b"\r\n\r\n")
+            if seen["connections"] <= silent_closes:
+                writer.close()
+                return
+            body = b'{"ok": true}'
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            fake = types.SimpleNamespace(client=client, supervisor=types.SimpleNamespace(ready=True))
+            request = client.build_request("POST", "/v1/completions", json={"prompt": "x"})
+            try:
+                response = await Gateway._send_upstream(fake, request)
+                status = response.status_code
+            except httpx.RemoteProtocolError:
+                status = None
+        server.close()
+        await server.wait_closed()
+        return status, seen["connections"]
+
+    assert asyncio.run(scenario(silent_closes=1)) == (200, 2)
+    assert asyncio.run(scenario(silent_closes=2)) == (None, 2)  # once, not a loop
