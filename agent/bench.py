@@ -32,6 +32,7 @@ class RequestResult:
     itl_s: list[float] = field(default_factory=list)
     output_tokens: int = 0
     error: str = ""
+    retried: bool = False
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -58,6 +59,7 @@ def summarize(results: list[RequestResult], concurrency: int, wall_s: float) -> 
         "requests": len(results),
         "completed": len(ok),
         "failed": len(results) - len(ok),
+        "resent": sum(1 for r in results if r.retried),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
         "wall_s": round(wall_s, 3),
         "request_throughput_rps": round(len(ok) / wall_s, 3) if wall_s > 0 else None,
@@ -84,6 +86,16 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
     if ignore_eos:
         body["ignore_eos"] = True
     start = time.perf_counter()
+    result = await _attempt(client, url, body, start)
+    if result.error.startswith("RemoteProtocolError") and "without sending a response" in result.error:
+        # a kept-alive connection the server had just closed (llama-server drops it after every streamed
+        # answer): sent once more, as the openai client's own retry does; the time of both attempts counts
+        result = await _attempt(client, url, body, start)
+        result.retried = True
+    return result
+
+
+async def _attempt(client: httpx.AsyncClient, url: str, body: dict, start: float) -> RequestResult:
     last = None
     usage_tokens = None
     result = RequestResult(ok=False)

@@ -398,7 +398,10 @@ class Gateway:
 
     async def _stream(self, request, path, payload, deadline, admitted, release) -> Response:
         try:
-            req = self.client.build_request("POST", path, json=payload)
+            # llama-server closes the connection after a streamed answer although its headers say keep-alive;
+            # reused, that connection fails the next request about every other time. Connection: close keeps
+            # it out of the pool (a new loopback connection costs well under a millisecond).
+            req = self.client.build_request("POST", path, json=payload, headers={"Connection": "close"})
             resp = await asyncio.wait_for(self._send_upstream(req, stream=True), max(0.1, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             release()

@@ -73,6 +73,18 @@ def test_completions_streaming_and_not(model_agent):
     assert streamed[-1].choices[0].finish_reason == "length"
 
 
+def test_streamed_and_plain_requests_alternate_without_upstream_errors(model_agent):
+    """llama-server drops the connection after every streamed answer (despite keep-alive headers); a gateway
+    that reused it answered the next request with 502 about every other time."""
+    client = openai_client(model_agent)
+    for i in range(16):
+        kwargs = dict(model="tiny", messages=[{"role": "user", "content": f"turn {i}"}], max_tokens=2)
+        if i % 2:
+            assert list(client.chat.completions.create(stream=True, **kwargs))
+        else:
+            assert client.chat.completions.create(**kwargs).choices
+
+
 def test_models_lists_the_configured_name(model_agent):
     assert [m.id for m in openai_client(model_agent).models.list().data] == ["tiny"]
 
