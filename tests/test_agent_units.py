@@ -253,3 +253,31 @@ def test_gateway_resends_once_when_the_model_server_closes_without_answering():
 
     assert asyncio.run(scenario(silent_closes=1)) == (200, 2)
     assert asyncio.run(scenario(silent_closes=2)) == (None, 2)  # once, not a loop
+
+
+def test_gateway_admits_no_more_at_once_than_the_slots_the_model_server_got():
+    """parallel_slots auto may give fewer slots than max_concurrency (too little memory for their KV cache):
+    the gateway's concurrency follows, so the rest wait in its queue, not invisibly inside llama-server."""
+    import types
+
+    from clawbot.gateway import Gateway
+
+    config = defaults()
+    config["model_gateway"]["max_concurrency"] = 4
+    config["model_server"]["parallel_slots"] = 0
+    fake = types.SimpleNamespace(slot_plan=None, listeners=[], status=types.SimpleNamespace(state="loading"),
+                                 base_url="http://127.0.0.1:9", auth_headers={}, ready=False)
+
+    async def scenario():
+        gateway = Gateway(config, fake)
+        before = gateway.admission.max_concurrency
+        fake.slot_plan = supervisor.SlotPlan(2, "auto: 2 of max_concurrency 4 slots fit")
+        for listener in fake.listeners:
+            listener("ready")
+        after = gateway.admission.max_concurrency
+        fake.slot_plan = supervisor.SlotPlan(6, "model_server.parallel_slots")
+        gateway.apply(config)
+        await gateway.close()
+        return before, after, gateway.admission.max_concurrency
+
+    assert asyncio.run(scenario()) == (4, 2, 4)
