@@ -188,24 +188,31 @@ def converge():
     environment = {"XDG_CACHE_HOME": f"{prefix}/cache", "HOME": "/var/lib/clawbot", "PYTHONUNBUFFERED": "1"}
     writable = ["/var/lib/clawbot", "/var/log/clawbot"]
     if plan["is_model"]:
-        model_ops = ensure_engine_and_model(plan, prefix, user)
+        accelerator = node_accelerator(plan)
+        model_ops = ensure_engine_and_model(plan, accelerator, prefix, user)
         ensure_service("clawbot-model", "clawbot agent (model role)", f"{command} model", user, writable + plan["model_writable"],
-                       environment, manager, changed=agent_ops + model_ops + cert_ops)
+                       environment, manager, changed=agent_ops + model_ops + cert_ops, accelerator=accelerator)
     if plan["is_chat"]:
         ensure_service("clawbot-chat", "clawbot agent (chat role)", f"{command} chat", user, writable, environment,
                        manager, changed=agent_ops + cert_ops)
 
 
-def ensure_engine_and_model(plan: dict, prefix: str, user: str) -> list:
-    """The model file, and the engine for the node's accelerator: the control machine's portable CPU build (or
-    the inventory's clawbot_engine_file) is copied; a GPU node without an engine file builds its own."""
+def node_accelerator(plan: dict) -> str:
+    """clawbot_accelerator / model_server.accelerator with `auto` resolved on the node (nvidia-smi or not)."""
     from pyinfra import host
     from pyinfra.facts.server import Which
 
-    from clawbot import engine as engine_module
-    from roles.model import ensure_engine_built_on_node, ensure_model, resolve_node_accelerator
+    from roles.model import resolve_node_accelerator
 
-    accelerator = resolve_node_accelerator(plan["accelerator"], bool(host.get_fact(Which, command="nvidia-smi")))
+    return resolve_node_accelerator(plan["accelerator"], bool(host.get_fact(Which, command="nvidia-smi")))
+
+
+def ensure_engine_and_model(plan: dict, accelerator: str, prefix: str, user: str) -> list:
+    """The model file, and the engine for the node's accelerator: the control machine's portable CPU build (or
+    the inventory's clawbot_engine_file) is copied; a GPU node without an engine file builds its own."""
+    from clawbot import engine as engine_module
+    from roles.model import ensure_engine_built_on_node, ensure_model
+
     engines = f"{prefix}/cache/clawbot/engine/{engine_module.LLAMA_CPP_PYTHON_VERSION}"
     built: list = []
     if accelerator != "cpu" and not plan["engine_file_given"]:

@@ -468,7 +468,7 @@ def llama_cpp_python_settings(config: dict, model_path: str, api_key: str | None
     return settings
 
 
-def _host_free_bytes(model_path: str) -> int | None:
+def _host_free_bytes() -> int | None:
     """MemAvailable or the cgroup's headroom, whichever is lower (preflight.read_node's rule)."""
     try:
         from clawbot import preflight
@@ -712,7 +712,7 @@ class Supervisor:
             key_file = self.state_dir / API_KEY_FILE
             _write_private(key_file, self.api_key + "\n")
             self.slot_plan = resolve_parallel_slots(self.config, model_path, accelerator, gpu_free,
-                                                    host_free_bytes=_host_free_bytes(model_path),
+                                                    host_free_bytes=_host_free_bytes(),
                                                     weights_in_host_budget=model_path == server["model_path"])
             return llama_server_command(str(binary), self.config, model_path, str(key_file),
                                         accelerator=accelerator, gpu_free_bytes=gpu_free, slots=self.slot_plan.slots)

@@ -28,7 +28,32 @@ def service_manager(setting: str) -> str:
     return "systemd" if host.get_fact(Directory, path="/run/systemd/system") else "supervisor"
 
 
-def systemd_unit(name: str, description: str, command: str, user: str, writable: list[str], environment: dict) -> str:
+# The device nodes a model server on a GPU must open (systemd's DeviceAllow names `char-<group>` as listed in
+# /proc/devices), and the groups that own them. PrivateDevices=yes would hide them all, so a GPU node gets
+# PrivateDevices=no with DevicePolicy=closed: only these and the standard pseudo-devices (/dev/null, …).
+# NVIDIA's driver 580 lists /dev/nvidia0 and /dev/nvidiactl as `nvidia` and `nvidiactl` (checked on an
+# H100 node), older drivers as `nvidia-frontend`; a group the kernel does not list is ignored by systemd.
+GPU_DEVICES: dict[str, tuple[list[str], list[str]]] = {
+    "cuda": (["char-nvidia rw", "char-nvidiactl rw", "char-nvidia-frontend rw", "char-nvidia-uvm rw",
+              "char-nvidia-caps r"], []),
+    "vulkan": (["char-drm rw"], ["video", "render"]),
+    "rocm": (["char-drm rw", "char-kfd rw"], ["video", "render"]),
+}
+
+
+def device_access(accelerator: str | None) -> str:
+    """The unit's device lines: none at all on a CPU node, the accelerator's device classes on a GPU node."""
+    if accelerator not in GPU_DEVICES:
+        return "PrivateDevices=yes\n"
+    allow, groups = GPU_DEVICES[accelerator]
+    lines = ["PrivateDevices=no", "DevicePolicy=closed", *(f"DeviceAllow={entry}" for entry in allow)]
+    if groups:
+        lines.append(f"SupplementaryGroups={' '.join(groups)}")
+    return "\n".join(lines) + "\n"
+
+
+def systemd_unit(name: str, description: str, command: str, user: str, writable: list[str], environment: dict,
+                 accelerator: str | None = None) -> str:
     env = "".join(f'Environment="{k}={v}"\n' for k, v in sorted(environment.items()))
     return f"""# Managed by clawbot deploy; edits are replaced on the next run.
 [Unit]
@@ -53,8 +78,7 @@ NoNewPrivileges=yes
 ProtectSystem=strict
 ProtectHome=yes
 PrivateTmp=yes
-PrivateDevices=yes
-ProtectKernelModules=yes
+{device_access(accelerator)}ProtectKernelModules=yes
 ProtectKernelLogs=yes
 ProtectControlGroups=yes
 ProtectClock=yes
@@ -130,12 +154,13 @@ def health_probe(url: str, python: str, tls: dict, deadline_s: float) -> str:
 
 @deploy("Ensure the clawbot agent service runs")
 def ensure_service(name: str, description: str, command: str, user: str, writable: list[str], environment: dict,
-                   manager: str, changed: list, log_dir: str = "/var/log/clawbot"):
-    """Install the unit/program for `command` and keep it running; restart when any op in `changed` changed."""
+                   manager: str, changed: list, log_dir: str = "/var/log/clawbot", accelerator: str | None = None):
+    """Install the unit/program for `command` and keep it running; restart when any op in `changed` changed.
+    accelerator: the GPU whose devices the unit must let through (None or cpu: no devices at all)."""
     if manager == "systemd":
         unit = files.put(
             name=f"Ensure systemd unit {name}.service is current",
-            src=BytesIO(systemd_unit(name, description, command, user, writable, environment).encode()),
+            src=BytesIO(systemd_unit(name, description, command, user, writable, environment, accelerator).encode()),
             dest=f"{UNIT_DIR}/{name}.service",
             mode="644",
         )

@@ -25,6 +25,18 @@ def test_systemd_unit_is_hardened_and_runs_as_its_own_user():
         assert f"\n{line}\n" in unit, line
 
 
+def test_gpu_node_unit_lets_only_the_gpu_devices_through():
+    cpu = systemd_unit("clawbot-model", "m", "/x", "clawbot", [], {})
+    assert "\nPrivateDevices=yes\n" in cpu and "DeviceAllow" not in cpu
+    cuda = systemd_unit("clawbot-model", "m", "/x", "clawbot", [], {}, accelerator="cuda")
+    for line in ("PrivateDevices=no", "DevicePolicy=closed", "DeviceAllow=char-nvidia rw", "DeviceAllow=char-nvidiactl rw",
+                 "DeviceAllow=char-nvidia-uvm rw", "NoNewPrivileges=yes", "CapabilityBoundingSet="):
+        assert f"\n{line}\n" in cuda, line
+    assert "PrivateDevices=yes" not in cuda
+    rocm = systemd_unit("clawbot-model", "m", "/x", "clawbot", [], {}, accelerator="rocm")
+    assert "\nDeviceAllow=char-kfd rw\n" in rocm and "\nSupplementaryGroups=video render\n" in rocm
+
+
 def test_supervisor_program_kills_the_whole_group():
     program = supervisor_program("clawbot-chat", "/x agent --role chat", "clawbot", {"A": "1"}, "/var/log/clawbot")
     assert "[program:clawbot-chat]" in program and "user=clawbot" in program
