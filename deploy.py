@@ -190,8 +190,11 @@ def converge():
     if plan["is_model"]:
         accelerator = node_accelerator(plan)
         model_ops = ensure_engine_and_model(plan, accelerator, prefix, user)
+        model_environment = dict(environment)
+        if plan["accelerator_override"]:  # clawbot_accelerator: the agent's own choice follows the inventory
+            model_environment["CLAWBOT_ACCELERATOR"] = plan["accelerator_override"]
         ensure_service("clawbot-model", "clawbot agent (model role)", f"{command} model", user, writable + plan["model_writable"],
-                       environment, manager, changed=agent_ops + model_ops + cert_ops, accelerator=accelerator)
+                       model_environment, manager, changed=agent_ops + model_ops + cert_ops, accelerator=accelerator)
     if plan["is_chat"]:
         ensure_service("clawbot-chat", "clawbot agent (chat role)", f"{command} chat", user, writable, environment,
                        manager, changed=agent_ops + cert_ops)
@@ -442,6 +445,7 @@ def main(argv=None) -> int:
             "engine": str(engine_binary) if engine_binary else "",
             "engine_file_given": engine_file_given,
             "accelerator": str(h.vars.get("clawbot_accelerator") or config["model_server"]["accelerator"]),
+            "accelerator_override": str(h.vars.get("clawbot_accelerator") or ""),
             "sdist": str(sdist) if sdist else "",
             "model_health_url": f"https://127.0.0.1:{gateway_port}/readyz",
             "chat_health_url": f"https://127.0.0.1:{config['chat']['port']}/healthz",

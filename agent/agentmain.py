@@ -41,13 +41,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
+ACCELERATOR_ENV = "CLAWBOT_ACCELERATOR"
+ACCELERATORS = ("auto", "cpu", "cuda", "vulkan", "rocm")
+
+
 def _load(path: str) -> dict:
     try:
-        return load_config(path)
+        config = load_config(path)
     except UnreadableFile as exc:
         raise ConfigErrorText(str(exc)) from None
     except ConfigError as exc:
         raise ConfigErrorText(str(exc)) from None
+    return with_node_overrides(config)
+
+
+def with_node_overrides(config: dict, environ=os.environ) -> dict:
+    """The one per-node setting clawbot.json (shared by the cluster) cannot hold: the inventory's
+    clawbot_accelerator, which deploy passes to the model agent's service as CLAWBOT_ACCELERATOR."""
+    value = environ.get(ACCELERATOR_ENV, "").strip()
+    if not value:
+        return config
+    if value not in ACCELERATORS:
+        raise ConfigErrorText(f"{ACCELERATOR_ENV}={value!r} is not one of {', '.join(ACCELERATORS)} "
+                              "(set by the inventory's clawbot_accelerator)")
+    config["model_server"]["accelerator"] = value
+    return config
 
 
 class ConfigErrorText(Exception):

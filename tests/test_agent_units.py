@@ -281,3 +281,12 @@ def test_gateway_admits_no_more_at_once_than_the_slots_the_model_server_got():
         return before, after, gateway.admission.max_concurrency
 
     assert asyncio.run(scenario()) == (4, 2, 4)
+
+
+def test_inventory_accelerator_reaches_the_agent_through_its_environment():
+    from clawbot.agentmain import ConfigErrorText, with_node_overrides
+
+    assert with_node_overrides(defaults(), {})["model_server"]["accelerator"] == "auto"
+    assert with_node_overrides(defaults(), {"CLAWBOT_ACCELERATOR": "cuda"})["model_server"]["accelerator"] == "cuda"
+    with pytest.raises(ConfigErrorText, match="CLAWBOT_ACCELERATOR='gpu' is not one of"):
+        with_node_overrides(defaults(), {"CLAWBOT_ACCELERATOR": "gpu"})
