@@ -219,7 +219,7 @@ def ensure_engine_and_model(plan: dict, accelerator: str, prefix: str, user: str
     engines = f"{prefix}/cache/clawbot/engine/{engine_module.LLAMA_CPP_PYTHON_VERSION}"
     built: list = []
     if accelerator != "cpu" and not plan["engine_file_given"]:
-        built = ensure_engine_built_on_node(accelerator, Path(plan["sdist"]), prefix)
+        built = ensure_engine_built_on_node(accelerator, Path(plan["sdist"]), prefix, plan["engine_name"], plan["offline"])
         engine, dest = None, ""
     elif accelerator != "cpu":
         engine, dest = Path(plan["engine"]), f"{engines}-{accelerator}-prebuilt/bin/{engine_module.SERVER_TARGET}"
@@ -273,18 +273,22 @@ def shell_on(pyinfra_host):
     return run_shell
 
 
-def prepare_wheelhouses(state, cache: Path, offline: bool, log=say) -> None:
+def prepare_wheelhouses(state, cache: Path, offline: bool, log=say, llama_engine: bool = False,
+                        llama_wheel: Path | None = None) -> None:
     """One wheelhouse per Python version the nodes run (/usr/bin/python3): a node may run another release
-    of Debian/Ubuntu than this machine, and binary wheels are built per Python version."""
+    of Debian/Ubuntu than this machine, and binary wheels are built per Python version. llama_engine
+    (model_server.engine llama-cpp-python): model nodes' wheelhouses also carry llama-cpp-python."""
     from roles import agent as agent_role
 
-    houses: dict[str, tuple[Path, str]] = {}
+    houses: dict[tuple[str, bool], tuple[Path, str]] = {}
     for pyinfra_host in state.inventory.iter_activated_hosts():
         ok, output = shell_on(pyinfra_host)("/usr/bin/python3 -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])'")
         version = output.strip() if ok and output.strip() else "%d.%d" % sys.version_info[:2]
-        if version not in houses:
-            houses[version] = agent_role.build_wheelhouse(cache, version, offline, log=log)
-        pyinfra_host.data.clawbot_wheelhouse = houses[version]  # host.data hands out copies: set, don't mutate
+        key = (version, llama_engine and pyinfra_host.data.clawbot_plan["is_model"])
+        if key not in houses:
+            houses[key] = agent_role.build_wheelhouse(cache, version, offline, log=log, with_llama=key[1],
+                                                      llama_wheel=llama_wheel)
+        pyinfra_host.data.clawbot_wheelhouse = houses[key]  # host.data hands out copies: set, don't mutate
 
 
 def preflight_model_nodes(state, model_info, config: dict, log=say) -> bool:
@@ -391,10 +395,12 @@ def main(argv=None) -> int:
     engine_binary = None
     engine_file_given = False
     sdist = None
+    llama_wheel = None
     if model_hosts:
         try:
             model_file = control_file(model_hosts, "clawbot_model_file", base)
             engine_binary = control_file(model_hosts, "clawbot_engine_file", base)
+            llama_wheel = control_file(model_hosts, "clawbot_llama_cpp_python_wheel", base)
         except ValueError as exc:
             print(f"deploy.py: {exc}", file=sys.stderr)
             return 1
@@ -444,6 +450,7 @@ def main(argv=None) -> int:
             "model_writable": [config["model_server"]["hugepages_mount"]] if staging else [],
             "engine": str(engine_binary) if engine_binary else "",
             "engine_file_given": engine_file_given,
+            "engine_name": config["model_server"]["engine"],
             "accelerator": str(h.vars.get("clawbot_accelerator") or config["model_server"]["accelerator"]),
             "accelerator_override": str(h.vars.get("clawbot_accelerator") or ""),
             "sdist": str(sdist) if sdist else "",
@@ -472,7 +479,8 @@ def main(argv=None) -> int:
     unreachable = [h.data.clawbot_name for h in state.inventory if h not in state.activated_hosts]
     if unreachable:
         print(f"deploy.py: cannot connect to {', '.join(unreachable)}", file=sys.stderr)
-    prepare_wheelhouses(state, cache, offline)
+    prepare_wheelhouses(state, cache, offline, llama_engine=config["model_server"]["engine"] == "llama-cpp-python",
+                        llama_wheel=llama_wheel)
     if model_file is not None and not preflight_model_nodes(state, sizing.read_model_info(model_file), config):
         return 1
     add_converge(state)

@@ -114,10 +114,22 @@ def resolve_node_accelerator(setting: str, has_nvidia_smi: bool) -> str:
     return setting
 
 
-@deploy("Ensure llama-server is built on the node for its GPU")
-def ensure_engine_built_on_node(accelerator: str, sdist: Path, prefix: str):
-    """Build tools, the CUDA toolkit where nvcc is missing, the sdist, then `clawbot build-engine` with the
-    agent's own venv, only when the binary is missing or the sdist changed. Returns the change markers."""
+# CMAKE_ARGS for llama-cpp-python on a GPU node (the `llama-cpp-python` engine); $ARCH is the compute
+# capability nvidia-smi reports, as `clawbot build-engine` uses for llama-server.
+LLAMA_CPP_PYTHON_GPU_ARGS = {
+    "cuda": "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$ARCH",
+    "vulkan": "-DGGML_VULKAN=on",
+    "rocm": "-DGGML_HIP=on",
+}
+CUDA_ARCH_SHELL = "ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')"
+
+
+@deploy("Ensure the model server engine is built on the node for its GPU")
+def ensure_engine_built_on_node(accelerator: str, sdist: Path, prefix: str, engine_name: str = "llama-server",
+                                offline: bool = True):
+    """Build tools, the CUDA toolkit where nvcc is missing, the sdist, then the engine: llama-server with
+    `clawbot build-engine`, or llama-cpp-python rebuilt in the agent's venv with the GPU's CMAKE_ARGS; only
+    when it is missing or the sdist changed. Returns the change markers."""
     from pyinfra import host
     from pyinfra.facts.files import File
     from pyinfra.operations import server
@@ -132,6 +144,8 @@ def ensure_engine_built_on_node(accelerator: str, sdist: Path, prefix: str):
     sdist_dest = f"{sdist_dir}/{sdist.name}"
     source = files.put(name=f"Ensure the llama-cpp-python sdist is at {sdist_dest} (checksum compared first)",
                        src=str(sdist), dest=sdist_dest, user="root", group="root", mode="644")
+    if engine_name == "llama-cpp-python":
+        return [_llama_cpp_python_for_gpu(accelerator, sdist_dest, prefix, source, offline)]
     engine_dir = node_engine_dir(prefix, accelerator)
     binary = f"{engine_dir}/bin/llama-server"
     build = (f"export PATH=/usr/local/cuda/bin:$PATH XDG_CACHE_HOME={prefix}/cache; "
@@ -143,6 +157,26 @@ def ensure_engine_built_on_node(accelerator: str, sdist: Path, prefix: str):
     else:
         built = server.shell(name=name, commands=[build])
     return [built]
+
+
+def _llama_cpp_python_for_gpu(accelerator: str, sdist_dest: str, prefix: str, source, offline: bool):
+    """The wheelhouse's llama-cpp-python is the portable CPU build; a GPU node replaces it in the venv with
+    one compiled for its GPU (a marker in the venv records the build, so a recreated venv builds again)."""
+    from pyinfra import host
+    from pyinfra.facts.files import File
+    from pyinfra.operations import server
+
+    marker = f"{prefix}/venv/.llama-cpp-python-{accelerator}"
+    args = LLAMA_CPP_PYTHON_GPU_ARGS[accelerator]
+    arch = CUDA_ARCH_SHELL + " && " if accelerator == "cuda" else ""
+    build = (f"{arch}export PATH=/usr/local/cuda/bin:$PATH CMAKE_ARGS=\"{args}\" FORCE_CMAKE=1 && "
+             f"{prefix}/venv/bin/pip install -q --disable-pip-version-check {'--no-index ' if offline else ''}"
+             f"--find-links {prefix}/wheelhouse "
+             f"--no-deps --no-cache-dir --force-reinstall {sdist_dest} && echo \"$CMAKE_ARGS\" > {marker}")
+    name = f"Ensure llama-cpp-python is built for {accelerator} in the agent's venv (several minutes)"
+    if host.get_fact(File, path=marker):
+        return server.shell(name=name, commands=[build], _if=source.did_change)
+    return server.shell(name=name, commands=[build])
 
 
 @deploy("Ensure the model file and the engine are on the model node")

@@ -230,3 +230,32 @@ def test_rollout_killed_midway_converges_when_rerun(first_run, nodes, cluster_in
     assert proc.returncode == 0
     proc, result = deploy(cluster_inventory)
     assert proc.returncode == 0 and changed_ops(result) == []
+
+
+def test_llama_cpp_python_engine_rolls_out_with_its_wheel(first_run, nodes, cluster_inventory, tmp_path):
+    """model_server.engine llama-cpp-python: the model node's wheelhouse carries llama-cpp-python and its
+    server's dependencies, the agent runs `python -m llama_cpp.server`, and the model answers. The wheel is
+    the one pip built for this machine's own `llama` extra (from pip's cache: no second compile), handed
+    over through clawbot_llama_cpp_python_wheel; the harness nodes run on this very CPU."""
+    chat, model = nodes
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "--disable-pip-version-check",
+                    "-w", str(wheels), "llama-cpp-python==0.3.36"], check=True, timeout=3600)
+    wheel = next(wheels.glob("llama_cpp_python-0.3.36-*.whl"))
+    inventory = tmp_path / "inventory"
+    shutil.copytree(cluster_inventory, inventory, ignore=shutil.ignore_patterns("result-*.json"))
+    config = json.loads((inventory / "clawbot.json").read_text())
+    config["model_server"]["engine"] = "llama-cpp-python"
+    (inventory / "clawbot.json").write_text(json.dumps(config, indent=2))
+    (inventory / "group_vars" / "model_nodes.yml").write_text(f"clawbot_llama_cpp_python_wheel: {wheel}\n")
+    try:
+        proc, result = deploy(inventory)
+        assert proc.returncode == 0, "rollout with the llama-cpp-python engine failed"
+        assert "model (gateway /readyz: loaded and able to generate) healthy" in proc.stdout
+        assert ssh(model, "/opt/clawbot/venv/bin/python -c 'import llama_cpp; print(llama_cpp.__version__)'").strip() == "0.3.36"
+        assert ssh(model, "pgrep -f 'llama_cpp.server --config_file' >/dev/null && echo running").strip() == "running"
+        # the chat node's agent has no use for it: its wheelhouse and venv stay without llama-cpp-python
+        assert ssh(chat, "/opt/clawbot/venv/bin/python -c 'import llama_cpp' 2>/dev/null || echo absent").strip() == "absent"
+    finally:
+        proc, _ = deploy(cluster_inventory)  # back to llama-server for anything that runs after
+        assert proc.returncode == 0
