@@ -253,9 +253,11 @@ def _existing_parent(path: Path) -> Path:
     return Path("/")
 
 
-def read_node(model_path: str, memory_limit: int | None = None) -> NodeFacts:
-    """This node's memory budget (MemAvailable, cgroup limit, --memory-limit: the lowest wins)."""
-    meminfo = read_meminfo()
+def available_memory(memory_limit: int | None = None,
+                     meminfo: dict[str, int] | None = None) -> tuple[int, str, int | None]:
+    """(bytes, where that figure comes from, the cgroup limit): MemAvailable, the cgroup's headroom and
+    memory_limit, the lowest wins. The supervisor sizes auto parallel slots with the same rule."""
+    meminfo = read_meminfo() if meminfo is None else meminfo
     available = meminfo.get("MemAvailable", meminfo.get("MemFree", 0))
     source = "MemAvailable"
     limit, usage = cgroup_memory()
@@ -263,6 +265,13 @@ def read_node(model_path: str, memory_limit: int | None = None) -> NodeFacts:
         available, source = max(0, limit - (usage or 0)), "cgroup memory limit"
     if memory_limit is not None and memory_limit < available:
         available, source = memory_limit, "--memory-limit"
+    return available, source, limit
+
+
+def read_node(model_path: str, memory_limit: int | None = None) -> NodeFacts:
+    """This node's memory budget (MemAvailable, cgroup limit, --memory-limit: the lowest wins)."""
+    meminfo = read_meminfo()
+    available, source, limit = available_memory(memory_limit, meminfo)
     disk = shutil.disk_usage(_existing_parent(Path(model_path)))
     return NodeFacts(
         memory_total=meminfo.get("MemTotal", 0), memory_available=available, memory_source=source,
@@ -345,12 +354,13 @@ def run_probes(model_path: str) -> ProbeResults:
 # --- the checks (pure) ---------------------------------------------------------------------------------
 
 
-def max_parallel_slots(info: sizing.ModelInfo, settings: RunSettings, available: int, limit: int = 16) -> int:
+def max_parallel_slots(info: sizing.ModelInfo, settings: RunSettings, available: int, limit: int = 16,
+                       n_ubatch: int = sizing.DEFAULT_UBATCH) -> int:
     """Most slots of context_window each that fit in `available` (0 if not even one)."""
     best = 0
     for slots in range(1, limit + 1):
         fit = sizing.size_model(info, settings.context_window * slots, slots, settings.cache_type_k,
-                                settings.cache_type_v, flash_attn=settings.flash_attn)
+                                settings.cache_type_v, n_ubatch=n_ubatch, flash_attn=settings.flash_attn)
         if fit.total_bytes > available:
             break
         best = slots

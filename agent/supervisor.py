@@ -329,12 +329,15 @@ def resolve_parallel_slots(config: dict, model_path: str, accelerator: str, gpu_
                                    f"{sizing.gib(gpu_free_bytes)} free ({sizing.gib(per_slot)} of KV cache each)")
     if host_free_bytes is None:
         return SlotPlan(wanted, "auto: model_gateway.max_concurrency (free memory unknown)")
-    for n in range(wanted, 0, -1):
-        fit = fit_for(n)
-        need = fit.total_bytes - (0 if weights_in_host_budget else fit.weights_bytes)
-        if need <= host_free_bytes:
-            return SlotPlan(n, f"auto: {n} of max_concurrency {wanted} slots fit in {sizing.gib(host_free_bytes)} "
-                               f"of free memory ({sizing.gib(fit_for(1).kv_bytes)} of KV cache each)")
+    from clawbot import preflight
+
+    # weights staged in huge pages are outside MemAvailable: they do not count against it
+    budget = host_free_bytes + (0 if weights_in_host_budget else info.tensor_bytes)
+    n = preflight.max_parallel_slots(info, preflight.settings_from_config(config), budget, limit=wanted,
+                                     n_ubatch=ubatch)
+    if n:
+        return SlotPlan(n, f"auto: {n} of max_concurrency {wanted} slots fit in {sizing.gib(host_free_bytes)} "
+                           f"of free memory ({sizing.gib(fit_for(1).kv_bytes)} of KV cache each)")
     return SlotPlan(1, f"auto: not even one slot of context_window {config['context_window']} fits in "
                        f"{sizing.gib(host_free_bytes)} of free memory; running 1 (preflight would have refused)")
 
@@ -469,16 +472,11 @@ def llama_cpp_python_settings(config: dict, model_path: str, api_key: str | None
 
 
 def _host_free_bytes() -> int | None:
-    """MemAvailable or the cgroup's headroom, whichever is lower (preflight.read_node's rule)."""
+    """MemAvailable or the cgroup's headroom, whichever is lower (preflight's rule); None when unknown."""
     try:
         from clawbot import preflight
 
-        meminfo = preflight.read_meminfo()
-        available = meminfo.get("MemAvailable", meminfo.get("MemFree"))
-        limit, usage = preflight.cgroup_memory()
-        if available is not None and limit is not None:
-            available = min(available, max(0, limit - (usage or 0)))
-        return available
+        return preflight.available_memory()[0] or None
     except Exception:  # noqa: BLE001 - unknown: the caller falls back to max_concurrency
         return None
 
