@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
+from clawbot.modelclient import sse_events
+
 DEFAULT_PROMPT_WORD = "hello "
 
 
@@ -105,17 +107,9 @@ async def _attempt(client: httpx.AsyncClient, url: str, body: dict, start: float
                 await resp.aread()
                 result.error = f"HTTP {resp.status_code}: {resp.text[:200]}"
                 return result
-            done = False
-            async for line in resp.aiter_lines():
-                # read the body to its end after [DONE] (as the openai client does): an abandoned body closes
-                # the keep-alive connection, and the next request would be timed with a new TLS handshake
-                if done or not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True
-                    continue
-                obj = json.loads(data)
+            # sse_events reads the body to its end after [DONE], as the openai client does: an abandoned body
+            # closes the keep-alive connection, and the next request would be timed with a new TLS handshake
+            async for obj in sse_events(resp):
                 if isinstance(obj.get("usage"), dict) and obj["usage"].get("completion_tokens") is not None:
                     usage_tokens = obj["usage"]["completion_tokens"]
                 if "error" in obj:

@@ -19,6 +19,21 @@ from clawbot import pki
 log = logging.getLogger("clawbot.chat.model")
 
 
+async def sse_events(response: httpx.Response) -> AsyncIterator[dict]:
+    """The JSON events of an OpenAI-style server-sent-event stream. After `data: [DONE]` the body is still
+    read to its end, not abandoned: an abandoned body closes the keep-alive connection, and the next request
+    would pay a new (mutual) TLS handshake. Used by the chat node and by `clawbot bench`."""
+    done = False
+    async for line in response.aiter_lines():
+        if done or not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            done = True
+            continue
+        yield json.loads(payload)
+
+
 class ModelUnavailable(Exception):
     """The gateway could not serve the request; `reason` says why (shown to the user, logged)."""
 
@@ -118,17 +133,7 @@ class ModelClient:
                             f"gateway is overloaded (429{', retry after ' + retry + ' s' if retry else ''})", 429)
                     raise ModelUnavailable(f"gateway answered {response.status_code}: {_error_text(response)}",
                                            response.status_code)
-                done = False
-                async for line in response.aiter_lines():
-                    # after [DONE] the body is read to its end, not abandoned: an abandoned body closes the
-                    # connection, and the next message would pay a new mTLS handshake
-                    if done or not line.startswith("data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == "[DONE]":
-                        done = True
-                        continue
-                    event = json.loads(payload)
+                async for event in sse_events(response):
                     if "error" in event:
                         raise StreamBroken(f"model error: {event['error']}")
                     started = True
