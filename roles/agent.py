@@ -62,10 +62,10 @@ def llama_cpp_python_wheel(cache_dir: Path, log=print) -> Path:
     built = sorted(out.glob("llama_cpp_python-*.whl")) if (out / ".complete").exists() else []
     if built:
         return built[0]
-    from roles.model import ensure_build_tools
+    from roles.model import engine_sdist, ensure_build_tools
 
     ensure_build_tools(log)
-    sdist = engine.fetch_sdist(engine.cache_root() / "sdist")
+    sdist = engine_sdist(log)
     log(f"building a portable llama-cpp-python {engine.LLAMA_CPP_PYTHON_VERSION} wheel for the nodes "
         "(once; several minutes on 2 cores)")
     out.mkdir(parents=True, exist_ok=True)
@@ -82,9 +82,9 @@ def llama_cpp_python_build_requires() -> list[str]:
     import tarfile
     import tomllib
 
-    from clawbot import engine
+    from roles.model import engine_sdist
 
-    sdist = engine.fetch_sdist(engine.cache_root() / "sdist")
+    sdist = engine_sdist()
     with tarfile.open(sdist) as tar:
         member = next(m for m in tar.getmembers() if m.name.count("/") == 1 and m.name.endswith("/pyproject.toml"))
         return list(tomllib.load(tar.extractfile(member))["build-system"]["requires"])

@@ -85,7 +85,7 @@ def ensure_build_tools(log=print) -> None:
 # What a GPU node needs to compile llama-server itself (its nvcc and driver decide the build, so it cannot be
 # built on the control machine). The CUDA toolkit package lives in Debian's contrib/non-free and Ubuntu's
 # multiverse components; a node that already has nvcc (NVIDIA's own packages, /usr/local/cuda) keeps it.
-ENGINE_BUILD_PACKAGES = ["build-essential", "cmake", "ninja-build"]
+ENGINE_BUILD_PACKAGES = sorted(set(BUILD_TOOLS.values()))
 CUDA_TOOLKIT_PACKAGE = "nvidia-cuda-toolkit"
 NVCC_PATHS = ["/usr/local/cuda/bin/nvcc", "/usr/bin/nvcc"]
 ENGINE_BUILD_SECONDS_HINT = {"cuda": "about 5 minutes on 16 cores, far longer on fewer"}
@@ -114,14 +114,13 @@ def resolve_node_accelerator(setting: str, has_nvidia_smi: bool) -> str:
     return setting
 
 
-# CMAKE_ARGS for llama-cpp-python on a GPU node (the `llama-cpp-python` engine); $ARCH is the compute
-# capability nvidia-smi reports, as `clawbot build-engine` uses for llama-server.
+# CMAKE_ARGS for llama-cpp-python on a GPU node (the `llama-cpp-python` engine); $ARCH is what
+# `clawbot build-engine` uses for llama-server (clawbot.engine.detect_cuda_arch, run by the agent's venv).
 LLAMA_CPP_PYTHON_GPU_ARGS = {
     "cuda": "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$ARCH",
     "vulkan": "-DGGML_VULKAN=on",
     "rocm": "-DGGML_HIP=on",
 }
-CUDA_ARCH_SHELL = "ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')"
 
 
 @deploy("Ensure the model server engine is built on the node for its GPU")
@@ -168,7 +167,8 @@ def _llama_cpp_python_for_gpu(accelerator: str, sdist_dest: str, prefix: str, so
 
     marker = f"{prefix}/venv/.llama-cpp-python-{accelerator}"
     args = LLAMA_CPP_PYTHON_GPU_ARGS[accelerator]
-    arch = CUDA_ARCH_SHELL + " && " if accelerator == "cuda" else ""
+    detect = "from clawbot.engine import detect_cuda_arch; print(detect_cuda_arch() or '')"
+    arch = f'ARCH=$({prefix}/venv/bin/python -c "{detect}") && ' if accelerator == "cuda" else ""
     build = (f"{arch}export PATH=/usr/local/cuda/bin:$PATH CMAKE_ARGS=\"{args}\" FORCE_CMAKE=1 && "
              f"{prefix}/venv/bin/pip install -q --disable-pip-version-check {'--no-index ' if offline else ''}"
              f"--find-links {prefix}/wheelhouse "
