@@ -93,16 +93,6 @@ SYNTAX_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", SYNTAX_CASES)
-def test_syntax_errors_have_exact_positions(tmp_path, name):
-    content, line, col, fragment = SYNTAX_CASES[name]
-    proc, path = validate(tmp_path, content)
-    assert proc.returncode == 1
-    first = proc.stdout.splitlines()[0]
-    assert first.startswith(f"{path}:{line}:{col}: error: "), first
-    assert fragment in first
-
-
 BYTE_CASES = {
     "bom": (b'\xef\xbb\xbf{"context_window": 4096}', 1, 1, "byte-order mark"),
     "utf16": ('{"a": 1}'.encode("utf-16"), 1, 1, "UTF-16"),
@@ -111,9 +101,9 @@ BYTE_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", BYTE_CASES)
-def test_bad_bytes(tmp_path, name):
-    content, line, col, fragment = BYTE_CASES[name]
+@pytest.mark.parametrize("name", [*SYNTAX_CASES, *BYTE_CASES])
+def test_syntax_errors_and_bad_bytes_have_exact_positions(tmp_path, name):
+    content, line, col, fragment = {**SYNTAX_CASES, **BYTE_CASES}[name]
     proc, path = validate(tmp_path, content)
     assert proc.returncode == 1
     first = proc.stdout.splitlines()[0]
