@@ -183,7 +183,6 @@ def converge():
     agent_ops = ensure_agent(plan["config_file"], wheelhouse, stamp, user, prefix, plan["offline"])
     manager = service_manager(plan["service_manager"])
     host.data.clawbot_service_manager_used = manager
-    python = f"{prefix}/venv/bin/python"
     command = f"{prefix}/venv/bin/clawbot agent --config /etc/clawbot/clawbot.json --role"
     environment = {"XDG_CACHE_HOME": f"{prefix}/cache", "HOME": "/var/lib/clawbot", "PYTHONUNBUFFERED": "1"}
     writable = ["/var/lib/clawbot", "/var/log/clawbot"]
@@ -378,7 +377,6 @@ def main(argv=None) -> int:
     say(f"inventory {inventory.source}: {len(inventory.hosts)} host(s), config {config_path} is valid")
 
     # -- control machine: CA, certificates, wheelhouse, model, engine
-    from roles import agent as agent_role
     from roles import model as model_role
     from roles import pki as pki_role
     from clawbot import sizing

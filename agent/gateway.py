@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Literal, Union
 
 import httpx
 from fastapi import FastAPI, Request

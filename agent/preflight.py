@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from clawbot import sizing
-from clawbot.sizing import GIB, MIB
+from clawbot.sizing import MIB
 
 BANDWIDTH_MIN_GBPS = 60.0
 STORAGE_MIN_MBPS = 500.0

@@ -7,7 +7,6 @@ than a third of their lifetime left) are flagged: re-running deploy renews them.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import ssl
