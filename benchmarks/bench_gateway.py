@@ -2,7 +2,7 @@
 
     python benchmarks/bench_gateway.py [--out benchmarks/results/gateway.json] [--requests 8]
 
-On one generated ~120 MB Q8_0 model (clawbot.modelgen preset test-100m, random weights: speed does not
+On one generated ~120 MB Q8_0 model (clawbot.tools.modelgen preset test-100m, random weights: speed does not
 depend on the values):
 1. gateway vs direct llama-server, 1 stream: first-token p50 and output tokens/s ratios;
 2. aggregate output tokens/s at 4 concurrent streams: gateway+llama-server, raw llama-server,
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from clawbot import bench  # noqa: E402
-from clawbot.engine import build_engine, find_llama_server  # noqa: E402
+from clawbot.model.engines.build import build_engine, find_llama_server  # noqa: E402
 from tests.fixtures_agent import Agent, agent_config, free_port, make_pki, wait_for  # noqa: E402
 from tests.fixtures_models import write_model_file  # noqa: E402
 
@@ -108,7 +108,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating gateway/direct rounds")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--skip-sizes", action="store_true", help="skip the start-time-vs-size series")
-    parser.add_argument("--preset", default="test-100m", help="clawbot.modelgen preset of the benchmark model")
+    parser.add_argument("--preset", default="test-100m", help="clawbot.tools.modelgen preset of the benchmark model")
     parser.add_argument("--quant", default="Q8_0", choices=["Q8_0", "Q4_0"])
     args = parser.parse_args()
 

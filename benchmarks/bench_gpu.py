@@ -5,7 +5,7 @@
 
 Steps, all on the machine with the GPU:
 1. build the engine for the accelerator (`clawbot build-engine`: llama-server + llama-bench, CMAKE_CUDA_ARCHITECTURES
-   from nvidia-smi's compute capability) while the model is generated next to it (clawbot.modelgen:
+   from nvidia-smi's compute capability) while the model is generated next to it (clawbot.tools.modelgen:
    Llama-3-8B shapes, Q4_0, random weights: speed does not depend on the weights' values);
 2. raw llama-bench (pp512 / tg128, all layers on the GPU, flash attention on);
 3. raw llama-server with the very command line the clawbot supervisor builds (no API key, no gateway),
@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 
 from clawbot import bench, engine, preflight, supervisor  # noqa: E402
-from clawbot.config import load_config  # noqa: E402
+from clawbot.common.config import load_config  # noqa: E402
 from tests.fixtures_agent import Agent, agent_config, free_port, make_pki, wait_for  # noqa: E402
 
 # Targets of issue 9 (full stack vs raw llama-server, and first token through the gateway).

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_hugepages.py [--rounds 6] [--preset llama-3.2-1b] [--quant Q8_0]
 
-One generated model of >= 0.8 GB (clawbot.modelgen, random weights: speed does not depend on the values),
+One generated model of >= 0.8 GB (clawbot.tools.modelgen, random weights: speed does not depend on the values),
 kept in ~/.cache/clawbot/bench (never in the repo). Two llama-server processes of this process tree run
 side by side, -t 1 each (2 cores), one on the ext4 file and one on the staged copy, both `-lm mmap`; the
 runs alternate between them (ABBA order) so drift in the VM hits both alike. Per run: prefill tok/s (a
@@ -36,10 +36,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from clawbot import sizing, staging  # noqa: E402
-from clawbot.config import defaults  # noqa: E402
-from clawbot.engine import build_engine, find_llama_server  # noqa: E402
+from clawbot.common.config import defaults  # noqa: E402
+from clawbot.model.engines.build import build_engine, find_llama_server  # noqa: E402
 from bench_gateway import evict  # noqa: E402  (drops only this file from the page cache)
-from clawbot.supervisor import file_sha256, llama_server_command, model_mappings  # noqa: E402
+from clawbot.model.supervisor import file_sha256, llama_server_command, model_mappings  # noqa: E402
 from tests.fixtures_agent import free_port  # noqa: E402
 from tests.fixtures_models import write_model_file  # noqa: E402
 

@@ -14,9 +14,6 @@ only then moved over the live file (atomic rename): a bad config never replaces 
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from pyinfra import host
@@ -29,102 +26,9 @@ CONFIG_DIR = "/etc/clawbot"
 CONFIG_PATH = f"{CONFIG_DIR}/clawbot.json"
 STAGED_CONFIG = f"{CONFIG_DIR}/clawbot.json.staged"
 STATE_DIR = "/var/lib/clawbot"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- control machine --------------------------------------------------------------------------
-
-
-def source_digest() -> str:
-    """A digest of what goes into the agent wheel: rebuild (and reinstall on nodes) only when it changes."""
-    digest = hashlib.sha256()
-    for base in ("agent", "schemas"):
-        for path in sorted((ROOT / base).rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts:
-                digest.update(str(path.relative_to(ROOT)).encode())
-                digest.update(path.read_bytes())
-    digest.update((ROOT / "pyproject.toml").read_bytes())
-    return digest.hexdigest()[:16]
-
-
-# llama-cpp-python (the `llama-cpp-python` engine) ships no binary wheels: it is compiled once here for any
-# AVX2-class CPU (GGML_NATIVE=OFF, as the portable llama-server) and goes to nodes in the wheelhouse. Its wheel
-# loads its library through ctypes, so one build serves every Python version.
-LLAMA_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
-
-
-def llama_cpp_python_wheel(cache_dir: Path, log=print) -> Path:
-    """The portable llama-cpp-python wheel, built once from the pinned sdist (several minutes on 2 cores)."""
-    from clawbot import engine
-
-    key = hashlib.sha256(f"{engine.LLAMA_CPP_PYTHON_VERSION} {LLAMA_CMAKE_ARGS}".encode()).hexdigest()[:12]
-    out = cache_dir / f"llama-cpp-python-{engine.LLAMA_CPP_PYTHON_VERSION}-{key}"
-    built = sorted(out.glob("llama_cpp_python-*.whl")) if (out / ".complete").exists() else []
-    if built:
-        return built[0]
-    from roles.model import engine_sdist, ensure_build_tools
-
-    ensure_build_tools(log)
-    sdist = engine_sdist(log)
-    log(f"building a portable llama-cpp-python {engine.LLAMA_CPP_PYTHON_VERSION} wheel for the nodes "
-        "(once; several minutes on 2 cores)")
-    out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, CMAKE_ARGS=LLAMA_CMAKE_ARGS, FORCE_CMAKE="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
-    # --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and would hand back a -march=native build
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-q", "-w", str(out),
-                    str(sdist)], check=True, env=env)
-    (out / ".complete").write_text(LLAMA_CMAKE_ARGS)
-    return sorted(out.glob("llama_cpp_python-*.whl"))[0]
-
-
-def llama_cpp_python_build_requires() -> list[str]:
-    """[build-system] requires of the pinned sdist (read from it, not copied here)."""
-    import tarfile
-    import tomllib
-
-    from roles.model import engine_sdist
-
-    sdist = engine_sdist()
-    with tarfile.open(sdist) as tar:
-        member = next(m for m in tar.getmembers() if m.name.count("/") == 1 and m.name.endswith("/pyproject.toml"))
-        return list(tomllib.load(tar.extractfile(member))["build-system"]["requires"])
-
-
-def build_wheelhouse(cache_dir: Path, python_version: str, offline: bool, log=print,
-                     with_llama: bool = False, llama_wheel: Path | None = None) -> tuple[Path, str]:
-    """The agent wheel (reproducible: fixed timestamps) plus, offline, every dependency for the node's Python;
-    with_llama (model_server.engine llama-cpp-python): also the `llama` extra, with llama_wheel (the
-    inventory's clawbot_llama_cpp_python_wheel) or else llama-cpp-python built here.
-
-    Returns (wheelhouse directory, its stamp). Built once per source digest, Python version and llama wheel."""
-    digest = source_digest()
-    extra = ""
-    if with_llama:
-        chosen = hashlib.sha256(llama_wheel.read_bytes()).hexdigest()[:8] if llama_wheel else "portable"
-        extra = f"-llama-{chosen}"
-    house = cache_dir / f"wheelhouse-{digest}-py{python_version}-{'offline' if offline else 'online'}{extra}"
-    stamp = f"{digest}-{python_version}-{int(offline)}{extra}"
-    if (house / ".complete").exists():
-        return house, stamp
-    house.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, SOURCE_DATE_EPOCH="315532800", PIP_DISABLE_PIP_VERSION_CHECK="1")
-    log(f"building the agent wheel ({digest})")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(house), str(ROOT)], check=True,
-                   env=env)
-    wheel = next(house.glob("clawbot-*.whl"))
-    if with_llama:
-        llama = llama_wheel or llama_cpp_python_wheel(cache_dir, log=log)
-        (house / llama.name).write_bytes(llama.read_bytes())
-    if offline:
-        log(f"downloading the agent's dependencies for Python {python_version} into the wheelhouse")
-        # --find-links: llama-cpp-python resolves to the wheel built above, never to PyPI's sdist
-        wanted = [f"{wheel}[llama]"] if with_llama else [str(wheel)]
-        if with_llama:  # what a GPU node needs to rebuild it from the sdist without an index
-            wanted += llama_cpp_python_build_requires()
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(house), "--only-binary", ":all:",
-                        "--find-links", str(house), "--python-version", python_version, *wanted], check=True, env=env)
-    (house / ".complete").write_text(stamp)
-    return house, stamp
 
 
 # --- node ---------------------------------------------------------------------------------------

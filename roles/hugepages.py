@@ -1,7 +1,7 @@
 """Model nodes reserve the 2 MiB huge pages their weights need, persistently, and say what they got.
 
 Settings (inventory variables, defaults in docs/inventory.md):
-- `clawbot_hugepages_count`: `auto` (default) = `clawbot.sizing.hugepages_for(model file bytes)`, the same
+- `clawbot_hugepages_count`: `auto` (default) = `clawbot.common.sizing.hugepages_for(model file bytes)`, the same
   computation `clawbot preflight` uses: the model's bytes rounded up to 2 MiB pages plus headroom
   (max(4 pages, 1 %)). Only when clawbot.json's `model_server.hugepages` is `stage`, `reserve` or `auto`;
   `off` leaves the kernel's setting alone.
@@ -37,12 +37,6 @@ FSTAB = "/etc/fstab"
 
 def fstab_line(path: str, user: str) -> str:
     return f"clawbot-hugepages {path} hugetlbfs uid={user},gid={user},mode=0700,pagesize=2M 0 0"
-
-def reserved_pages(run_shell) -> int:
-    """HugePages_Total as the kernel reports it now (deploy.py reads it after the run: asked vs got)."""
-    ok, output = run_shell("grep HugePages_Total /proc/meminfo")
-    return int(output.split()[1]) if ok and output.split() else 0
-
 
 @operation()
 def thp_policy(policy: str):

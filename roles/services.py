@@ -9,7 +9,6 @@ installed agent, the model file), and started whenever it is not running (a stop
 
 from __future__ import annotations
 
-import shlex
 from io import BytesIO
 
 from pyinfra import host
@@ -20,6 +19,17 @@ from pyinfra.operations import apt, files, server, systemd, sysvinit
 
 UNIT_DIR = "/etc/systemd/system"
 SUPERVISOR_DIR = "/etc/supervisor/conf.d"
+WRITABLE = ("/var/lib/clawbot", "/var/log/clawbot")  # all an agent's unit may write (ProtectSystem=strict)
+
+
+def agent_command(prefix: str, role: str) -> str:
+    """The agent's command line for a role, from its venv under clawbot_prefix."""
+    return f"{prefix}/venv/bin/clawbot agent --config /etc/clawbot/clawbot.json --role {role}"
+
+
+def agent_environment(prefix: str) -> dict:
+    """The agent's environment: its cache (engines) under the prefix, its home in its state directory."""
+    return {"XDG_CACHE_HOME": f"{prefix}/cache", "HOME": "/var/lib/clawbot", "PYTHONUNBUFFERED": "1"}
 
 
 def service_manager(setting: str) -> str:
@@ -130,26 +140,6 @@ def supervisor_program_running(program: str):
         host.noop(f"{program} already running")
         return
     yield f"supervisorctl start {program}"
-
-
-def health_probe(url: str, python: str, tls: dict, deadline_s: float) -> str:
-    """A shell command, run on the node after the rollout, that polls an agent's health URL over mTLS.
-
-    Not an operation: checking health changes nothing, so it must not count as a change."""
-    script = (
-        "import ssl,sys,time,urllib.request,urllib.error\n"
-        f"ctx=ssl.create_default_context(cafile={tls['ca_cert']!r})\n"
-        f"ctx.load_cert_chain({tls['client_cert']!r},{tls['client_key']!r})\n"
-        f"end=time.monotonic()+{deadline_s}\nlast=''\n"
-        "while time.monotonic()<end:\n"
-        "    try:\n"
-        f"        urllib.request.urlopen({url!r},context=ctx,timeout=5); print('healthy'); sys.exit(0)\n"
-        "    except urllib.error.HTTPError as e: last=f'HTTP {e.code} {e.read()[:300]!r}'\n"
-        "    except Exception as e: last=repr(e)\n"
-        "    time.sleep(1)\n"
-        f"print('not healthy after {deadline_s:.0f} s: '+last); sys.exit(1)\n"
-    )
-    return f"{python} -c {shlex.quote(script)}"
 
 
 @deploy("Ensure the clawbot agent service runs")

@@ -22,7 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from clawbot import engine, pki
+from clawbot.model.engines import build as engine
+from clawbot.common import pki
 from tests.fixtures_models import models_dir, tiny_gguf  # noqa: F401  (re-exported for test modules)
 
 CLIENT_NAME = "chat.clawbot.test"

@@ -3,7 +3,7 @@
 Import explicitly from a test module in tests/:
     from fixtures_chat import chat_pki, model_agent, ChatAgent, ...  # noqa: F401
 
-Everything here is real: certificates from clawbot.pki, `clawbot agent --role model` (supervised
+Everything here is real: certificates from clawbot.common.pki, `clawbot agent --role model` (supervised
 llama-server on a tiny random-weight GGUF behind the mTLS gateway), `clawbot agent --role chat`.
 Processes are started by the fixture, stopped by their pid (SIGTERM, then SIGKILL after a deadline),
 and every wait polls with a deadline.
@@ -33,7 +33,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from clawbot import pki
+from clawbot.common import pki
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: small random-weight GGUFs written by clawbot.modelgen, once per session.
+"""Shared pytest fixtures: small random-weight GGUFs written by clawbot.tools.modelgen, once per session.
 
 Use from a test module in tests/:   from fixtures_models import tiny_gguf  # noqa: F401
 (pytest puts tests/ on sys.path for modules there; from a subfolder add `pytest_plugins = ["fixtures_models"]`
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from clawbot import modelgen
+from clawbot.tools import modelgen
 
 
 def write_model_file(directory: Path, preset: str = "tiny", quant: str = "Q8_0", **overrides) -> Path:

@@ -112,7 +112,7 @@ def test_sighup_with_changed_model_settings_restarts_the_model(own_agent):
         model = own_agent.status()["model"]
         assert "2048" in model["command"]  # -c = 1024 x 2 slots
         # mlock is reported from /proc/PID/status (VmLck), not assumed: as root (CAP_IPC_LOCK) it takes effect
-        from clawbot.supervisor import can_mlock
+        from clawbot.model.supervisor import can_mlock
 
         size = Path(model["model_path"]).stat().st_size
         assert model["memory"]["mlock_effective"] is can_mlock(size)

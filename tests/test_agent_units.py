@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from clawbot import supervisor
-from clawbot.admission import Admission, Rejected
-from clawbot.config import defaults
+from clawbot.model import supervisor
+from clawbot.model.admission import Admission, Rejected
+from clawbot.common.config import defaults
 
 
 # --------------------------------------------------------------------------- start with a bad config
@@ -197,7 +197,7 @@ def test_memory_evidence_reads_the_mapping_of_the_model_file(tmp_path):
 
 
 def test_stream_observer_counts_tokens_in_lf_and_crlf_streams():
-    from clawbot.gateway import StreamObserver
+    from clawbot.model.gateway import StreamObserver
 
     events = [{"choices": [{"delta": {"role": "assistant"}}]}, {"choices": [{"delta": {"content": "a"}}]},
               {"choices": [{"delta": {"content": "b"}}]}, {"choices": [], "usage": {"completion_tokens": 3}}]
@@ -220,7 +220,7 @@ def test_gateway_resends_once_when_the_model_server_closes_without_answering():
 
     import httpx
 
-    from clawbot.gateway import Gateway
+    from clawbot.model.gateway import Gateway
 
     async def scenario(silent_closes: int) -> tuple[int | None, int]:
         seen = {"connections": 0}
@@ -260,7 +260,7 @@ def test_gateway_admits_no_more_at_once_than_the_slots_the_model_server_got():
     the gateway's concurrency follows, so the rest wait in its queue, not invisibly inside llama-server."""
     import types
 
-    from clawbot.gateway import Gateway
+    from clawbot.model.gateway import Gateway
 
     config = defaults()
     config["model_gateway"]["max_concurrency"] = 4

@@ -1,4 +1,4 @@
-"""clawbot.engine: flag logic for every accelerator (no GPU here), source handling, cache, and a real build."""
+"""clawbot.model.engines.build: flag logic for every accelerator (no GPU here), source handling, cache, and a real build."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from clawbot import cli, engine
+from clawbot import cli
+from clawbot.model.engines import build as engine
 
 LLAMA_CPP_OPTIONS = {"LLAMA_BUILD_SERVER", "LLAMA_USE_PREBUILT_UI", "LLAMA_OPENSSL", "LLAMA_BUILD_APP", "GGML_NATIVE"}
 

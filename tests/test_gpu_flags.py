@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from clawbot import engine, preflight, sizing, supervisor
-from clawbot.config import defaults
-from clawbot.sizing import MIB
+from clawbot.model.engines import build as engine
+from clawbot.common import preflight
+from clawbot.common import sizing
+from clawbot.model import supervisor
+from clawbot.common.config import defaults
+from clawbot.common.sizing import MIB
 from tests.fixtures_models import write_model_file
 
 # What `nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader,nounits` printed on the

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from clawbot import staging, sizing
-from clawbot.supervisor import file_sha256
+from clawbot.model import staging
+from clawbot.common import sizing
+from clawbot.model.supervisor import file_sha256
 from tests.fixtures_agent import (  # noqa: F401  (fixtures)
     llama_server_binary,
     models_dir,
@@ -172,7 +173,7 @@ def test_unprivileged_agent_needs_the_rollouts_mount(tmp_path):
 def test_rollout_mounts_hugetlbfs_for_the_agent_where_its_sandbox_can_write():
     """The unprivileged service can only stage into a mount the rollout made: owned by its user, 2M pages,
     outside /dev (PrivateDevices=yes hides /dev), and in the unit's ReadWritePaths (ProtectSystem=strict)."""
-    from clawbot.config import defaults
+    from clawbot.common.config import defaults
     from roles.hugepages import fstab_line
     from roles.services import systemd_unit
 

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from clawbot.inventory import VAULTED, InventoryError, check_inventory, load_inventory
+from clawbot.control.inventory import VAULTED, InventoryError, check_inventory, load_inventory
 from tests.fixtures_models import models_dir, tiny_gguf  # noqa: F401  (fixtures)
 
 VAULT_PASSWORD = "correct horse battery staple"

@@ -1,4 +1,4 @@
-"""clawbot.modelgen: the random-weight GGUFs load and generate in real llama.cpp and have exact sizes."""
+"""clawbot.tools.modelgen: the random-weight GGUFs load and generate in real llama.cpp and have exact sizes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import gguf
 import numpy as np
 import pytest
 
-from clawbot import cli, modelgen
+from clawbot import cli
+from clawbot.tools import modelgen
 from fixtures_models import gguf_100m, models_dir, tiny_gguf, tiny_gguf_q4, write_model_file  # noqa: F401
 
 

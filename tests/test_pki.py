@@ -1,4 +1,4 @@
-"""clawbot.pki: real certificates, real TLS handshakes over loopback, real files."""
+"""clawbot.common.pki: real certificates, real TLS handshakes over loopback, real files."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from clawbot import pki
+from clawbot.common import pki
 
 CLUSTER_DNS = "cluster.internal"
 SERVER_NAME = "model-1.cluster.internal"

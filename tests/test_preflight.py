@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from clawbot import preflight, sizing
+from clawbot.common import preflight
+from clawbot.common import sizing
 from fixtures_models import gguf_100m, models_dir, tiny_gguf  # noqa: F401
 
 

@@ -7,7 +7,8 @@ import sys
 
 from roles.hosts import hosts_block
 from roles.preflight import parse_probe
-from roles.services import health_probe, supervisor_program, systemd_unit
+from clawbot.control.rollout import health_probe
+from roles.services import supervisor_program, systemd_unit
 
 
 def test_hosts_block_is_sorted_and_stable():
@@ -55,7 +56,7 @@ def test_parse_probe_counts_memory_held_by_the_running_services():
 
 def test_health_probe_fails_fast_with_the_reason_when_nothing_listens(tmp_path):
     tls = {"ca_cert": str(tmp_path / "ca.pem"), "client_cert": str(tmp_path / "c.pem"), "client_key": str(tmp_path / "c.key")}
-    from clawbot import pki
+    from clawbot.common import pki
 
     ca_key, ca_cert = pki.create_ca("t", permitted_dns=["localhost"], permitted_ips=["127.0.0.1"])
     key, cert = pki.issue_client_cert(ca_key, ca_cert, "c", dns_names=["localhost"])

@@ -9,8 +9,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from clawbot.config import check_bytes, defaults, load_schema
-from clawbot.schemadocs import PAGES, render
+from clawbot.common.config import check_bytes, defaults, load_schema
+from clawbot.common.schemadocs import PAGES, render
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""clawbot.sizing: exact byte counts from GGUF headers, checked against llama.cpp's own load log."""
+"""clawbot.common.sizing: exact byte counts from GGUF headers, checked against llama.cpp's own load log."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import math
 import gguf
 import pytest
 
-from clawbot import modelgen, sizing
+from clawbot.tools import modelgen
+from clawbot.common import sizing
 from fixtures_models import (  # noqa: F401
     llama_load_log, models_dir, parse_compute_mib, parse_kv, parse_model_buffer_mib, tiny_gguf, tiny_gguf_q4,
     write_model_file,

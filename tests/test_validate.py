@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from clawbot.config import check_bytes, load_config, ConfigError, defaults
+from clawbot.common.config import check_bytes, load_config, ConfigError, defaults
 
 ARTICLE = ('{"model_gateway": {"endpoint": "http://192.168.1.100:5000","max_tokens": 4096,"temperature": 0.7},'
            '"context_window": 32768,"fallback_strategies": ["web_search","knowledge_base"]}')

@@ -7,7 +7,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clawbot.config import check_bytes, load_schema
+from clawbot.common.config import check_bytes, load_schema
 
 VALID = json.dumps(
     {

@@ -2,7 +2,7 @@
 
 Role `model`: validates the config, starts the supervised model server on loopback and the mTLS
 gateway in front of it, reloads on SIGHUP and picks up rotated certificates without a restart.
-Role `chat`: hands over to clawbot.chat.serve.
+Role `chat`: hands over to clawbot.chat.service.serve.
 
 Exit status 78 (EX_CONFIG from sysexits.h) means "the config is invalid or unreadable, nothing was
 started": the systemd unit sets RestartPreventExitStatus=78 so a broken config does not restart-loop,
@@ -20,7 +20,7 @@ import ssl
 import sys
 from pathlib import Path
 
-from clawbot.config import ConfigError, UnreadableFile, gateway_host_port, load_config
+from clawbot.common.config import ConfigError, UnreadableFile, gateway_host_port, load_config
 
 EXIT_CONFIG = 78
 DEFAULT_STATE_DIR = "/var/lib/clawbot/agent"
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         print(str(exc), file=sys.stderr)
         return EXIT_CONFIG
     if args.role == "chat":
-        from clawbot import chat
+        from clawbot.chat import service as chat
 
         return int(chat.serve(config, args.config) or 0)
     missing = [f"{key}: {path}" for key, path in config["tls"].items()
@@ -108,9 +108,9 @@ class ModelNode:
     async def serve(self) -> int:
         import uvicorn
 
-        from clawbot import mtls
-        from clawbot.gateway import Gateway, create_app
-        from clawbot.supervisor import Supervisor
+        from clawbot.common import mtls
+        from clawbot.model.gateway import Gateway, create_app
+        from clawbot.model.supervisor import Supervisor
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tls = self.config["tls"]

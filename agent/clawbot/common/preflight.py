@@ -1,7 +1,7 @@
 """`clawbot preflight`: will this model run on this node, and with what settings?
 
 Run on a node before (or instead of) a rollout. It sizes the model exactly from its GGUF header
-(clawbot.sizing), reads what the node really has (memory, cgroup limit, huge pages, disk, GPU), runs two
+(clawbot.common.sizing), reads what the node really has (memory, cgroup limit, huge pages, disk, GPU), runs two
 short probes (memory bandwidth, model-file read speed) and checks the article's rules of thumb:
 
 * error:   the exact need (weights + KV cache + compute buffers) exceeds available memory -> exit 1
@@ -30,8 +30,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from clawbot import sizing
-from clawbot.sizing import MIB
+from clawbot.common import sizing
+from clawbot.common.sizing import MIB
 
 BANDWIDTH_MIN_GBPS = 60.0
 STORAGE_MIN_MBPS = 500.0
@@ -43,7 +43,7 @@ STORAGE_PROBE_SECONDS = 1.5
 STORAGE_PROBE_MIN_BYTES = 32 * MIB  # below this a read-speed number says little: reported, not judged
 UNLIMITED = 1 << 60  # cgroup "no limit" is reported as a huge number
 
-# Used when no clawbot.config can be imported; the same values the schema sets as defaults when it can.
+# Used when no clawbot.common.config can be imported; the same values the schema sets as defaults when it can.
 FALLBACK_SETTINGS = {"context_window": 32768, "parallel_slots": 1, "cache_type_k": "f16", "cache_type_v": "f16",
                      "flash_attention": "auto", "model_path": "/var/lib/clawbot/models/model.gguf"}
 
@@ -500,10 +500,10 @@ def parse_bytes(text: str) -> int:
 
 
 def settings_from(args: argparse.Namespace) -> RunSettings:
-    """clawbot.json (checked and with defaults, via clawbot.config) overridden by flags."""
+    """clawbot.json (checked and with defaults, via clawbot.common.config) overridden by flags."""
     values = dict(FALLBACK_SETTINGS)
     try:
-        from clawbot import config as config_module
+        from clawbot.common import config as config_module
     except ImportError:
         config_module = None
     if args.config:
@@ -602,6 +602,11 @@ def _slots(server: dict, max_concurrency: int) -> tuple[int, bool]:
     if server.get("engine", "llama-server") != "llama-server":
         return 1, False
     return max_concurrency, True
+
+
+def check_config(info: sizing.ModelInfo, config: dict, node: NodeFacts) -> PreflightReport:
+    """Preflight for a checked clawbot.json on a node described by `node` (deploy reads it over SSH)."""
+    return evaluate(info, settings_from_config(config), node)
 
 
 def declared_fit(info: sizing.ModelInfo, config: dict, memory_mib: int) -> PreflightReport:

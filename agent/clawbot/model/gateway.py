@@ -22,11 +22,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from clawbot import pki
-from clawbot.admission import Admission, Rejected
-from clawbot.mtls import peer_cert_der
+from clawbot.common import pki
+from clawbot.model.admission import Admission, Rejected
+from clawbot.common.mtls import peer_cert_der
 
-log = logging.getLogger("clawbot.gateway")
+log = logging.getLogger("clawbot.model.gateway")
 
 # Only these paths reach the app; everything llama-server has besides (/slots, /props, ...) stays private.
 UPSTREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=30.0)
@@ -496,7 +496,7 @@ class Gateway:
         would not add it (plain text unless add_special; a rendered chat, whose template adds its own)."""
         import os
 
-        from clawbot import chattemplate
+        from clawbot.common import chattemplate
 
         async def tok(text: str) -> list[int]:
             r = await self.client.post("/extras/tokenize", json={"input": text})

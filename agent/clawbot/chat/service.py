@@ -32,13 +32,14 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from clawbot import __version__, pki
-from clawbot.context import ContextKeeper, ContextTooLong, Settings
-from clawbot.fallbacks import Fallbacks
-from clawbot.modelclient import ModelClient, ModelUnavailable, StreamBroken
-from clawbot.store import NotFound, Store
+from clawbot import __version__
+from clawbot.common import pki
+from clawbot.chat.context import ContextKeeper, ContextTooLong, Settings
+from clawbot.chat.fallbacks import Fallbacks
+from clawbot.common.modelclient import ModelClient, ModelUnavailable, StreamBroken
+from clawbot.chat.store import NotFound, Store
 
-log = logging.getLogger("clawbot.chat")
+log = logging.getLogger("clawbot.chat.service")
 
 WEB_DIR = Path(__file__).parent / "web"
 MAX_MESSAGE_CHARS = 32000
@@ -118,7 +119,7 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
         return state["runtime"]
 
     async def reload() -> None:
-        from clawbot.config import ConfigError, load_config
+        from clawbot.common.config import ConfigError, load_config
 
         if not config_path:
             log.warning("SIGHUP: no config path known, nothing to reload")
@@ -409,12 +410,12 @@ def serve(config: dict, config_path: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m clawbot.chat --config PATH`: the same as `clawbot agent --role chat` (for development)."""
+    """`python -m clawbot.chat.service --config PATH`: the same as `clawbot agent --role chat` (for development)."""
     import argparse
 
-    from clawbot.config import load_config
+    from clawbot.common.config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m clawbot.chat")
+    parser = argparse.ArgumentParser(prog="python -m clawbot.chat.service")
     parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)
     return serve(load_config(args.config), args.config)

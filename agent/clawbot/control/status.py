@@ -8,13 +8,12 @@ than a third of their lifetime left) are flagged: re-running deploy renews them.
 from __future__ import annotations
 
 import json
-import os
 import ssl
 import sys
 from pathlib import Path
 
 
-CONTROL_NAME = "clawbot-control"  # the control machine's client certificate (deploy.py issues it)
+from clawbot.control.state import CONTROL_NAME
 
 
 def add_arguments(parser) -> None:
@@ -24,20 +23,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per node (default 10)")
 
 
-def _state_dir(inventory, base: Path) -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from deploy import state_directory
-
-    return state_directory(inventory, base)
-
-
 def _peer_certificate(address: str, port: int, ca: str, cert: str, key: str, timeout: float) -> dict:
     """Expiry and lifetime left of the certificate a node presents (its server certificate)."""
     import socket
 
     from cryptography import x509
 
-    from clawbot import pki
+    from clawbot.common import pki
 
     context = ssl.create_default_context(cafile=ca)
     context.load_cert_chain(cert, key)
@@ -51,7 +43,7 @@ def _peer_certificate(address: str, port: int, ca: str, cert: str, key: str, tim
 def node_status(host, role: str, config: dict, material: Path, timeout: float) -> dict:
     import httpx
 
-    from clawbot.config import gateway_host_port
+    from clawbot.common.config import gateway_host_port
 
     control = material / "nodes" / CONTROL_NAME
     ca, cert, key = str(material / "ca" / "ca.pem"), str(control / "client.pem"), str(control / "client.key")
@@ -92,23 +84,27 @@ def _describe(row: dict) -> tuple[str, str, str, str]:
 
 
 def run(args) -> int:
-    from clawbot.config import check_file
-    from clawbot.inventory import InventoryError, load_inventory
+    from clawbot.common.config import check_file
+    from clawbot.control import planning
+    from clawbot.control.inventory import InventoryError, load_inventory
+    from clawbot.control.state import state_directory
 
     try:
         inventory = load_inventory(args.inventory, args.vault_password_file)
     except InventoryError as exc:
         print(f"clawbot status: {exc}", file=sys.stderr)
         return 2
-    base = Path(args.inventory) if os.path.isdir(args.inventory) else Path(args.inventory).parent
-    config_name = next((h.vars.get("clawbot_config_file") for h in inventory.hosts.values()
-                        if h.vars.get("clawbot_config_file")), "clawbot.json")
-    result = check_file(str(base / config_name))
+    base = planning.inventory_base(args.inventory)
+    try:
+        result = check_file(str(planning.config_path(inventory, base)))
+    except ValueError as exc:
+        print(f"clawbot status: {exc}", file=sys.stderr)
+        return 2
     if not result.ok:
         for d in result.diagnostics:
             print(d.text(), file=sys.stderr)
         return 1
-    material = _state_dir(inventory, base)
+    material = state_directory(planning.cluster_var(inventory.hosts.values(), "clawbot_state_dir"), base)
     if not (material / "nodes" / CONTROL_NAME / "client.pem").exists():
         print(f"clawbot status: no control certificate in {material}: run deploy.py first", file=sys.stderr)
         return 1

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
-from clawbot.modelclient import sse_events
+from clawbot.common.modelclient import sse_events
 
 DEFAULT_PROMPT_WORD = "hello "
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-log = logging.getLogger("clawbot.staging")
+log = logging.getLogger("clawbot.model.staging")
 
 HUGETLBFS_MAGIC = 0x958458F6
 SIDECAR = "staged-model.json"
@@ -215,7 +215,7 @@ def stage(source: str | Path, mount: str | Path, state_dir: str | Path, source_s
         raise StagingError(
             f"too few huge pages to stage {source.name} ({st.st_size} bytes): need {pages} pages of {page_kib} kB, "
             f"{free} free (HugePages_Total {total}); raise vm.nr_hugepages to at least {total - free + pages} "
-            f"(the rollout reserves clawbot.sizing.hugepages_for(model bytes))")
+            f"(the rollout reserves clawbot.common.sizing.hugepages_for(model bytes))")
 
     final = mount / f"{source.stem}.{source_sha256[:12]}.gguf"
     partial = final.with_suffix(".partial")

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from clawbot.config import CheckResult, Diagnostic, InventoryFacts, load_schema
+from clawbot.common.config import CheckResult, Diagnostic, InventoryFacts, load_schema
 
 INVENTORY_SCHEMA = "inventory.schema.json"
 GROUPS = ("chat_nodes", "model_nodes")

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from urllib.parse import urlsplit
 
-from clawbot import jsonpos
-from clawbot.jsonpos import Document, JSONSyntaxError, escape_pointer_token
+from clawbot.common import jsonpos
+from clawbot.common.jsonpos import Document, JSONSyntaxError, escape_pointer_token
 
 CONFIG_SCHEMA = "clawbot.schema.json"
 
@@ -267,7 +267,7 @@ class InventoryFacts:
     source: str
     model_node_names: set[str]
     all_node_names: set[str]
-    model_hosts: list = field(default_factory=list)  # clawbot.inventory.Host objects, for the static fit check
+    model_hosts: list = field(default_factory=list)  # clawbot.control.inventory.Host objects, for the static fit check
 
 
 def gateway_host_port(endpoint: str) -> tuple[str, int]:

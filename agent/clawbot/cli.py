@@ -12,14 +12,14 @@ import sys
 
 # name -> (module, one-line help). Add new subcommands here.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "validate": ("clawbot.validate", "check clawbot.json (and an inventory) against the schema"),
+    "validate": ("clawbot.common.validate", "check clawbot.json (and an inventory) against the schema"),
     "agent": ("clawbot.agentmain", "run the node agent (--role model|chat)"),
-    "preflight": ("clawbot.preflight", "check that the model fits this node before rollout"),
-    "bench": ("clawbot.bench", "measure first-token latency and throughput of a gateway"),
-    "build-engine": ("clawbot.engine", "build llama-server from the pinned llama-cpp-python sdist"),
-    "make-model": ("clawbot.modelgen", "write a shape-faithful random-weight GGUF for tests and benchmarks"),
-    "status": ("clawbot.status", "show every node's agent, model and certificate state"),
-    "docs": ("clawbot.schemadocs", "regenerate docs/configuration.md from the schema"),
+    "preflight": ("clawbot.common.preflight", "check that the model fits this node before rollout"),
+    "bench": ("clawbot.tools.bench", "measure first-token latency and throughput of a gateway"),
+    "build-engine": ("clawbot.model.engines.build", "build llama-server from the pinned llama-cpp-python sdist"),
+    "make-model": ("clawbot.tools.modelgen", "write a shape-faithful random-weight GGUF for tests and benchmarks"),
+    "status": ("clawbot.control.status", "show every node's agent, model and certificate state"),
+    "docs": ("clawbot.common.schemadocs", "regenerate docs/configuration.md from the schema"),
 }
 
 

@@ -14,9 +14,9 @@ from typing import AsyncIterator
 
 import httpx
 
-from clawbot import pki
+from clawbot.common import pki
 
-log = logging.getLogger("clawbot.chat.model")
+log = logging.getLogger("clawbot.chat.service.model")
 
 
 async def sse_events(response: httpx.Response) -> AsyncIterator[dict]:

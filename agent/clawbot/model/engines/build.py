@@ -32,6 +32,8 @@ SERVER_TARGET = "llama-server"
 BENCH_TARGET = "llama-bench"
 VENDORED_LLAMA_CPP = "vendor/llama.cpp"
 VERSION_CHECK_TIMEOUT_S = 30
+# tool -> Debian/Ubuntu package: what compiling an engine needs, on the control machine or on a GPU node
+BUILD_TOOLS = {"cmake": "cmake", "ninja": "ninja-build", "c++": "build-essential", "cc": "build-essential"}
 
 
 def cache_root() -> Path:

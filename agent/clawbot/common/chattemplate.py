@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 
-from clawbot.sizing import read_gguf_header
+from clawbot.common.sizing import read_gguf_header
 
 
 class TemplateError(ValueError):

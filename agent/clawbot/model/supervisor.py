@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-log = logging.getLogger("clawbot.supervisor")
+log = logging.getLogger("clawbot.model.supervisor")
 
 GGUF_MAGIC = b"GGUF"
 LOG_LINES_KEPT = 50
@@ -168,7 +168,7 @@ def memory_evidence(pid: int | None, model_path: str) -> dict:
     """
     if not pid:
         return {"pid": None}
-    from clawbot import staging
+    from clawbot.model import staging
 
     on_hugetlbfs = staging.is_hugetlbfs(model_path)
     try:
@@ -238,7 +238,7 @@ def staging_wanted(server: dict, model_path: str) -> tuple[bool, str]:
     if server["gpu_layers"] < 0:
         return False, "model_server.hugepages is auto and every layer is offloaded to the GPU"
     try:
-        from clawbot import sizing
+        from clawbot.common import sizing
 
         n_layer = sizing.read_model_info(Path(model_path)).n_layer
     except Exception:  # noqa: BLE001 - unknown layer count: partial offload, stage the CPU share
@@ -282,7 +282,7 @@ def resolve_ubatch(server: dict, accelerator: str) -> int:
     it, and the compute buffer grows with it (sizing.compute_buffer_bytes counts that)."""
     if server["ubatch_size"]:
         return server["ubatch_size"]
-    from clawbot import sizing
+    from clawbot.common import sizing
 
     return GPU_UBATCH if offloads(server, accelerator) else sizing.DEFAULT_UBATCH
 
@@ -306,7 +306,7 @@ def resolve_parallel_slots(config: dict, model_path: str, accelerator: str, gpu_
     wanted = config["model_gateway"]["max_concurrency"]
     if server["engine"] != "llama-server":
         return SlotPlan(1, "auto: llama_cpp.server serves one request at a time")
-    from clawbot import sizing
+    from clawbot.common import sizing
 
     try:
         info = sizing.read_model_info(model_path)
@@ -329,7 +329,7 @@ def resolve_parallel_slots(config: dict, model_path: str, accelerator: str, gpu_
                                    f"{sizing.gib(gpu_free_bytes)} free ({sizing.gib(per_slot)} of KV cache each)")
     if host_free_bytes is None:
         return SlotPlan(wanted, "auto: model_gateway.max_concurrency (free memory unknown)")
-    from clawbot import preflight
+    from clawbot.common import preflight
 
     # weights staged in huge pages are outside MemAvailable: they do not count against it
     budget = host_free_bytes + (0 if weights_in_host_budget else info.tensor_bytes)
@@ -416,7 +416,7 @@ def gpu_layers_flag(config: dict, model_path: str, accelerator: str, gpu_free_by
         return "0"
     if gpu_free_bytes is None:
         return "all"
-    from clawbot import sizing
+    from clawbot.common import sizing
 
     try:
         info = sizing.read_model_info(model_path)
@@ -474,7 +474,7 @@ def llama_cpp_python_settings(config: dict, model_path: str, api_key: str | None
 def _host_free_bytes() -> int | None:
     """MemAvailable or the cgroup's headroom, whichever is lower (preflight's rule); None when unknown."""
     try:
-        from clawbot import preflight
+        from clawbot.common import preflight
 
         return preflight.available_memory()[0] or None
     except Exception:  # noqa: BLE001 - unknown: the caller falls back to max_concurrency
@@ -634,7 +634,7 @@ class Supervisor:
 
     def _hugepages_report(self, in_use: str) -> dict:
         """Staging as it really is: the file in use, where it lives, its pages, mlock and the fallback reason."""
-        from clawbot import staging
+        from clawbot.model import staging
 
         ev = self.evidence
         return {
@@ -652,7 +652,7 @@ class Supervisor:
         """Stage the model into huge pages when the config asks for it; on any failure serve the disk file.
 
         Runs in a thread (copying gigabytes must not block the gateway). Returns the path to serve."""
-        from clawbot import staging
+        from clawbot.model import staging
 
         server = self.config["model_server"]
         path, mount = server["model_path"], server["hugepages_mount"]
@@ -678,7 +678,7 @@ class Supervisor:
 
     def _release_staging(self) -> None:
         """On stop: free the staged copy's pages and unmount what this agent mounted itself."""
-        from clawbot import staging
+        from clawbot.model import staging
 
         try:
             staging.release(self.state_dir, self._mounted)
@@ -722,13 +722,13 @@ class Supervisor:
     def _find_binary(self, configured: str) -> tuple[str, str, int | None]:
         """The engine for the configured accelerator (`auto`: CUDA where nvidia-smi sees a GPU), falling
         back to the CPU build; returns (binary, the accelerator it was built for, free GPU bytes)."""
-        from clawbot.preflight import query_gpus
+        from clawbot.common.preflight import query_gpus
 
         gpus = query_gpus() if configured in ("auto", "cuda") else ()
         accelerator = resolve_accelerator(configured, gpus)
         finder = self._find_engine
         if finder is None:
-            from clawbot.engine import find_llama_server as finder
+            from clawbot.model.engines.build import find_llama_server as finder
         binary = finder(accelerator)
         if binary is None and accelerator != "cpu":
             log.warning("no %s build of llama-server: falling back to the CPU build", accelerator)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from clawbot.store import Store
+from clawbot.chat.store import Store
 
 log = logging.getLogger("clawbot.chat.fallbacks")
 

@@ -11,7 +11,7 @@ import json
 import sys
 
 from clawbot import __version__
-from clawbot.config import CheckResult, Diagnostic, UnreadableFile, check_file
+from clawbot.common.config import CheckResult, Diagnostic, UnreadableFile, check_file
 
 FORMATS = ("text", "json", "github", "sarif")
 
@@ -51,7 +51,7 @@ def run(args) -> int:
     unreadable: list[str] = []
     inventory_facts = None
     if args.inventory:
-        from clawbot.inventory import InventoryError, check_inventory
+        from clawbot.control.inventory import InventoryError, check_inventory
 
         try:
             inventory_result, inventory_facts = check_inventory(args.inventory)
@@ -81,7 +81,8 @@ def declared_fit_diagnostics(facts, config: dict, inventory_dir: str) -> list[Di
     """Static preflight: does the model fit each model node's declared memory (clawbot_memory_mib)?"""
     import os
 
-    from clawbot import preflight, sizing
+    from clawbot.common import preflight
+    from clawbot.common import sizing
 
     base = inventory_dir if os.path.isdir(inventory_dir) else os.path.dirname(inventory_dir)
     out = []

@@ -16,9 +16,9 @@ import ssl
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from clawbot import pki
+from clawbot.common import pki
 
-log = logging.getLogger("clawbot.mtls")
+log = logging.getLogger("clawbot.common.mtls")
 
 
 def _with_peer_cert(app, peer_der: bytes | None, tls_version: str | None):

@@ -19,8 +19,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from clawbot.modelclient import ModelClient
-from clawbot.store import Store
+from clawbot.common.modelclient import ModelClient
+from clawbot.chat.store import Store
 
 log = logging.getLogger("clawbot.chat.context")
 

@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from clawbot.config import CONFIG_SCHEMA, load_schema
+from clawbot.common.config import CONFIG_SCHEMA, load_schema
 
 PAGES = {
     CONFIG_SCHEMA: ("configuration.md", "clawbot.json reference",

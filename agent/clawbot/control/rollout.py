@@ -1,0 +1,190 @@
+"""The rollout's pyinfra plumbing on the control machine: the pyinfra inventory from the node plans, the
+per-host deploy added by call site, wheelhouses per node Python, preflight over SSH, and the checks after
+the run (health, huge pages asked vs got) that change nothing and so are not operations.
+
+deploy.py drives these steps; the per-host deploy itself (roles/site.py) is handed in, so this package never
+imports the roles.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+from clawbot.common import sizing
+from clawbot.control import builds
+from clawbot.control.planning import NodePlan
+
+
+def pyinfra_inventory(hosts, plans: dict[str, NodePlan]):
+    """pyinfra's Inventory: each host's SSH settings from its Ansible connection variables, and its plan."""
+    from pyinfra.api import Inventory
+
+    names = []
+    for h in hosts:
+        data = {"clawbot_plan": plans[h.name], "clawbot_name": h.name}
+        for key, value in h.vars.items():
+            if key.startswith("ssh_"):
+                data[key] = value
+        if h.vars.get("ansible_connection") == "local":
+            names.append(("@local", data))
+            continue
+        data["ssh_hostname"] = str(h.vars.get("ansible_host") or h.name)
+        if h.vars.get("ansible_port"):
+            data["ssh_port"] = int(h.vars["ansible_port"])
+        data["ssh_user"] = str(h.vars.get("ansible_user") or "root")
+        if h.vars.get("ansible_ssh_private_key_file"):
+            data["ssh_key"] = os.path.expanduser(str(h.vars["ansible_ssh_private_key_file"]))
+        if data["ssh_user"] != "root":
+            data["_sudo"] = True
+        names.append((h.name, data))
+    return Inventory((names, {}))
+
+
+def add_deploy(state, converge) -> None:
+    """Add `converge` for every host, identifying operations by their call site as pyinfra's CLI does.
+
+    pyinfra's API mode (add_deploy) numbers operations per host, so when chat and model nodes run different
+    operation lists, operation k of one host is merged with operation k of another: plans and results would
+    show one host's operation names for the other's changes."""
+    import pyinfra
+    from pyinfra.api.state import StateStage
+    from pyinfra.context import ctx_host, ctx_state
+
+    state.current_deploy_filename = converge.__code__.co_filename
+    state.set_stage(StateStage.Prepare)
+    pyinfra.is_cli = True
+    try:
+        with ctx_state.use(state):
+            for pyinfra_host in state.inventory.get_active_hosts():
+                with ctx_host.use(pyinfra_host):
+                    converge()
+    finally:
+        pyinfra.is_cli = False
+
+
+def shell_on(pyinfra_host):
+    """run_shell(command) -> (ok, stdout) on a connected host, for checks that are not operations."""
+    from pyinfra.api import StringCommand
+
+    def run_shell(command: str) -> tuple[bool, str]:
+        ok, output = pyinfra_host.run_shell_command(StringCommand(command))
+        return ok, "\n".join(output.stdout_lines)
+
+    return run_shell
+
+
+def prepare_wheelhouses(state, cache, offline: bool, log, llama_engine: bool = False, llama_wheel=None) -> None:
+    """One wheelhouse per Python version the nodes run (/usr/bin/python3): a node may run another release
+    of Debian/Ubuntu than this machine, and binary wheels are built per Python version. llama_engine
+    (model_server.engine llama-cpp-python): model nodes' wheelhouses also carry llama-cpp-python."""
+    houses: dict = {}
+    for pyinfra_host in state.inventory.iter_activated_hosts():
+        ok, output = shell_on(pyinfra_host)("/usr/bin/python3 -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])'")
+        version = output.strip() if ok and output.strip() else "%d.%d" % sys.version_info[:2]
+        key = (version, llama_engine and pyinfra_host.data.clawbot_plan.is_model)
+        if key not in houses:
+            houses[key] = builds.build_wheelhouse(cache, version, offline, log=log, with_llama=key[1],
+                                                  llama_wheel=llama_wheel)
+        pyinfra_host.data.clawbot_wheelhouse = houses[key]  # host.data hands out copies: set, don't mutate
+
+
+def preflight_model_nodes(state, model_info, config: dict, check_node, log) -> bool:
+    """Before any change: the model must fit every model node (exact sizing vs what the node has).
+    check_node(pyinfra_host, model_info, config) -> PreflightReport reads the node's facts."""
+    fits = True
+    for pyinfra_host in state.inventory.iter_activated_hosts():
+        if not pyinfra_host.data.clawbot_plan.is_model:
+            continue
+        report = check_node(pyinfra_host, model_info, config)
+        name = pyinfra_host.data.clawbot_name
+        for finding in report.findings:
+            if finding.level in ("error", "warning"):
+                log(f"  preflight {name}: {finding.level}: {finding.message}")
+        if any(f.level == "error" for f in report.findings):
+            fits = False
+        else:
+            log(f"  preflight {name}: model fits ({sizing.gib(report.fit.total_bytes)} needed, "
+                f"{sizing.gib(report.node.memory_available)} available)")
+    if not fits:
+        print("deploy.py: refusing to roll out: the model does not fit (numbers above); nothing was changed",
+              file=sys.stderr)
+    return fits
+
+
+def health_probe(url: str, python: str, tls: dict, deadline_s: float) -> str:
+    """A shell command, run on the node after the rollout, that polls an agent's health URL over mTLS.
+
+    Not an operation: checking health changes nothing, so it must not count as a change."""
+    script = (
+        "import ssl,sys,time,urllib.request,urllib.error\n"
+        f"ctx=ssl.create_default_context(cafile={tls['ca_cert']!r})\n"
+        f"ctx.load_cert_chain({tls['client_cert']!r},{tls['client_key']!r})\n"
+        f"end=time.monotonic()+{deadline_s}\nlast=''\n"
+        "while time.monotonic()<end:\n"
+        "    try:\n"
+        f"        urllib.request.urlopen({url!r},context=ctx,timeout=5); print('healthy'); sys.exit(0)\n"
+        "    except urllib.error.HTTPError as e: last=f'HTTP {e.code} {e.read()[:300]!r}'\n"
+        "    except Exception as e: last=repr(e)\n"
+        "    time.sleep(1)\n"
+        f"print('not healthy after {deadline_s:.0f} s: '+last); sys.exit(1)\n"
+    )
+    return f"{python} -c {shlex.quote(script)}"
+
+
+def reserved_pages(run_shell) -> int:
+    """HugePages_Total as the kernel reports it now (deploy.py reads it after the run: asked vs got)."""
+    ok, output = run_shell("grep HugePages_Total /proc/meminfo")
+    return int(output.split()[1]) if ok and output.split() else 0
+
+
+def verify_after_run(state, log) -> dict[str, list[str]]:
+    """Checks that change nothing, so they are not operations: agents healthy, hugepages asked vs got."""
+    problems: dict[str, list[str]] = {}
+    for pyinfra_host in state.inventory.iter_activated_hosts():
+        if pyinfra_host in state.failed_hosts:
+            continue
+        plan: NodePlan = pyinfra_host.data.clawbot_plan
+        name = pyinfra_host.data.clawbot_name
+        run_shell = shell_on(pyinfra_host)
+        if plan.is_model and plan.hugepages is not None:
+            got = reserved_pages(run_shell)
+            note = "" if got >= plan.hugepages else (
+                " (fewer: not enough contiguous free memory; the boot-time setting in /etc/sysctl.d applies early "
+                "at the next boot)")
+            log(f"  {name}: hugepages asked {plan.hugepages}, the kernel reserved {got}{note}")
+        checks = []
+        if plan.is_model:
+            checks.append(("model (gateway /readyz: loaded and able to generate)", plan.model_health_url))
+        if plan.is_chat:
+            checks.append(("chat agent", plan.chat_health_url))
+        for what, url in checks:
+            ok, output = run_shell(health_probe(url, f"{plan.venv}/bin/python", plan.tls,
+                                                deadline_s=plan.ready_deadline_s))
+            if ok:
+                log(f"  {name}: {what} healthy ({url})")
+            else:
+                problems.setdefault(name, []).append(f"{what}: {output.strip()[-400:]}")
+                log(f"  {name}: {what} NOT healthy: {output.strip()[-400:]}")
+    return problems
+
+
+def summarise(state) -> dict:
+    """changed / unchanged / failed operations per host, and the service manager each host used."""
+    summary = {}
+    for pyinfra_host in state.inventory.iter_activated_hosts():
+        changed = unchanged = failed = 0
+        for op in state.ops[pyinfra_host].values():
+            meta = op.operation_meta
+            if not meta.did_succeed(_raise_if_not_complete=False):
+                failed += 1
+            elif meta.did_change():
+                changed += 1
+            else:
+                unchanged += 1
+        name = pyinfra_host.data.clawbot_name
+        summary[name] = {"changed": changed, "unchanged": unchanged, "failed": failed,
+                         "service_manager": getattr(pyinfra_host.data, "clawbot_service_manager_used", None),
+                         "host_failed": pyinfra_host in state.failed_hosts}
+    return summary

@@ -1,0 +1,50 @@
+"""The per-host deploy: every role in order, driven by the node's plan (clawbot.control.planning.NodePlan).
+
+hosts -> hugepages (model nodes) -> service user -> hugetlbfs mount -> pki -> agent -> model -> chat
+"""
+
+from __future__ import annotations
+
+from pyinfra import host
+from pyinfra.facts.server import Which
+
+from roles.agent import ensure_agent, ensure_service_user
+from roles.chat import ensure_chat_service
+from roles.hosts import ensure_hosts_entries
+from roles.hugepages import ensure_hugepages, ensure_hugetlbfs_mount
+from roles.model import ensure_engine_and_model, ensure_model_service, resolve_node_accelerator
+from roles.pki import install_node_certificates
+from roles.services import service_manager
+
+
+class _Reissued:
+    """Stands in an operation list for 'this node's certificates were reissued on the control machine'."""
+
+    def __init__(self, changed: bool):
+        self.changed = changed
+
+    def did_change(self) -> bool:
+        return self.changed
+
+
+def converge() -> None:
+    """Converge the current pyinfra host to host.data.clawbot_plan (with host.data.clawbot_wheelhouse)."""
+    plan = host.data.clawbot_plan
+    ensure_hosts_entries([(address, list(names)) for address, names in plan.hosts_entries])
+    if plan.is_model:
+        ensure_hugepages(plan.hugepages, plan.thp)
+    ensure_service_user(plan.user)
+    if plan.is_model and plan.hugepages_mount:
+        ensure_hugetlbfs_mount(plan.hugepages_mount, plan.user)  # after the user: its name is a mount option
+    certificates = install_node_certificates(plan.material, plan.tls, plan.user) + [
+        _Reissued(bool(plan.material.reissued))]
+    wheelhouse, stamp = host.data.clawbot_wheelhouse
+    agent = ensure_agent(plan.config_file, wheelhouse, stamp, plan.user, plan.prefix, plan.offline)
+    manager = service_manager(plan.service_manager)
+    host.data.clawbot_service_manager_used = manager
+    if plan.is_model:
+        accelerator = resolve_node_accelerator(plan.accelerator, bool(host.get_fact(Which, command="nvidia-smi")))
+        model = ensure_engine_and_model(plan, accelerator)
+        ensure_model_service(plan, accelerator, manager, changed=agent + model + certificates)
+    if plan.is_chat:
+        ensure_chat_service(plan.prefix, plan.user, manager, changed=agent + certificates)
