@@ -2,58 +2,42 @@
 
 The need is computed exactly from the model file and clawbot.json by `clawbot.common.sizing` (weights + KV cache for
 context_window x parallel_slots + compute buffers), the same computation `clawbot preflight` and the
-hugepages role use. The node's side is read over the already open SSH connection: MemAvailable (plus what the
-running clawbot services hold, so a re-run does not count the model against itself), the cgroup limit, and
-free disk where the model goes. Nothing is installed or changed on the node for this.
+hugepages role use. The node's side is one fact, `clawbot.control.facts.NodeMemory`, read over the already open
+SSH connection: MemAvailable (plus what the running clawbot services hold, so a re-run does not count the model
+against itself), the cgroup limit, free disk where the model goes, and the NVIDIA GPUs. Nothing is installed or
+changed on the node for this.
 """
 
 from __future__ import annotations
 
+import os
+
+from pyinfra.api import DeployError
+
 from clawbot.common import preflight
 from clawbot.common import sizing
-
-MEMORY_PROBE = (
-    "cat /proc/meminfo; "
-    "echo ClawbotHeld: $(ps -u clawbot -o rss= 2>/dev/null | awk '{s+=$1} END {print s+0}') kB; "
-    "echo CgroupLimit: $(cat /sys/fs/cgroup/memory.max 2>/dev/null || echo max); "
-    "echo DiskFree: $(df -B1 --output=avail \"$(d={dir}; while [ ! -d \"$d\" ]; do d=$(dirname \"$d\"); done; echo $d)\" "
-    "| tail -1)"
-)
+from clawbot.control.facts import NodeMemory
 
 
-def parse_probe(text: str) -> preflight.NodeFacts:
-    values: dict[str, int] = {}
-    cgroup_limit = None
-    disk_free = None
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        parts = rest.split()
-        if not parts:
-            continue
-        if key == "CgroupLimit":
-            cgroup_limit = int(parts[0]) if parts[0].isdigit() else None
-        elif key == "DiskFree":
-            disk_free = int(parts[0]) if parts[0].isdigit() else None
-        elif parts[0].isdigit():
-            values[key] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
-    total = values.get("MemTotal", 0)
-    available = values.get("MemAvailable", 0) + values.get("ClawbotHeld", 0)
-    source = "MemAvailable + memory held by the running clawbot services"
-    if cgroup_limit is not None and cgroup_limit < available:
-        available, source = cgroup_limit, "cgroup memory.max"
-    return preflight.NodeFacts(memory_total=total, memory_available=min(available, total) if total else available,
-                               memory_source=source, cgroup_limit=cgroup_limit,
-                               hugepages_total=values.get("HugePages_Total", 0),
-                               hugepages_free=values.get("HugePages_Free", 0), disk_free=disk_free)
+def check_node(node, model_info: sizing.ModelInfo, config: dict, user: str | None = None) -> preflight.PreflightReport:
+    """Preflight one model node from its NodeMemory fact; errors in report.findings stop the rollout.
 
-
-def check_node(run_shell, model_info: sizing.ModelInfo, config: dict) -> preflight.PreflightReport:
-    """Preflight one model node from facts read over SSH; errors in report.findings stop the rollout."""
-    import os
-
-    import shlex
-
-    directory = shlex.quote(os.path.dirname(config["model_server"]["model_path"]))
-    ok, output = run_shell(MEMORY_PROBE.replace("{dir}", directory))
-    node = parse_probe(output)
-    return preflight.check_config(model_info, config, node)
+    + node: the connected pyinfra Host (the fact is read with node.get_fact), or a run_shell(command) -> (ok,
+      stdout) callable that runs the fact's command
+    + model_info: the model's exact sizes (clawbot.common.sizing.read_model_info)
+    + config: the node's checked clawbot.json (model_server.model_path says where the model goes)
+    + user: the agent's system user whose processes' memory counts as available; default: the node plan's user
+      (host.data.clawbot_plan), else clawbot
+    """
+    model_dir = os.path.dirname(config["model_server"]["model_path"])
+    if callable(node):
+        fact = NodeMemory()
+        _ok, output = node(fact.command(model_dir, user or "clawbot"))
+        facts = fact.process(output.splitlines())
+    else:
+        plan = node.data.get("clawbot_plan")
+        user = user or getattr(plan, "user", None) or "clawbot"
+        facts = node.get_fact(NodeMemory, model_dir=model_dir, user=user)
+    if facts is None:  # the fact's command failed (pyinfra printed its output)
+        raise DeployError(f"preflight: cannot read {NodeMemory.name} on {getattr(node, 'name', node)}")
+    return preflight.check_config(model_info, config, facts)

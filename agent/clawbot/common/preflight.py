@@ -9,9 +9,11 @@ short probes (memory bandwidth, model-file read speed) and checks the article's 
 * warning: memory bandwidth < 60 GB/s (decode speed is bandwidth-bound)
 * warning: storage read < 500 MB/s (load time)
 
-It recommends a huge-page count for staging, the largest context per slot that fits, the slots that fit
-and, with an NVIDIA GPU, the layers to offload. `evaluate` is pure, so deploy can run the same checks
-against a host's declared memory (`clawbot validate --inventory`) without touching the host.
+The model is judged at the run plan (clawbot.model.runplan) the supervisor will start with on that node:
+its slots, flash attention and ubatch. It recommends a huge-page count for staging, the largest context per
+slot that fits, the slots that fit and, with an NVIDIA GPU, the layers to offload. `evaluate` is pure, so
+deploy can run the same checks against facts read over SSH or a host's declared memory
+(`clawbot validate --inventory`) without touching the host.
 
 Context semantics follow clawbot.json: `context_window` is per conversation and every parallel slot gets
 that many KV cells, so llama-server is started with ``-c context_window × parallel_slots``.
@@ -20,9 +22,9 @@ that many KV cells, so llama-server is started with ``-c context_window × paral
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -32,6 +34,7 @@ from pathlib import Path
 
 from clawbot.common import sizing
 from clawbot.common.sizing import MIB
+from clawbot.model.runplan import HostFacts, RunPlan, counts_flash_attention
 
 BANDWIDTH_MIN_GBPS = 60.0
 STORAGE_MIN_MBPS = 500.0
@@ -41,11 +44,8 @@ BANDWIDTH_PROBE_SECONDS = 1.0
 STORAGE_PROBE_BYTES = 512 * MIB
 STORAGE_PROBE_SECONDS = 1.5
 STORAGE_PROBE_MIN_BYTES = 32 * MIB  # below this a read-speed number says little: reported, not judged
-UNLIMITED = 1 << 60  # cgroup "no limit" is reported as a huge number
-
-# Used when no clawbot.common.config can be imported; the same values the schema sets as defaults when it can.
-FALLBACK_SETTINGS = {"context_window": 32768, "parallel_slots": 1, "cache_type_k": "f16", "cache_type_v": "f16",
-                     "flash_attention": "auto", "model_path": "/var/lib/clawbot/models/model.gguf"}
+UNLIMITED = 1 << 60  # cgroup "max" and RLIM_INFINITY: larger than any memory
+CAP_IPC_LOCK = 14
 
 
 # --- facts ---------------------------------------------------------------------------------------------
@@ -53,15 +53,15 @@ FALLBACK_SETTINGS = {"context_window": 32768, "parallel_slots": 1, "cache_type_k
 
 @dataclass(frozen=True)
 class RunSettings:
-    """How the model server will be run (from clawbot.json and flags)."""
+    """The sizes the model server will run with: the run plan's (settings_from_plan), or given directly."""
 
     model_path: str
     context_window: int  # per slot
     parallel_slots: int
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
-    flash_attention: str = "auto"  # auto|on|off as in clawbot.json
-    auto_slots: bool = False  # parallel_slots 0: the most of `parallel_slots` (max_concurrency) that fit
+    flash_attention: str = "auto"  # the -fa value: on|off|auto (RunPlan.flash_attention)
+    n_ubatch: int = sizing.DEFAULT_UBATCH
 
     @property
     def n_ctx(self) -> int:
@@ -70,8 +70,7 @@ class RunSettings:
 
     @property
     def flash_attn(self) -> bool:
-        # llama.cpp resolves "auto" to enabled when the backend supports the FA op (the CPU backend does).
-        return self.flash_attention != "off"
+        return counts_flash_attention(self.flash_attention)
 
 
 @dataclass(frozen=True)
@@ -98,6 +97,8 @@ class NodeFacts:
     hugepage_bytes: int = sizing.HUGEPAGE_BYTES
     disk_free: int | None = None
     gpus: tuple[GpuFacts, ...] = ()
+    usable_cores: int | None = None  # None: not read (the node counts them at start)
+    memlock_limit: int | None = None  # None: not read; the agent's unit sets LimitMEMLOCK=infinity
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class PreflightReport:
     probes: ProbeResults
     findings: list[Finding] = field(default_factory=list)
     recommendations: dict[str, object] = field(default_factory=dict)
+    plan: RunPlan | None = None  # the plan the settings come from (None: settings given directly)
 
     @property
     def fits(self) -> bool:
@@ -150,10 +152,13 @@ class PreflightReport:
             "probes": asdict(self.probes),
             "findings": [asdict(f) for f in self.findings],
             "recommendations": self.recommendations,
+            "plan": self.plan.to_json() if self.plan else None,
         }
 
 
 # --- reading the node ----------------------------------------------------------------------------------
+# The one node-local reader of /proc/meminfo, cgroup limits, GPUs, cores and the memlock limit: `clawbot
+# preflight`, the supervisor (read_node -> host_facts -> the run plan) and huge-page staging all read here.
 
 
 def read_meminfo(path: str = "/proc/meminfo") -> dict[str, int]:
@@ -183,7 +188,8 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
-def cgroup_memory(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> tuple[int | None, int | None]:
+def cgroup_memory(root: Path = Path("/sys/fs/cgroup"),
+                  proc_cgroup: Path = Path("/proc/self/cgroup")) -> tuple[int | None, int | None]:
     """(limit, reclaim-adjusted usage) of this process's memory cgroup, v2 or v1; None where unlimited/unknown."""
     v2_path = v1_path = ""
     try:
@@ -256,7 +262,7 @@ def _existing_parent(path: Path) -> Path:
 def available_memory(memory_limit: int | None = None,
                      meminfo: dict[str, int] | None = None) -> tuple[int, str, int | None]:
     """(bytes, where that figure comes from, the cgroup limit): MemAvailable, the cgroup's headroom and
-    memory_limit, the lowest wins. The supervisor sizes auto parallel slots with the same rule."""
+    memory_limit, the lowest wins."""
     meminfo = read_meminfo() if meminfo is None else meminfo
     available = meminfo.get("MemAvailable", meminfo.get("MemFree", 0))
     source = "MemAvailable"
@@ -268,8 +274,35 @@ def available_memory(memory_limit: int | None = None,
     return available, source, limit
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which systemd's CPUAffinity= narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _capabilities_effective() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def memlock_limit() -> int:
+    """Bytes this process may pin with mlock: UNLIMITED with CAP_IPC_LOCK or RLIMIT_MEMLOCK infinity."""
+    if _capabilities_effective() & (1 << CAP_IPC_LOCK):
+        return UNLIMITED
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return UNLIMITED if soft == resource.RLIM_INFINITY else soft
+
+
 def read_node(model_path: str, memory_limit: int | None = None) -> NodeFacts:
-    """This node's memory budget (MemAvailable, cgroup limit, --memory-limit: the lowest wins)."""
+    """This node, read locally: the memory budget (MemAvailable, cgroup headroom,
+    --memory-limit: the lowest wins), huge pages, disk, GPUs, cores and the memlock limit."""
     meminfo = read_meminfo()
     available, source, limit = available_memory(memory_limit, meminfo)
     disk = shutil.disk_usage(_existing_parent(Path(model_path)))
@@ -278,7 +311,15 @@ def read_node(model_path: str, memory_limit: int | None = None) -> NodeFacts:
         cgroup_limit=limit, hugepages_total=meminfo.get("HugePages_Total", 0),
         hugepages_free=meminfo.get("HugePages_Free", 0),
         hugepage_bytes=meminfo.get("Hugepagesize", sizing.HUGEPAGE_BYTES), disk_free=disk.free,
-        gpus=query_gpus())
+        gpus=query_gpus(), usable_cores=usable_cores(), memlock_limit=memlock_limit())
+
+
+def host_facts(node: NodeFacts, engine_builds: frozenset[str] | None = None) -> HostFacts:
+    """The run plan's view of a node, read locally (read_node) or over SSH (roles/preflight.py): the one
+    conversion, so deploy and the supervisor plan from the same kind of facts."""
+    return HostFacts(gpus=node.gpus, host_free_bytes=node.memory_available or None, usable_cores=node.usable_cores,
+                     memlock_limit=UNLIMITED if node.memlock_limit is None else node.memlock_limit,
+                     engine_builds=engine_builds)
 
 
 # --- probes --------------------------------------------------------------------------------------------
@@ -354,40 +395,18 @@ def run_probes(model_path: str) -> ProbeResults:
 # --- the checks (pure) ---------------------------------------------------------------------------------
 
 
-def max_parallel_slots(info: sizing.ModelInfo, settings: RunSettings, available: int, limit: int = 16,
-                       n_ubatch: int = sizing.DEFAULT_UBATCH) -> int:
-    """Most slots of context_window each that fit in `available` (0 if not even one)."""
-    best = 0
-    for slots in range(1, limit + 1):
-        fit = sizing.size_model(info, settings.context_window * slots, slots, settings.cache_type_k,
-                                settings.cache_type_v, n_ubatch=n_ubatch, flash_attn=settings.flash_attn)
-        if fit.total_bytes > available:
-            break
-        best = slots
-    return best
-
-
 def evaluate(info: sizing.ModelInfo, settings: RunSettings, node: NodeFacts,
              probes: ProbeResults | None = None) -> PreflightReport:
     """All checks and recommendations from facts alone: no I/O, so deploy can use declared memory."""
     probes = probes or ProbeResults()
-    auto_note = None
-    if settings.auto_slots:
-        # what the supervisor will pick (supervisor.resolve_parallel_slots, host memory): judged at that count
-        wanted = settings.parallel_slots
-        chosen = max(1, max_parallel_slots(info, settings, node.memory_available, limit=wanted))
-        settings = dataclasses.replace(settings, parallel_slots=chosen, auto_slots=False)
-        auto_note = f"parallel_slots auto: {chosen} of max_concurrency {wanted} slots fit the available memory"
     fit = sizing.size_model(info, settings.n_ctx, settings.parallel_slots, settings.cache_type_k,
-                            settings.cache_type_v, flash_attn=settings.flash_attn)
+                            settings.cache_type_v, n_ubatch=settings.n_ubatch, flash_attn=settings.flash_attn)
     report = PreflightReport(settings=settings, fit=fit, node=node, probes=probes)
     add = report.findings.append
     have = node.memory_available
 
     verdict = sizing.check_fit(fit, have)
     add(Finding("info" if verdict.fits else "error", "memory_fit", verdict.message))
-    if auto_note:
-        add(Finding("info", "parallel_slots", auto_note))
 
     rule_bytes = int(info.n_params * PARAMS_RULE_FACTOR)
     if have < rule_bytes:
@@ -423,12 +442,14 @@ def evaluate(info: sizing.ModelInfo, settings: RunSettings, node: NodeFacts,
     weights_kv_budget = have
     context_cap = sizing.max_context_per_slot(info, weights_kv_budget, settings.parallel_slots,
                                               settings.cache_type_k, settings.cache_type_v,
-                                              flash_attn=settings.flash_attn)
+                                              n_ubatch=settings.n_ubatch, flash_attn=settings.flash_attn)
     recommendations: dict[str, object] = {
         "hugepages": fit.hugepages,
         "hugepages_sysctl": f"vm.nr_hugepages={fit.hugepages}",
         "context_window_max": context_cap,
-        "parallel_slots_max": max_parallel_slots(info, settings, have),
+        "parallel_slots_max": sizing.max_parallel_slots(info, settings.context_window, have, 16,
+                                                        settings.cache_type_k, settings.cache_type_v,
+                                                        n_ubatch=settings.n_ubatch, flash_attn=settings.flash_attn),
         "llama_server_ctx": settings.n_ctx,
     }
     if node.hugepages_total and node.hugepages_free < fit.hugepages - sizing.hugepages_headroom(fit.hugepages):
@@ -476,6 +497,11 @@ def render_text(report: PreflightReport) -> str:
     for finding in report.findings:
         lines.append(f"{finding.level.upper():7s} {finding.message}")
     lines.append("")
+    if report.plan:
+        lines.append("run plan:")
+        for name, decision in report.plan.to_json().items():
+            lines.append(f"  {name} = {decision['value']} ({decision['reason']})")
+        lines.append("")
     lines.append("recommended:")
     for key, value in report.recommendations.items():
         lines.append(f"  {key} = {value}")
@@ -499,41 +525,18 @@ def parse_bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 8589934592, 8G, 512MiB)") from None
 
 
-def settings_from(args: argparse.Namespace) -> RunSettings:
-    """clawbot.json (checked and with defaults, via clawbot.common.config) overridden by flags."""
-    values = dict(FALLBACK_SETTINGS)
-    try:
-        from clawbot.common import config as config_module
-    except ImportError:
-        config_module = None
-    if args.config:
-        if config_module is not None:
-            cfg = config_module.load_config(args.config)
-        else:
-            with open(args.config, encoding="utf-8") as handle:
-                cfg = json.load(handle)
-    else:
-        cfg = config_module.defaults() if config_module is not None else {}
-    server = cfg.get("model_server", {})
-    slots, auto = (None, False)
-    if "parallel_slots" in server:
-        slots, auto = _slots(server, (cfg.get("model_gateway") or {}).get("max_concurrency", 4))
-    values.update({k: v for k, v in {
-        "context_window": cfg.get("context_window"),
-        "parallel_slots": slots,
-        "auto_slots": auto or None,
-        "cache_type_k": server.get("cache_type_k"),
-        "cache_type_v": server.get("cache_type_v"),
-        "flash_attention": server.get("flash_attention"),
-        "model_path": server.get("model_path"),
-    }.items() if v is not None})
-    flags = {"context_window": args.context, "parallel_slots": args.parallel, "model_path": args.model,
+def config_from(args: argparse.Namespace) -> dict:
+    """clawbot.json (checked, defaults filled in; the schema's defaults without --config) overridden by flags."""
+    from clawbot.common import config as config_module
+
+    config = config_module.load_config(args.config) if args.config else config_module.defaults()
+    if args.context is not None:
+        config["context_window"] = args.context
+    flags = {"parallel_slots": args.parallel, "model_path": args.model,
              "cache_type_k": args.cache_type_k or args.cache_type, "cache_type_v": args.cache_type_v or args.cache_type,
              "flash_attention": args.flash_attention}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    if args.parallel is not None:
-        values["auto_slots"] = False
-    return RunSettings(**values)
+    config["model_server"].update({k: v for k, v in flags.items() if v is not None})
+    return config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -552,25 +555,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    if (args.context is not None and args.context < 1) or (args.parallel is not None and args.parallel < 1):
+        print("clawbot preflight: --context and --parallel must be >= 1", file=sys.stderr)
+        return 2
     try:
-        settings = settings_from(args)
+        config = config_from(args)
     except Exception as exc:  # a bad config: say why, exit 2 like `clawbot validate`
         print(f"clawbot preflight: cannot read config: {exc}", file=sys.stderr)
         return 2
-    if settings.context_window < 1 or settings.parallel_slots < 1:
-        print("clawbot preflight: --context and --parallel must be >= 1", file=sys.stderr)
-        return 2
-    if not os.path.isfile(settings.model_path):
-        print(f"clawbot preflight: model file not found: {settings.model_path}", file=sys.stderr)
+    model_path = config["model_server"]["model_path"]
+    if not os.path.isfile(model_path):
+        print(f"clawbot preflight: model file not found: {model_path}", file=sys.stderr)
         return 2
     try:
-        info = sizing.read_model_info(settings.model_path)
+        info = sizing.read_model_info(model_path)
     except (ValueError, OSError) as exc:
-        print(f"clawbot preflight: cannot read {settings.model_path}: {exc}", file=sys.stderr)
+        print(f"clawbot preflight: cannot read {model_path}: {exc}", file=sys.stderr)
         return 2
-    node = read_node(settings.model_path, args.memory_limit)
-    probes = ProbeResults() if args.no_probes else run_probes(settings.model_path)
-    report = evaluate(info, settings, node, probes)
+    node = read_node(model_path, args.memory_limit)
+    probes = ProbeResults() if args.no_probes else run_probes(model_path)
+    report = check_config(info, config, node, probes)
     elapsed = time.perf_counter() - started
     if args.json:
         print(json.dumps({**report.to_json(), "elapsed_s": round(elapsed, 3)}, indent=2))
@@ -585,32 +589,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def settings_from_config(config: dict) -> RunSettings:
-    """RunSettings for a checked clawbot.json (defaults filled in)."""
+def settings_from_plan(plan: RunPlan, config: dict) -> RunSettings:
+    """The sizes a run plan gives the model server, for evaluate."""
     server = config["model_server"]
-    slots, auto = _slots(server, config["model_gateway"]["max_concurrency"])
     return RunSettings(model_path=server["model_path"], context_window=config["context_window"],
-                       parallel_slots=slots, cache_type_k=server["cache_type_k"],
-                       cache_type_v=server["cache_type_v"], flash_attention=server["flash_attention"],
-                       auto_slots=auto)
+                       parallel_slots=plan.slots.value, cache_type_k=server["cache_type_k"],
+                       cache_type_v=server["cache_type_v"], flash_attention=plan.flash_attention.value,
+                       n_ubatch=plan.ubatch.value)
 
 
-def _slots(server: dict, max_concurrency: int) -> tuple[int, bool]:
-    """(slots, auto) for model_server.parallel_slots; 0 is auto, up to the gateway's max_concurrency."""
-    if server.get("parallel_slots"):
-        return server["parallel_slots"], False
-    if server.get("engine", "llama-server") != "llama-server":
-        return 1, False
-    return max_concurrency, True
-
-
-def check_config(info: sizing.ModelInfo, config: dict, node: NodeFacts) -> PreflightReport:
-    """Preflight for a checked clawbot.json on a node described by `node` (deploy reads it over SSH)."""
-    return evaluate(info, settings_from_config(config), node)
+def check_config(info: sizing.ModelInfo, config: dict, node: NodeFacts,
+                 probes: ProbeResults | None = None) -> PreflightReport:
+    """Preflight for a checked clawbot.json on a node described by `node` (deploy reads it over SSH): judged
+    at the run plan the supervisor will start with on that node."""
+    plan = RunPlan.resolve(config, host_facts(node), info)
+    report = evaluate(info, settings_from_plan(plan, config), node, probes)
+    report.plan = plan
+    report.findings.append(Finding("info", "parallel_slots", f"parallel_slots {plan.slots.value}: {plan.slots.reason}"))
+    return report
 
 
 def declared_fit(info: sizing.ModelInfo, config: dict, memory_mib: int) -> PreflightReport:
     """The static check `clawbot validate --inventory` runs: a host's declared memory instead of a probe."""
     memory = memory_mib * 1024 * 1024
     node = NodeFacts(memory_total=memory, memory_available=memory, memory_source="clawbot_memory_mib (declared)")
-    return evaluate(info, settings_from_config(config), node)
+    return check_config(info, config, node)

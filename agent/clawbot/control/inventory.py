@@ -8,6 +8,7 @@ the rest of clawbot plain JSON-able Python.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,6 +17,24 @@ from clawbot.common.config import CheckResult, Diagnostic, InventoryFacts, load_
 
 INVENTORY_SCHEMA = "inventory.schema.json"
 GROUPS = ("chat_nodes", "model_nodes")
+
+
+@functools.cache
+def inventory_defaults() -> dict:
+    """Every inventory variable's default, from schemas/inventory.schema.json."""
+    schema = load_schema(INVENTORY_SCHEMA)
+    return {name: spec["default"] for name, spec in schema["properties"].items() if "default" in spec}
+
+
+def inventory_var(host_vars: dict, name: str):
+    """The host's value of an inventory variable; unset, null or "" gives the schema's default."""
+    value = host_vars.get(name)
+    if value is None or value == "":
+        defaults = inventory_defaults()
+        if name not in defaults:
+            raise KeyError(f"{name} has no default in {INVENTORY_SCHEMA}")
+        return defaults[name]
+    return value
 
 
 class InventoryError(Exception):
@@ -46,8 +65,8 @@ class Host:
     @property
     def names(self) -> list[str]:
         """Every name and address this host answers to (for /etc/hosts, SANs, endpoint checks)."""
-        found = [self.name, self.address, str(self.vars.get("ansible_host") or "")]
-        found += [str(n) for n in self.vars.get("clawbot_names") or [] if not isinstance(n, Vaulted)]
+        found = [self.name, self.address, str(inventory_var(self.vars, "ansible_host"))]
+        found += [str(n) for n in inventory_var(self.vars, "clawbot_names") if not isinstance(n, Vaulted)]
         return list(dict.fromkeys(n for n in found if n))
 
 

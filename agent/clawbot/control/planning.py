@@ -3,42 +3,24 @@
 `plan_nodes` is pure: it reads the inventory (as loaded by clawbot.control.inventory), the checked
 clawbot.json and what was prepared here (certificates, model file, engine) and returns one NodePlan per
 host. The roles only apply a plan. Every inventory variable is read through `inventory_var`, whose defaults
-are schemas/inventory.schema.json's own: the schema is the one place an inventory default is written.
+(clawbot.control.inventory) are schemas/inventory.schema.json's own: the schema is the one place an
+inventory default is written.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from clawbot.common import sizing
-from clawbot.common.config import gateway_host_port, load_schema
+from clawbot.common.config import gateway_host_port
 from clawbot.control.certificates import NodeMaterial
+from clawbot.control.inventory import inventory_defaults, inventory_var
 
-INVENTORY_SCHEMA = "inventory.schema.json"
 CHAT_GROUP, MODEL_GROUP = "chat_nodes", "model_nodes"
 CONFIG_ON_NODE = "/etc/clawbot/clawbot.json"
 READY_DEADLINE_CAP_S = 900
-
-
-@functools.cache
-def inventory_defaults() -> dict:
-    """Every inventory variable's default, from schemas/inventory.schema.json."""
-    schema = load_schema(INVENTORY_SCHEMA)
-    return {name: spec["default"] for name, spec in schema["properties"].items() if "default" in spec}
-
-
-def inventory_var(host_vars: dict, name: str):
-    """The host's value of an inventory variable; unset, null or "" gives the schema's default."""
-    value = host_vars.get(name)
-    if value is None or value == "":
-        defaults = inventory_defaults()
-        if name not in defaults:
-            raise KeyError(f"{name} has no default in {INVENTORY_SCHEMA}")
-        return defaults[name]
-    return value
 
 
 def cluster_var(hosts, name: str, what: str = "hosts"):
@@ -153,7 +135,7 @@ def plan_nodes(inventory, hosts, config: dict, config_file: Path, prepared: Prep
         if is_model and server["hugepages"] != "off":
             setting = inventory_var(h.vars, "clawbot_hugepages_count")
             pages = sizing.hugepages_for(prepared.model_file.stat().st_size) if setting == "auto" else int(setting)
-        override = str(h.vars.get("clawbot_accelerator") or "")
+        override = str(inventory_var(h.vars, "clawbot_accelerator"))
         plans[h.name] = NodePlan(
             name=h.name,
             is_model=is_model,

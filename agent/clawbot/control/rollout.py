@@ -14,6 +14,7 @@ import sys
 
 from clawbot.common import sizing
 from clawbot.control import builds
+from clawbot.control.inventory import inventory_var
 from clawbot.control.planning import NodePlan
 
 
@@ -31,9 +32,9 @@ def pyinfra_inventory(hosts, plans: dict[str, NodePlan]):
             names.append(("@local", data))
             continue
         data["ssh_hostname"] = str(h.vars.get("ansible_host") or h.name)
-        if h.vars.get("ansible_port"):
+        if h.vars.get("ansible_port"):  # else pyinfra's own ssh_port (or 22)
             data["ssh_port"] = int(h.vars["ansible_port"])
-        data["ssh_user"] = str(h.vars.get("ansible_user") or "root")
+        data["ssh_user"] = str(inventory_var(h.vars, "ansible_user"))
         if h.vars.get("ansible_ssh_private_key_file"):
             data["ssh_key"] = os.path.expanduser(str(h.vars["ansible_ssh_private_key_file"]))
         if data["ssh_user"] != "root":
@@ -134,9 +135,15 @@ def health_probe(url: str, python: str, tls: dict, deadline_s: float) -> str:
 
 
 def reserved_pages(run_shell) -> int:
-    """HugePages_Total as the kernel reports it now (deploy.py reads it after the run: asked vs got)."""
-    ok, output = run_shell("grep HugePages_Total /proc/meminfo")
-    return int(output.split()[1]) if ok and output.split() else 0
+    """HugePages_Total as the kernel reports it now (deploy.py reads it after the run: asked vs got).
+
+    The HugePages fact's command and parser, run through run_shell rather than host.get_fact: a check after
+    the run must not mark the host failed when it cannot read the value (it reports 0 then)."""
+    from clawbot.control.facts import HugePages
+
+    fact = HugePages()
+    ok, output = run_shell(fact.command())
+    return fact.process(output.splitlines()).get("HugePages_Total", 0) if ok else 0
 
 
 def verify_after_run(state, log) -> dict[str, list[str]]:

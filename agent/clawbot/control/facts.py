@@ -1,0 +1,172 @@
+"""pyinfra facts about a clawbot node, read over the rollout's SSH connection (deploy side only: this module
+imports pyinfra, which nodes never install).
+
+Each fact is a `pyinfra.api.FactBase`: `command(...)` is the shell the node runs, `process(lines)` turns its
+output into a value, so the parsing is a pure function tested without a node. Use them as pyinfra's own:
+`host.get_fact(NodeMemory, model_dir="/var/lib/clawbot/models")`. Every command here exits 0 whatever the
+node lacks (a missing file or tool is a value, not a failed host).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+from pathlib import Path
+
+from pyinfra.api import FactBase
+
+from clawbot.common import preflight, sizing
+
+# What clawbot.common.preflight.query_gpus asks nvidia-smi; its parse_gpus reads the answer.
+GPU_QUERY = "nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader,nounits"
+GPU_PREFIX = "Gpu:"
+THP_SYSFS = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def parse_meminfo(lines: list[str]) -> dict[str, int]:
+    """/proc/meminfo lines as bytes (`kB` values times 1024; HugePages_* stay counts); other lines are skipped."""
+    values: dict[str, int] = {}
+    for line in lines:
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[key] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
+    return values
+
+
+class NodeMemory(FactBase):
+    """What a model node has for the model, as clawbot.common.preflight.NodeFacts: memory, huge pages, free disk
+    where the model goes, and its NVIDIA GPUs (none without nvidia-smi).
+
+    The memory budget is MemAvailable plus what the user's running processes hold (on a re-run the model
+    already loaded by the running service must not count against itself), capped by the cgroup's memory.max.
+
+    + model_dir: the directory the model file goes to (its nearest existing parent is measured for free disk)
+    + user: the agent's system user, whose processes' resident memory counts as available
+    """
+
+    def command(self, model_dir: str, user: str = "clawbot") -> str:
+        directory = shlex.quote(model_dir)
+        return "; ".join([
+            "cat /proc/meminfo",
+            f"echo ClawbotHeld: $(ps -u {shlex.quote(user)} -o rss= 2>/dev/null | awk '{{s+=$1}} END {{print s+0}}') kB",
+            "echo CgroupLimit: $(cat /sys/fs/cgroup/memory.max 2>/dev/null || echo max)",
+            f'echo DiskFree: $(df -B1 --output=avail "$(d={directory}; while [ ! -d "$d" ]; do d=$(dirname "$d"); '
+            'done; echo "$d")" | tail -1)',
+            f"if command -v nvidia-smi >/dev/null 2>&1; then timeout 10 {GPU_QUERY} 2>/dev/null "
+            f"| sed 's/^/{GPU_PREFIX} /'; fi",
+            "true",
+        ])
+
+    def process(self, output: list[str]) -> preflight.NodeFacts:
+        gpu_lines = [line[len(GPU_PREFIX):] for line in output if line.startswith(GPU_PREFIX)]
+        probe: dict[str, str] = {}
+        for line in output:
+            key, _, rest = line.partition(":")
+            if key in ("CgroupLimit", "DiskFree") and rest.split():
+                probe[key] = rest.split()[0]
+        values = parse_meminfo([line for line in output if not line.startswith(GPU_PREFIX)])
+        cgroup_limit = int(probe["CgroupLimit"]) if probe.get("CgroupLimit", "").isdigit() else None
+        disk_free = int(probe["DiskFree"]) if probe.get("DiskFree", "").isdigit() else None
+        total = values.get("MemTotal", 0)
+        available = values.get("MemAvailable", 0) + values.get("ClawbotHeld", 0)
+        source = "MemAvailable + memory held by the running clawbot services"
+        if cgroup_limit is not None and cgroup_limit < available:
+            available, source = cgroup_limit, "cgroup memory.max"
+        return preflight.NodeFacts(
+            memory_total=total, memory_available=min(available, total) if total else available,
+            memory_source=source, cgroup_limit=cgroup_limit,
+            hugepages_total=values.get("HugePages_Total", 0), hugepages_free=values.get("HugePages_Free", 0),
+            hugepage_bytes=values.get("Hugepagesize", sizing.HUGEPAGE_BYTES), disk_free=disk_free,
+            gpus=preflight.parse_gpus("\n".join(gpu_lines)))
+
+
+class HugePages(FactBase):
+    """The kernel's huge page pool from /proc/meminfo: `HugePages_Total`, `_Free`, `_Rsvd`, `_Surp` (pages) and
+    `Hugepagesize` (bytes); keys the kernel does not report are missing."""
+
+    default = dict
+
+    def command(self) -> str:
+        return "grep -E '^(HugePages_|Hugepagesize)' /proc/meminfo || true"
+
+    def process(self, output: list[str]) -> dict[str, int]:
+        return parse_meminfo(output)
+
+
+class TransparentHugepages(FactBase):
+    """The transparent hugepage policy: `{"policy": "madvise", "text": "always [madvise] never", "writable": bool}`,
+    or None where the kernel has no THP. `writable` is false where /sys is read-only (a container): the policy
+    cannot change now."""
+
+    def command(self) -> str:
+        return (f"if [ -r {THP_SYSFS} ]; then cat {THP_SYSFS}; "
+                f"if [ -w {THP_SYSFS} ]; then echo writable; else echo read-only; fi; fi")
+
+    def process(self, output: list[str]) -> dict | None:
+        if not output or not output[0].strip():
+            return None
+        text = output[0].strip()
+        selected = re.search(r"\[([^\]]+)\]", text)
+        return {"policy": selected.group(1) if selected else None, "text": text,
+                "writable": output[-1].strip() == "writable"}
+
+
+class RealPath(FactBase):
+    """The path with every symlink resolved (`readlink -f`), or None when it does not exist.
+
+    + path: the path to resolve
+    """
+
+    def command(self, path: str) -> str:
+        return f"readlink -e {shlex.quote(path)} 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> str | None:
+        return output[0].strip() if output and output[0].strip() else None
+
+
+def listing_digest(entries: list[tuple[str, int]]) -> str:
+    """sha256 of `name size` lines sorted by name: what DirectoryListingDigest computes on the node."""
+    listing = "".join(f"{name} {size}\n" for name, size in sorted(entries))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def local_listing_digest(directory: Path) -> str:
+    """DirectoryListingDigest of a directory on this machine (regular, non-hidden files at its top)."""
+    return listing_digest([(p.name, p.stat().st_size) for p in directory.iterdir()
+                           if p.is_file() and not p.name.startswith(".")])
+
+
+class DirectoryListingDigest(FactBase):
+    """One digest of a directory's regular, non-hidden files (names and sizes, not contents), or None when the
+    directory is missing: comparing a wheelhouse of dozens of wheels costs one round trip instead of one each,
+    and a missing, extra or truncated file still shows as a difference.
+
+    + path: the directory
+    """
+
+    def command(self, path: str) -> str:
+        return (f"cd {shlex.quote(path)} 2>/dev/null && find . -maxdepth 1 -type f ! -name '.*' -printf '%f %s\\n' "
+                "| LC_ALL=C sort | sha256sum | cut -d' ' -f1 || true")
+
+    def process(self, output: list[str]) -> str | None:
+        return output[0].strip() if output and output[0].strip() else None
+
+
+class SupervisorProgramStatus(FactBase):
+    """The state supervisor reports for a program (`RUNNING`, `STOPPED`, `FATAL`, …), or None when supervisor
+    is not running or does not know the program.
+
+    + program: the supervisor program name
+    """
+
+    def command(self, program: str) -> str:
+        return f"supervisorctl status {shlex.quote(program)} 2>&1 || true"
+
+    def process(self, output: list[str]) -> str | None:
+        for line in output:  # `NAME  RUNNING  pid 42, uptime 0:01:02`; errors read `NAME: ERROR (no such process)`
+            parts = line.split()
+            if len(parts) >= 2 and not parts[0].endswith(":") and parts[1].isalpha() and parts[1].isupper():
+                return parts[1]
+        return None
