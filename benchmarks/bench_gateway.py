@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from clawbot import bench  # noqa: E402
+from clawbot.tools import bench  # noqa: E402
 from clawbot.model.engines.build import build_engine, find_llama_server  # noqa: E402
 from tests.fixtures_agent import Agent, agent_config, free_port, make_pki, wait_for  # noqa: E402
 from tests.fixtures_models import write_model_file  # noqa: E402

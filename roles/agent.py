@@ -13,14 +13,14 @@ only then moved over the live file (atomic rename): a bad config never replaces 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import DeployError, deploy, operation
 from pyinfra.facts.files import FileContents, Sha256File
-from pyinfra.facts.server import Command
 from pyinfra.operations import apt, files, server
+
+from clawbot.control.facts import DirectoryListingDigest, RealPath, local_listing_digest
 
 CONFIG_DIR = "/etc/clawbot"
 CONFIG_PATH = f"{CONFIG_DIR}/clawbot.json"
@@ -28,15 +28,16 @@ STAGED_CONFIG = f"{CONFIG_DIR}/clawbot.json.staged"
 STATE_DIR = "/var/lib/clawbot"
 
 
-# --- control machine --------------------------------------------------------------------------
-
-
-# --- node ---------------------------------------------------------------------------------------
-
-
 @operation()
 def agent_installed(venv: str, wheelhouse: str, stamp: str, offline: bool):
-    """pip-install the agent from the pushed wheelhouse unless the venv already holds this exact build."""
+    """pip-install the agent from the pushed wheelhouse unless the venv already holds this exact build.
+
+    + venv: the agent's venv on the node
+    + wheelhouse: the wheelhouse directory on the node (holds clawbot-*.whl and its dependencies)
+    + stamp: the wheelhouse's build stamp; recorded in the venv's .clawbot-installed marker once installed (a
+      stamp with `-llama-` installs the `llama` extra too)
+    + offline: install from the wheelhouse only (`--no-index`); false lets pip fetch missing dependencies
+    """
     marker = f"{venv}/.clawbot-installed"
     current = host.get_fact(FileContents, path=marker)
     if current and current[0].strip() == stamp:
@@ -53,10 +54,14 @@ def agent_installed(venv: str, wheelhouse: str, stamp: str, offline: bool):
 
 @operation()
 def venv_exists(venv: str, python: str = "/usr/bin/python3"):
-    """A venv for the agent made from the distribution's Python (never a per-user one like pyenv's, which the
-    agent's user could not read), recreated when missing or built from another interpreter."""
-    current = host.get_fact(Command, command=f"readlink -f {venv}/bin/python 2>/dev/null || true") or ""
-    wanted = host.get_fact(Command, command=f"readlink -f {python} 2>/dev/null || true") or ""
+    """A venv for the agent made from the distribution's Python, recreated when missing or made from another.
+
+    + venv: the venv's directory
+    + python: the interpreter it must be made from (never a per-user one like pyenv's, which the agent's user
+      could not read); compared with symlinks resolved
+    """
+    current = host.get_fact(RealPath, path=f"{venv}/bin/python")
+    wanted = host.get_fact(RealPath, path=python)
     if current and current == wanted:
         host.noop(f"venv {venv} already exists")
         return
@@ -65,7 +70,13 @@ def venv_exists(venv: str, python: str = "/usr/bin/python3"):
 
 @operation()
 def config_installed(staged: str, live: str, validator: str, user: str):
-    """Move the staged clawbot.json over the live one, only if it differs and the node's validator accepts it."""
+    """Move the staged clawbot.json over the live one, only if it differs and the node's validator accepts it.
+
+    + staged: the new clawbot.json, already copied next to the live one
+    + live: the clawbot.json the agent reads
+    + validator: the node's clawbot executable (`validator validate staged` must pass before the atomic rename)
+    + user: the agent's group owns the live file (mode 640)
+    """
     staged_sum = host.get_fact(Sha256File, path=staged)
     live_sum = host.get_fact(Sha256File, path=live)
     if staged_sum and staged_sum == live_sum:
@@ -78,7 +89,10 @@ def config_installed(staged: str, live: str, validator: str, user: str):
 
 @deploy("Ensure the clawbot system user exists")
 def ensure_service_user(user: str):
-    """The agent's own user: owns its keys and state, nothing else (needed before certificates are installed)."""
+    """The agent's own user: owns its keys and state, nothing else (needed before certificates are installed).
+
+    + user: the system user and its group (clawbot_user)
+    """
     server.group(name=f"Ensure group {user} exists", group=user, system=True)
     server.user(name=f"Ensure system user {user} exists", user=user, group=user, system=True, home=STATE_DIR,
                 shell="/usr/sbin/nologin", create_home=False, ensure_home=False)
@@ -86,7 +100,17 @@ def ensure_service_user(user: str):
 
 @deploy("Ensure the clawbot agent is installed with a checked clawbot.json")
 def ensure_agent(config_file: str, wheelhouse: Path, stamp: str, user: str, prefix: str, offline: bool):
-    """Returns the operations whose change means the agent must restart."""
+    """The agent's directories, wheelhouse, venv, installed build and checked clawbot.json on the node.
+
+    + config_file: clawbot.json on the control machine (already checked there)
+    + wheelhouse: the control machine's wheelhouse for this node's Python (clawbot.control.builds)
+    + stamp: the wheelhouse's build stamp (agent_installed)
+    + user: the agent's system user (clawbot_user)
+    + prefix: where the venv and the wheelhouse go on the node (clawbot_prefix)
+    + offline: nodes install from the wheelhouse only (clawbot_offline)
+
+    Returns the operations whose change means the agent must restart.
+    """
     apt.packages(name="Ensure Python's venv module is installed", packages=["python3-venv"], no_recommends=True)
     files.directory(name=f"Ensure {prefix} exists", path=prefix, user="root", group="root", mode="755")
     files.directory(name=f"Ensure {CONFIG_DIR} exists", path=CONFIG_DIR, user="root", group=user, mode="750")
@@ -97,13 +121,7 @@ def ensure_agent(config_file: str, wheelhouse: Path, stamp: str, user: str, pref
     # truncated wheel on the node still shows as a difference.
     if not wheelhouse.is_dir() or not any(wheelhouse.glob("clawbot-*.whl")):
         raise DeployError(f"no agent wheel in {wheelhouse}")
-    listing = "".join(f"{p.name} {p.stat().st_size}\n" for p in sorted(wheelhouse.iterdir())
-                      if p.is_file() and not p.name.startswith("."))
-    wanted = hashlib.sha256(listing.encode()).hexdigest()
-    present = host.get_fact(Command, command=(
-        f"cd {remote_house} 2>/dev/null && find . -maxdepth 1 -type f ! -name '.*' -printf '%f %s\\n' "
-        "| LC_ALL=C sort | sha256sum | cut -d' ' -f1 || true"))
-    if present != wanted:
+    if host.get_fact(DirectoryListingDigest, path=remote_house) != local_listing_digest(wheelhouse):
         files.sync(name="Ensure the agent wheelhouse is on the node", src=str(wheelhouse), dest=remote_house,
                    delete=True, exclude=[".complete", ".stamp"], mode="644", dir_mode="755")
     else:

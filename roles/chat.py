@@ -7,7 +7,7 @@ certificates): its web assets ship inside the agent wheel and its database is cr
 
 from __future__ import annotations
 
-from roles.services import agent_environment, WRITABLE, agent_command, ensure_service
+from roles.services import Service, agent_command, agent_environment, ensure_service
 
 
 def ensure_chat_service(prefix: str, user: str, manager: str, changed: list):
@@ -18,5 +18,6 @@ def ensure_chat_service(prefix: str, user: str, manager: str, changed: list):
     + manager: systemd or supervisor (service_manager already resolved)
     + changed: operations whose change means the agent must restart
     """
-    ensure_service("clawbot-chat", "clawbot agent (chat role)", agent_command(prefix, "chat"), user, list(WRITABLE),
-                   agent_environment(prefix), manager, changed=changed)
+    service = Service(name="clawbot-chat", description="clawbot agent (chat role)", command=agent_command(prefix, "chat"),
+                      user=user, environment=agent_environment(prefix))
+    ensure_service(service, manager, changed=changed)

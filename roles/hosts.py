@@ -16,7 +16,10 @@ MARKER = "# {mark} clawbot managed nodes"
 
 
 def hosts_block(nodes: list[tuple[str, list[str]]]) -> str:
-    """The managed block's lines: `ADDRESS name alias...`, sorted for a stable file."""
+    """The managed block's lines: `ADDRESS name alias...`, sorted for a stable file.
+
+    + nodes: (address, names) of every node
+    """
     lines = []
     for address, names in sorted(nodes):
         lines.append(f"{address} {' '.join(names)}")
@@ -25,6 +28,10 @@ def hosts_block(nodes: list[tuple[str, list[str]]]) -> str:
 
 @deploy("Ensure /etc/hosts names every clawbot node")
 def ensure_hosts_entries(nodes: list[tuple[str, list[str]]]):
+    """One managed block in /etc/hosts naming every node; lines outside it are never touched.
+
+    + nodes: (address, names) of every node (clawbot_address, the host's name and clawbot_names)
+    """
     files.block(
         name="Ensure the clawbot block in /etc/hosts lists every node",
         path="/etc/hosts",

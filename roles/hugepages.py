@@ -18,82 +18,132 @@ Staging mount (`ensure_hugetlbfs_mount`): the agent copies the weights into a hu
 `model_server.hugepages_mount` (default /var/lib/clawbot/hugepages), but runs without capabilities and so
 cannot mount; the rollout mounts it, owned by the agent's user (uid/gid, mode 0700, pagesize=2M), now and at
 boot through /etc/fstab (systemd's fstab generator turns it into a .mount unit before the services start).
-Not under /dev: the unit's PrivateDevices=yes gives the service its own /dev without it.
+Not under /dev: the unit's PrivateDevices=yes gives the service its own /dev without it. The fstab line is
+pyinfra's stock `files.line`; the mount is `hugetlbfs_mounted`, not the stock `server.mount`, because in pyinfra
+3.10 server.mount (a) takes a path that is not mounted as mounted when any mount has the same device, and every
+clawbot mount's device is `clawbot-hugepages` (a changed `hugepages_mount` would never be mounted), and (b)
+changes options with `mount -o remount`, which hugetlbfs ignores for uid/gid/mode (checked on this kernel): a
+changed owner would show as a change on every run and never be fixed. hugetlbfs_mounted unmounts and mounts again.
 """
 
 from __future__ import annotations
 
+import re
+from io import BytesIO
+
 from pyinfra import host
-from pyinfra.api import deploy, operation
-from pyinfra.facts.files import FileContents
-from pyinfra.facts.server import Command
-from pyinfra.operations import files, server
+from pyinfra.api import QuoteString, StringCommand, deploy, operation
+from pyinfra.facts.files import Directory
+from pyinfra.facts.server import Mounts
+from pyinfra.operations import files, server, systemd
+
+from clawbot.control.facts import THP_SYSFS, TransparentHugepages
 
 SYSCTL_FILE = "/etc/sysctl.d/60-clawbot-hugepages.conf"
 THP_TMPFILES = "/etc/tmpfiles.d/60-clawbot-thp.conf"
-THP_SYSFS = "/sys/kernel/mm/transparent_hugepage/enabled"
 FSTAB = "/etc/fstab"
+DEVICE = "clawbot-hugepages"  # the mount's source name, in /etc/fstab and /proc/self/mountinfo
+MODE = "0700"
+PAGESIZE = "2M"
+
+
+def mount_options(user: str) -> str:
+    """The hugetlbfs options, in fstab and on the command line: owned by a user and its group, 0700, 2 MiB pages.
+
+    + user: the agent's system user
+    """
+    return f"uid={user},gid={user},mode={MODE},pagesize={PAGESIZE}"
 
 
 def fstab_line(path: str, user: str) -> str:
-    return f"clawbot-hugepages {path} hugetlbfs uid={user},gid={user},mode=0700,pagesize=2M 0 0"
+    """The /etc/fstab line that mounts hugetlbfs for the agent at boot.
+
+    + path: the mount point
+    + user: the agent's system user
+    """
+    return f"{DEVICE} {path} hugetlbfs {mount_options(user)} 0 0"
+
+
+def fstab_match(path: str) -> str:
+    """An extended regex (grep -E, sed -E) for any uncommented /etc/fstab line with this mount point.
+
+    + path: the mount point
+    """
+    escaped = re.sub(r"([][.*+?(){}|^$\\])", r"\\\1", path)
+    return f"^[^#[:space:]]+[[:space:]]+{escaped}[[:space:]]"
+
 
 @operation()
 def thp_policy(policy: str):
-    """Set the transparent hugepage policy now, if the kernel's current one differs."""
-    current = host.get_fact(FileContents, path=THP_SYSFS) or []
-    text = " ".join(current)
-    if f"[{policy}]" in text:
-        host.noop(f"transparent hugepages already {policy}")
-        return
-    if not text:
+    """Set the transparent hugepage policy now, if the kernel's current one differs.
+
+    + policy: always, madvise or never (the kernel's choices in /sys/kernel/mm/transparent_hugepage/enabled)
+
+    Where the kernel has no THP, or /sys is read-only (a container), this is a noop that says so.
+    """
+    current = host.get_fact(TransparentHugepages)
+    if not current:
         host.noop("transparent hugepages not supported by this kernel")
         return
-    writable = host.get_fact(Command, command=f"test -w {THP_SYSFS} && echo yes || echo no")
-    if writable != "yes":
-        host.noop(f"transparent hugepages are {text} and /sys is read-only here (a container): "
+    if current["policy"] == policy:
+        host.noop(f"transparent hugepages already {policy}")
+        return
+    if not current["writable"]:
+        host.noop(f"transparent hugepages are {current['text']} and /sys is read-only here (a container): "
                   f"the policy {policy} applies where the kernel's sysfs is writable, e.g. at the next boot")
         return
-    yield f"echo {policy} > {THP_SYSFS}"
-
-
-@operation()
-def fstab_entry(path: str, line: str):
-    """Exactly one /etc/fstab line for mount point `path` (replaced when it differs, left alone when equal)."""
-    current = host.get_fact(FileContents, path=FSTAB) or []
-    mine = [entry for entry in current if entry.split()[1:2] == [path] and not entry.lstrip().startswith("#")]
-    if mine == [line]:
-        host.noop(f"{FSTAB} already mounts hugetlbfs at {path}")
-        return
-    yield (f"touch {FSTAB} && awk -v mp={path} '$1 ~ /^#/ || $2 != mp' {FSTAB} > {FSTAB}.clawbot && "
-           f"echo '{line}' >> {FSTAB}.clawbot && cat {FSTAB}.clawbot > {FSTAB} && rm -f {FSTAB}.clawbot")
-    if host.get_fact(Command, command="test -d /run/systemd/system && echo yes || echo no") == "yes":
-        yield "systemctl daemon-reload"  # systemd's fstab generator makes the .mount unit from it
+    yield StringCommand("echo", policy, ">", THP_SYSFS)
 
 
 @operation()
 def hugetlbfs_mounted(path: str, user: str):
-    """Mount hugetlbfs at `path` with the fstab options unless it is mounted (remount when the owner differs)."""
-    mounts = host.get_fact(Command, command=f"awk -v mp={path} '$2 == mp {{print $3, $4}}' /proc/mounts") or ""
-    fstype, _, options = mounts.strip().partition(" ")
-    if fstype == "hugetlbfs":
-        owner = host.get_fact(Command, command=f"stat -c %U:%G:%a {path}")
-        if owner == f"{user}:{user}:700" and "pagesize=2M" in options:
+    """Mount hugetlbfs at a path for one user, unless it is mounted there with that owner, mode 0700 and 2 MiB pages.
+
+    + path: the mount point (created when missing)
+    + user: the owner of the mount's root, and its group (the agent's system user, which must exist)
+
+    A hugetlbfs at `path` with another owner, mode or page size is unmounted and mounted again (hugetlbfs ignores
+    those options on remount); another filesystem there is mounted over.
+    """
+    mount = host.get_fact(Mounts).get(path)
+    if mount and mount["type"] == "hugetlbfs":
+        root = host.get_fact(Directory, path=path) or {}
+        owner = (root.get("user"), root.get("group"), root.get("mode"))  # pyinfra's modes are octal digits: 700
+        if owner == (user, user, int(MODE)) and f"pagesize={PAGESIZE}" in mount["options"]:
             host.noop(f"hugetlbfs already mounted at {path} for {user}")
             return
-        yield f"umount {path}"
-    yield f"mkdir -p {path} && mount -T {FSTAB} {path}"
+        yield StringCommand("umount", QuoteString(path))
+    yield StringCommand("mkdir", "-p", QuoteString(path))
+    yield StringCommand("mount", "-t", "hugetlbfs", "-o", mount_options(user), DEVICE, QuoteString(path))
 
 
 @deploy("Ensure the hugetlbfs staging mount for the model agent")
 def ensure_hugetlbfs_mount(path: str, user: str):
-    """Call after the agent's user exists (its name is in the mount options)."""
-    fstab_entry(name=f"Ensure {FSTAB} mounts hugetlbfs at {path} for {user}", path=path, line=fstab_line(path, user))
+    """hugetlbfs at `path` owned by `user`, mounted now and at boot (one /etc/fstab line for that mount point).
+
+    + path: the mount point (clawbot.json's model_server.hugepages_mount)
+    + user: the agent's system user; call after it exists (its name is in the mount options)
+    """
+    fstab = files.line(
+        name=f"Ensure {FSTAB} mounts hugetlbfs at {path} for {user}",
+        path=FSTAB,
+        line=fstab_match(path),
+        replace=fstab_line(path, user),
+        extended_regex=True,
+    )
+    if host.get_fact(Directory, path="/run/systemd/system"):
+        # systemd's fstab generator makes the .mount unit from the line
+        systemd.daemon_reload(name="Reload systemd units (fstab changed)", _if=fstab.did_change)
     hugetlbfs_mounted(name=f"Ensure hugetlbfs is mounted at {path}", path=path, user=user)
 
 
 @deploy("Ensure huge pages are reserved for the model")
 def ensure_hugepages(pages: int | None, thp: str = "madvise"):
+    """vm.nr_hugepages now and at boot, and the transparent hugepage policy now and at boot.
+
+    + pages: huge pages to reserve (None: leave the kernel's setting alone, clawbot.json hugepages `off`)
+    + thp: transparent hugepage policy (clawbot_transparent_hugepages)
+    """
     if pages is not None:
         server.sysctl(
             name=f"Ensure vm.nr_hugepages is {pages} now and at boot",
@@ -104,14 +154,8 @@ def ensure_hugepages(pages: int | None, thp: str = "madvise"):
         )
     files.put(
         name=f"Ensure transparent hugepages policy {thp} is applied at boot",
-        src=_text(f"w {THP_SYSFS} - - - - {thp}\n"),
+        src=BytesIO(f"w {THP_SYSFS} - - - - {thp}\n".encode()),
         dest=THP_TMPFILES,
         mode="644",
     )
     thp_policy(name=f"Ensure transparent hugepages policy is {thp}", policy=thp)
-
-
-def _text(content: str):
-    from io import BytesIO
-
-    return BytesIO(content.encode())

@@ -30,7 +30,11 @@ ENGINE_BUILD_SECONDS_HINT = {"cuda": "about 5 minutes on 16 cores, far longer on
 
 def node_engine_dir(prefix: str, accelerator: str) -> str:
     """Where a node-built engine goes: under the agent's XDG cache, named so find_llama_server(accelerator)
-    finds it (`<version>-<accelerator>-*`)."""
+    finds it (`<version>-<accelerator>-*`).
+
+    + prefix: clawbot_prefix
+    + accelerator: cuda, vulkan or rocm
+    """
     from clawbot.model.engines import build as engine
 
     return f"{prefix}/cache/clawbot/engine/{engine.LLAMA_CPP_PYTHON_VERSION}-{accelerator}-node"
@@ -38,7 +42,11 @@ def node_engine_dir(prefix: str, accelerator: str) -> str:
 
 def resolve_node_accelerator(setting: str, has_nvidia_smi: bool) -> str:
     """clawbot_accelerator (or model_server.accelerator) for one node: `auto` is cuda where nvidia-smi is
-    installed, else cpu; the agent makes the same choice at start (supervisor.resolve_accelerator)."""
+    installed, else cpu; the agent makes the same choice at start (supervisor.resolve_accelerator).
+
+    + setting: auto, cpu, cuda, vulkan or rocm
+    + has_nvidia_smi: whether the node has nvidia-smi on its PATH
+    """
     if setting == "auto":
         return "cuda" if has_nvidia_smi else "cpu"
     return setting
@@ -58,7 +66,15 @@ def ensure_engine_built_on_node(accelerator: str, sdist: Path, prefix: str, engi
                                 offline: bool = True):
     """Build tools, the CUDA toolkit where nvcc is missing, the sdist, then the engine: llama-server with
     `clawbot build-engine`, or llama-cpp-python rebuilt in the agent's venv with the GPU's CMAKE_ARGS; only
-    when it is missing or the sdist changed. Returns the change markers."""
+    when it is missing or the sdist changed.
+
+    + accelerator: the node's accelerator (cuda, vulkan or rocm)
+    + sdist: the pinned llama-cpp-python sdist on the control machine (clawbot.control.builds)
+    + prefix: clawbot_prefix (the venv, and the cache the engine goes to)
+    + engine_name: model_server.engine: llama-server or llama-cpp-python
+    + offline: the node's pip uses the pushed wheelhouse only (clawbot_offline)
+
+    Returns the change markers."""
     from pyinfra import host
     from pyinfra.facts.files import File
     from pyinfra.operations import server
@@ -111,8 +127,16 @@ def _llama_cpp_python_for_gpu(accelerator: str, sdist_dest: str, prefix: str, so
 
 @deploy("Ensure the model file and the engine are on the model node")
 def ensure_model(model_file: Path, model_path: str, engine: Path | None, engine_dest: str, user: str):
-    """Returns the operations whose change means the model server must restart. engine None: the node
-    builds its own (ensure_engine_built_on_node), nothing is copied."""
+    """The engine's runtime library, the model file and (when given) the engine binary on the node.
+
+    + model_file: the GGUF on the control machine
+    + model_path: where it goes on the node (model_server.model_path)
+    + engine: the engine binary on the control machine; None: the node builds its own
+      (ensure_engine_built_on_node), nothing is copied
+    + engine_dest: where the engine binary goes on the node
+    + user: the agent's group may read the model (mode 640)
+
+    Returns the operations whose change means the model server must restart."""
     apt.packages(name="Ensure the engine's runtime library (OpenMP) is installed", packages=["libgomp1"],
                  no_recommends=True)
     model_dir = str(Path(model_path).parent)
@@ -134,14 +158,15 @@ def ensure_model_service(plan, accelerator: str, manager: str, changed: list):
     + manager: systemd or supervisor (service_manager already resolved)
     + changed: operations whose change means the agent must restart (agent, config, certificates, model, engine)
     """
-    from roles.services import WRITABLE, agent_command, agent_environment, ensure_service
+    from roles.services import WRITABLE, Service, agent_command, agent_environment, ensure_service
 
     environment = agent_environment(plan.prefix)
     if plan.accelerator_override:  # clawbot_accelerator: the agent's own choice follows the inventory
         environment["CLAWBOT_ACCELERATOR"] = plan.accelerator_override
-    ensure_service("clawbot-model", "clawbot agent (model role)", agent_command(plan.prefix, "model"), plan.user,
-                   list(WRITABLE) + list(plan.writable), environment, manager, changed=changed,
-                   accelerator=accelerator)
+    service = Service(name="clawbot-model", description="clawbot agent (model role)",
+                      command=agent_command(plan.prefix, "model"), user=plan.user,
+                      writable=(*WRITABLE, *plan.writable), environment=environment, accelerator=accelerator)
+    ensure_service(service, manager, changed=changed)
 
 
 def ensure_engine_and_model(plan, accelerator: str) -> list:

@@ -22,6 +22,10 @@ from clawbot.control.certificates import NodeMaterial
 def install_node_certificates(material: NodeMaterial, tls: dict, user: str):
     """Copy CA certificate, server and client leaves to the paths named in clawbot.json's `tls` section.
 
+    + material: this node's files on the control machine (clawbot.control.certificates.NodeMaterial)
+    + tls: clawbot.json's `tls` section (ca_cert, server_cert, server_key, client_cert, client_key paths)
+    + user: the agent's system user, which owns them (keys 0600)
+
     Returns the copy operations (a changed certificate means the agent restarts)."""
     ops = []
     directories = sorted({os.path.dirname(p) for p in tls.values()})

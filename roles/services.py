@@ -9,30 +9,67 @@ installed agent, the model file), and started whenever it is not running (a stop
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from io import BytesIO
 
 from pyinfra import host
-from pyinfra.api import deploy, operation
+from pyinfra.api import StringCommand, deploy, operation
 from pyinfra.facts.files import Directory
-from pyinfra.facts.server import Command
 from pyinfra.operations import apt, files, server, systemd, sysvinit
+
+from clawbot.control.facts import SupervisorProgramStatus
 
 UNIT_DIR = "/etc/systemd/system"
 SUPERVISOR_DIR = "/etc/supervisor/conf.d"
 WRITABLE = ("/var/lib/clawbot", "/var/log/clawbot")  # all an agent's unit may write (ProtectSystem=strict)
 
 
+@dataclass(frozen=True)
+class Service:
+    """One supervised clawbot service: what runs, as whom, and what it may see and write.
+
+    + name: the unit (`<name>.service`) or supervisor program name, e.g. clawbot-model
+    + description: the unit's Description= line
+    + command: the command line it runs (agent_command)
+    + user: the system user, and group of the same name, it runs as
+    + writable: the only paths it may write (systemd: ReadWritePaths under ProtectSystem=strict)
+    + environment: its environment variables (agent_environment)
+    + accelerator: the GPU whose devices the unit lets through (cuda, vulkan, rocm); None or cpu: no devices
+    + log_dir: where supervisor writes its output (systemd: the journal)
+    """
+
+    name: str
+    description: str
+    command: str
+    user: str
+    writable: tuple[str, ...] = WRITABLE
+    environment: dict = field(default_factory=dict)
+    accelerator: str | None = None
+    log_dir: str = "/var/log/clawbot"
+
+
 def agent_command(prefix: str, role: str) -> str:
-    """The agent's command line for a role, from its venv under clawbot_prefix."""
+    """The agent's command line for a role, from its venv under clawbot_prefix.
+
+    + prefix: where the agent's venv lives (clawbot_prefix)
+    + role: model or chat
+    """
     return f"{prefix}/venv/bin/clawbot agent --config /etc/clawbot/clawbot.json --role {role}"
 
 
 def agent_environment(prefix: str) -> dict:
-    """The agent's environment: its cache (engines) under the prefix, its home in its state directory."""
+    """The agent's environment: its cache (engines) under the prefix, its home in its state directory.
+
+    + prefix: where the agent's venv lives (clawbot_prefix)
+    """
     return {"XDG_CACHE_HOME": f"{prefix}/cache", "HOME": "/var/lib/clawbot", "PYTHONUNBUFFERED": "1"}
 
 
 def service_manager(setting: str) -> str:
+    """The service manager to use on the current host: systemd when it is PID 1 (/run/systemd/system exists).
+
+    + setting: clawbot_service_manager: systemd, supervisor or auto
+    """
     if setting in ("systemd", "supervisor"):
         return setting
     return "systemd" if host.get_fact(Directory, path="/run/systemd/system") else "supervisor"
@@ -52,7 +89,10 @@ GPU_DEVICES: dict[str, tuple[list[str], list[str]]] = {
 
 
 def device_access(accelerator: str | None) -> str:
-    """The unit's device lines: none at all on a CPU node, the accelerator's device classes on a GPU node."""
+    """The unit's device lines: none at all on a CPU node, the accelerator's device classes on a GPU node.
+
+    + accelerator: cuda, vulkan or rocm; anything else (None, cpu) lets no device through
+    """
     if accelerator not in GPU_DEVICES:
         return "PrivateDevices=yes\n"
     allow, groups = GPU_DEVICES[accelerator]
@@ -62,21 +102,24 @@ def device_access(accelerator: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def systemd_unit(name: str, description: str, command: str, user: str, writable: list[str], environment: dict,
-                 accelerator: str | None = None) -> str:
-    env = "".join(f'Environment="{k}={v}"\n' for k, v in sorted(environment.items()))
+def systemd_unit(service: Service) -> str:
+    """The hardened systemd unit for a service.
+
+    + service: what runs, as whom, with which rights
+    """
+    env = "".join(f'Environment="{k}={v}"\n' for k, v in sorted(service.environment.items()))
     return f"""# Managed by clawbot deploy; edits are replaced on the next run.
 [Unit]
-Description={description}
+Description={service.description}
 After=network-online.target
 Wants=network-online.target
 StartLimitIntervalSec=0
 
 [Service]
 Type=simple
-User={user}
-Group={user}
-ExecStart={command}
+User={service.user}
+Group={service.user}
+ExecStart={service.command}
 ExecReload=/bin/kill -HUP $MAINPID
 {env}Restart=on-failure
 RestartSec=2
@@ -88,7 +131,7 @@ NoNewPrivileges=yes
 ProtectSystem=strict
 ProtectHome=yes
 PrivateTmp=yes
-{device_access(accelerator)}ProtectKernelModules=yes
+{device_access(service.accelerator)}ProtectKernelModules=yes
 ProtectKernelLogs=yes
 ProtectControlGroups=yes
 ProtectClock=yes
@@ -103,19 +146,23 @@ UMask=0077
 StateDirectory=clawbot
 StateDirectoryMode=0750
 LogsDirectory=clawbot
-ReadWritePaths={' '.join('-' + path for path in writable)}
+ReadWritePaths={' '.join('-' + path for path in service.writable)}
 
 [Install]
 WantedBy=multi-user.target
 """
 
 
-def supervisor_program(name: str, command: str, user: str, environment: dict, log_dir: str) -> str:
-    env = ",".join(f'{k}="{v}"' for k, v in sorted(environment.items()))
+def supervisor_program(service: Service) -> str:
+    """The supervisor program section for a service.
+
+    + service: what runs, as whom (supervisor has no sandbox: writable and accelerator do not apply)
+    """
+    env = ",".join(f'{k}="{v}"' for k, v in sorted(service.environment.items()))
     return f"""; Managed by clawbot deploy; edits are replaced on the next run.
-[program:{name}]
-command={command}
-user={user}
+[program:{service.name}]
+command={service.command}
+user={service.user}
 directory=/
 environment={env}
 autostart=true
@@ -126,7 +173,7 @@ killasgroup=true
 stopsignal=TERM
 umask=077
 redirect_stderr=true
-stdout_logfile={log_dir}/{name}.log
+stdout_logfile={service.log_dir}/{service.name}.log
 stdout_logfile_maxbytes=10MB
 stdout_logfile_backups=3
 """
@@ -134,23 +181,30 @@ stdout_logfile_backups=3
 
 @operation()
 def supervisor_program_running(program: str):
-    """Start the program if supervisor does not show it RUNNING."""
-    status = host.get_fact(Command, command=f"supervisorctl status {program} 2>&1 || true") or ""
-    if "RUNNING" in status:
+    """Start a supervisor program unless supervisor shows it RUNNING.
+
+    + program: the supervisor program name
+    """
+    if host.get_fact(SupervisorProgramStatus, program=program) == "RUNNING":
         host.noop(f"{program} already running")
         return
-    yield f"supervisorctl start {program}"
+    yield StringCommand("supervisorctl", "start", program)
 
 
 @deploy("Ensure the clawbot agent service runs")
-def ensure_service(name: str, description: str, command: str, user: str, writable: list[str], environment: dict,
-                   manager: str, changed: list, log_dir: str = "/var/log/clawbot", accelerator: str | None = None):
-    """Install the unit/program for `command` and keep it running; restart when any op in `changed` changed.
-    accelerator: the GPU whose devices the unit must let through (None or cpu: no devices at all)."""
+def ensure_service(service: Service, manager: str, changed: list):
+    """Install the unit or program for a service and keep it running; restart it when its inputs changed.
+
+    + service: what runs, as whom, with which rights (Service)
+    + manager: systemd or supervisor (service_manager already resolved)
+    + changed: operations (anything with did_change()) whose change means the service must restart; its own
+      unit or program file is always one
+    """
+    name = service.name
     if manager == "systemd":
         unit = files.put(
             name=f"Ensure systemd unit {name}.service is current",
-            src=BytesIO(systemd_unit(name, description, command, user, writable, environment, accelerator).encode()),
+            src=BytesIO(systemd_unit(service).encode()),
             dest=f"{UNIT_DIR}/{name}.service",
             mode="644",
         )
@@ -162,12 +216,13 @@ def ensure_service(name: str, description: str, command: str, user: str, writabl
         return
     apt.packages(name="Ensure supervisor is installed (systemd is not PID 1 here)", packages=["supervisor"],
                  no_recommends=True)
-    files.directory(name=f"Ensure {log_dir} exists", path=log_dir, user=user, group=user, mode="750")
+    files.directory(name=f"Ensure {service.log_dir} exists", path=service.log_dir, user=service.user,
+                    group=service.user, mode="750")
     # Without systemd as PID 1, Debian's supervisor is started by its init script.
     sysvinit.service(name="Ensure supervisord is running", service="supervisor", running=True)
     program = files.put(
         name=f"Ensure supervisor program {name} is current",
-        src=BytesIO(supervisor_program(name, command, user, environment, log_dir).encode()),
+        src=BytesIO(supervisor_program(service).encode()),
         dest=f"{SUPERVISOR_DIR}/{name}.conf",
         mode="644",
     )

@@ -162,7 +162,7 @@ def test_staging_reuses_identical_copies_and_replaces_a_changed_model(tmp_path, 
 
 def test_unprivileged_agent_needs_the_rollouts_mount(tmp_path):
     """Without root the agent cannot mount: it says so (the caller falls back), it does not crash."""
-    code = ("import os; from clawbot import staging\n"
+    code = ("import os; from clawbot.model import staging\n"
             "os.setgid(65534); os.setuid(65534)\n"
             f"try:\n  staging.ensure_mount({str(tmp_path / 'hp')!r})\n"
             "except staging.StagingError as e: print('refused:', e)\n")
@@ -175,13 +175,13 @@ def test_rollout_mounts_hugetlbfs_for_the_agent_where_its_sandbox_can_write():
     outside /dev (PrivateDevices=yes hides /dev), and in the unit's ReadWritePaths (ProtectSystem=strict)."""
     from clawbot.common.config import defaults
     from roles.hugepages import fstab_line
-    from roles.services import systemd_unit
+    from roles.services import Service, systemd_unit
 
     mount = defaults()["model_server"]["hugepages_mount"]
     assert not mount.startswith("/dev/")
     assert fstab_line(mount, "clawbot").split() == [
         "clawbot-hugepages", mount, "hugetlbfs", "uid=clawbot,gid=clawbot,mode=0700,pagesize=2M", "0", "0"]
-    unit = systemd_unit("clawbot-model", "d", "/bin/true", "clawbot", ["/var/lib/clawbot", mount], {})
+    unit = systemd_unit(Service("clawbot-model", "d", "/bin/true", "clawbot", ("/var/lib/clawbot", mount)))
     assert "PrivateDevices=yes" in unit and "ProtectSystem=strict" in unit
     assert f"-{mount}" in next(line for line in unit.splitlines() if line.startswith("ReadWritePaths="))
 
@@ -196,7 +196,7 @@ import roles.hugepages as hp
 hp.FSTAB = sys.argv[1]
 state = State(inventory=Inventory((["@local"], {})), config=Config())
 connect_all(state)
-add_deploy(state, hp.ensure_hugetlbfs_mount, sys.argv[2], "daemon")
+add_deploy(state, hp.ensure_hugetlbfs_mount, sys.argv[2], sys.argv[3])
 run_ops(state)
 host = next(iter(state.inventory.iter_activated_hosts()))
 metas = [op.operation_meta for op in state.ops[host].values()]
@@ -206,22 +206,83 @@ print(json.dumps({"changed": sum(m.did_change() for m in metas),
 
 
 def test_rollout_mount_ops_converge_and_rerun_with_zero_changes(tmp_path, mount_dir):
-    """pyinfra on this machine (@local), with a scratch fstab: first run mounts, a re-run changes nothing."""
+    """pyinfra on this machine (@local), with a scratch fstab: first run mounts, a re-run changes nothing; another
+    owner replaces the line and mounts again (hugetlbfs ignores a remount's uid/gid), then converges too."""
     fstab = tmp_path / "fstab"
-    fstab.write_text("# scratch fstab\nUUID=x / ext4 defaults 0 1\nold %s tmpfs defaults 0 0\n" % mount_dir)
+    fstab.write_text("# scratch fstab\nUUID=x / ext4 defaults 0 1\nold %s tmpfs defaults 0 0\n"
+                     "#clawbot-hugepages %s hugetlbfs uid=old 0 0\n" % (mount_dir, mount_dir))
     repo = Path(__file__).resolve().parents[1]
 
-    def converge() -> dict:
-        done = subprocess.run([sys.executable, "-c", _CONVERGE, str(fstab), str(mount_dir)], cwd=repo,
+    def converge(user: str) -> dict:
+        done = subprocess.run([sys.executable, "-c", _CONVERGE, str(fstab), str(mount_dir), user], cwd=repo,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    assert converge() == {"changed": 2, "failed": 0}
-    assert staging.is_hugetlbfs(mount_dir)
-    assert subprocess.run(["stat", "-c", "%U:%G:%a", str(mount_dir)], capture_output=True,
-                          text=True).stdout.strip() == "daemon:daemon:700"
+    def owner() -> str:
+        return subprocess.run(["stat", "-c", "%U:%G:%a", str(mount_dir)], capture_output=True, text=True).stdout.strip()
+
+    assert converge("daemon") == {"changed": 2, "failed": 0}  # the fstab line, the mount
+    assert staging.is_hugetlbfs(mount_dir) and owner() == "daemon:daemon:700"
     lines = fstab.read_text().splitlines()
-    assert lines[:2] == ["# scratch fstab", "UUID=x / ext4 defaults 0 1"] and len(lines) == 3
-    assert lines[2].split()[1:3] == [str(mount_dir), "hugetlbfs"]
-    assert converge() == {"changed": 0, "failed": 0}
+    assert lines[:2] == ["# scratch fstab", "UUID=x / ext4 defaults 0 1"] and len(lines) == 4
+    assert lines[2].split() == [
+        "clawbot-hugepages", str(mount_dir), "hugetlbfs", "uid=daemon,gid=daemon,mode=0700,pagesize=2M", "0", "0"]
+    assert lines[3].startswith("#")  # a commented line is not the mount point's line
+    assert converge("daemon") == {"changed": 0, "failed": 0}
+    assert converge("bin") == {"changed": 2, "failed": 0}
+    assert owner() == "bin:bin:700" and "uid=bin,gid=bin" in fstab.read_text().splitlines()[2]
+    mounts = [line for line in Path("/proc/self/mounts").read_text().splitlines() if line.split()[1] == str(mount_dir)]
+    assert len(mounts) == 1, mounts  # unmounted, then mounted again: not stacked
+    assert converge("bin") == {"changed": 0, "failed": 0}
+
+
+class _ShellHost:
+    """Just enough of a pyinfra host to run a stock operation here: facts run through sh (no root, no pyinfra
+    state), commands are collected for the caller to run."""
+
+    def __init__(self):
+        self.noop_description = None
+
+    def noop(self, description: str) -> None:
+        self.noop_description = description
+
+    def get_fact(self, fact_cls, **kwargs):
+        fact = fact_cls()
+        done = subprocess.run(["/bin/sh", "-c", str(fact.command(**kwargs).get_raw_value())], capture_output=True,
+                              text=True, timeout=30)
+        lines = done.stdout.splitlines()
+        return fact.process(lines) if done.returncode == 0 and lines else fact.default()
+
+
+def test_fstab_line_replaces_only_its_mount_points_line(tmp_path):
+    """The stock files.line with roles.hugepages' regex: the mount point's own line is replaced in place, a
+    commented line, a longer path and a path with regex characters are left alone; a second pass is a noop."""
+    from pyinfra.api import Config
+    from pyinfra.context import ctx_host, ctx_state
+    from pyinfra.operations import files
+
+    from roles.hugepages import fstab_line, fstab_match
+
+    path = "/srv/clawbot.x/hugepages"
+    fstab = tmp_path / "fstab"
+    others = ["# /srv/clawbot.x/hugepages was tmpfs", "#tmpfs /srv/clawbot.x/hugepages tmpfs defaults 0 0",
+              "tmpfs /srv/clawbot.x/hugepages2 tmpfs defaults 0 0", "tmpfs /srv/clawbotyx/hugepages tmpfs defaults 0 0"]
+    fstab.write_text("\n".join([others[0], f"tmpfs\t{path}\ttmpfs defaults 0 0", *others[1:]]) + "\n")
+
+    def apply() -> tuple[list[str], str | None]:
+        host = _ShellHost()
+        state = type("State", (), {"config": Config()})()
+        with ctx_state.use(state), ctx_host.use(host):
+            commands = [c.get_raw_value() for c in files.line._inner(
+                path=str(fstab), line=fstab_match(path), replace=fstab_line(path, "clawbot"), extended_regex=True)]
+        for command in commands:
+            subprocess.run(["/bin/sh", "-c", command], check=True, timeout=30)
+        return commands, host.noop_description
+
+    assert apply()[0]
+    assert fstab.read_text().splitlines() == [others[0], fstab_line(path, "clawbot"), *others[1:]]
+    assert apply() == ([], f'line "{fstab_line(path, "clawbot")}" exists in {fstab}')
+    fstab.write_text("UUID=x / ext4 defaults 0 1\n")  # no line yet: appended
+    apply()
+    assert fstab.read_text().splitlines() == ["UUID=x / ext4 defaults 0 1", fstab_line(path, "clawbot")]

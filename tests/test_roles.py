@@ -5,10 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from clawbot.common import preflight, sizing
+from clawbot.control.facts import NodeMemory
+from clawbot.control.rollout import health_probe, reserved_pages
 from roles.hosts import hosts_block
-from roles.preflight import parse_probe
-from clawbot.control.rollout import health_probe
-from roles.services import supervisor_program, systemd_unit
+from roles.preflight import check_node
+from roles.services import Service, supervisor_program, systemd_unit
 
 
 def test_hosts_block_is_sorted_and_stable():
@@ -18,8 +20,8 @@ def test_hosts_block_is_sorted_and_stable():
 
 
 def test_systemd_unit_is_hardened_and_runs_as_its_own_user():
-    unit = systemd_unit("clawbot-model", "clawbot agent", "/opt/clawbot/venv/bin/clawbot agent --role model", "clawbot",
-                        ["/var/lib/clawbot/hugepages"], {"HOME": "/var/lib/clawbot"})
+    unit = systemd_unit(Service("clawbot-model", "clawbot agent", "/opt/clawbot/venv/bin/clawbot agent --role model",
+                                "clawbot", ("/var/lib/clawbot/hugepages",), {"HOME": "/var/lib/clawbot"}))
     for line in ("User=clawbot", "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes", "LimitMEMLOCK=infinity",
                  "Restart=on-failure", "RestartPreventExitStatus=78", "CapabilityBoundingSet=",
                  "ReadWritePaths=-/var/lib/clawbot/hugepages", 'Environment="HOME=/var/lib/clawbot"'):
@@ -27,31 +29,108 @@ def test_systemd_unit_is_hardened_and_runs_as_its_own_user():
 
 
 def test_gpu_node_unit_lets_only_the_gpu_devices_through():
-    cpu = systemd_unit("clawbot-model", "m", "/x", "clawbot", [], {})
+    cpu = systemd_unit(Service("clawbot-model", "m", "/x", "clawbot", ()))
     assert "\nPrivateDevices=yes\n" in cpu and "DeviceAllow" not in cpu
-    cuda = systemd_unit("clawbot-model", "m", "/x", "clawbot", [], {}, accelerator="cuda")
+    cuda = systemd_unit(Service("clawbot-model", "m", "/x", "clawbot", (), accelerator="cuda"))
     for line in ("PrivateDevices=no", "DevicePolicy=closed", "DeviceAllow=char-nvidia rw", "DeviceAllow=char-nvidiactl rw",
                  "DeviceAllow=char-nvidia-uvm rw", "NoNewPrivileges=yes", "CapabilityBoundingSet="):
         assert f"\n{line}\n" in cuda, line
     assert "PrivateDevices=yes" not in cuda
-    rocm = systemd_unit("clawbot-model", "m", "/x", "clawbot", [], {}, accelerator="rocm")
+    rocm = systemd_unit(Service("clawbot-model", "m", "/x", "clawbot", (), accelerator="rocm"))
     assert "\nDeviceAllow=char-kfd rw\n" in rocm and "\nSupplementaryGroups=video render\n" in rocm
 
 
 def test_supervisor_program_kills_the_whole_group():
-    program = supervisor_program("clawbot-chat", "/x agent --role chat", "clawbot", {"A": "1"}, "/var/log/clawbot")
+    program = supervisor_program(Service("clawbot-chat", "d", "/x agent --role chat", "clawbot", environment={"A": "1"}))
     assert "[program:clawbot-chat]" in program and "user=clawbot" in program
     assert "stopasgroup=true" in program and "killasgroup=true" in program and 'environment=A="1"' in program
 
 
-def test_parse_probe_counts_memory_held_by_the_running_services():
-    text = ("MemTotal:       16000000 kB\nMemAvailable:    2000000 kB\nHugePages_Total:     125\nHugePages_Free:      3\n"
-            "ClawbotHeld: 1000000 kB\nCgroupLimit: max\nDiskFree: 5000000000\n")
-    node = parse_probe(text)
+PROBE = ("MemTotal:       16000000 kB\nMemAvailable:    2000000 kB\nHugePages_Total:     125\nHugePages_Free:      3\n"
+         "Hugepagesize:       2048 kB\nClawbotHeld: 1000000 kB\nCgroupLimit: max\nDiskFree: 5000000000\n")
+
+
+def test_node_memory_counts_memory_held_by_the_running_services():
+    node = NodeMemory().process(PROBE.splitlines())
     assert node.memory_total == 16000000 * 1024 and node.memory_available == 3000000 * 1024
     assert (node.hugepages_total, node.hugepages_free, node.disk_free) == (125, 3, 5000000000)
-    limited = parse_probe(text.replace("CgroupLimit: max", "CgroupLimit: 1048576"))
+    assert node.hugepage_bytes == 2 << 20 and node.gpus == ()
+    limited = NodeMemory().process(PROBE.replace("CgroupLimit: max", "CgroupLimit: 1048576").splitlines())
     assert limited.memory_available == 1048576 and limited.memory_source == "cgroup memory.max"
+
+
+def test_node_memory_reads_gpus_with_preflights_parser():
+    lines = [*PROBE.splitlines(), "Gpu: NVIDIA H200, 143771, 1024", "Gpu: NVIDIA H200, 143771, 0"]
+    node = NodeMemory().process(lines)
+    assert node.gpus == preflight.parse_gpus("NVIDIA H200, 143771, 1024\nNVIDIA H200, 143771, 0")
+    assert node.gpus[0].memory_free == (143771 - 1024) * sizing.MIB and node.memory_total == 16000000 * 1024
+
+
+def _info() -> sizing.ModelInfo:
+    return sizing.ModelInfo(path="x.gguf", architecture="llama", name="x", file_bytes=10 * sizing.MIB,
+                            tensor_bytes=9 * sizing.MIB, n_params=9_000_000, n_layer=6, n_embd=384, n_head=6,
+                            n_head_kv=2, n_ff=1024, head_dim_k=64, head_dim_v=64, n_ctx_train=8192, n_vocab=1000,
+                            n_expert=0, layer_bytes=(1 * sizing.MIB,) * 6, output_bytes=sizing.MIB // 2,
+                            input_bytes=sizing.MIB // 2)
+
+
+def _config() -> dict:
+    from clawbot.common.config import check_bytes
+
+    result = check_bytes(b'{"model_gateway": {"endpoint": "https://model-a:9443"}}', "clawbot.json")
+    assert result.ok
+    return result.config
+
+
+class _Host:
+    """A pyinfra host as check_node uses it: data (the node plan) and get_fact."""
+
+    def __init__(self, plan=None, facts=None):
+        self.data = {"clawbot_plan": plan} if plan else {}
+        self.name = "model-a"
+        self.facts, self.asked = facts, []
+
+    def get_fact(self, cls, **kwargs):
+        self.asked.append((cls, kwargs))
+        return self.facts
+
+
+def test_check_node_reads_the_node_memory_fact_for_the_plans_user():
+    config = _config()
+    facts = NodeMemory().process(PROBE.splitlines())
+    host = _Host(plan=type("Plan", (), {"user": "llm"})(), facts=facts)
+    report = check_node(host, _info(), config)
+    model_dir = config["model_server"]["model_path"].rsplit("/", 1)[0]
+    assert host.asked == [(NodeMemory, {"model_dir": model_dir, "user": "llm"})]
+    assert report.node == facts and report.fits
+    assert report.to_json() == preflight.check_config(_info(), config, facts).to_json()
+    bare = _Host(facts=facts)  # no plan: the default user
+    check_node(bare, _info(), config)
+    assert bare.asked[0][1]["user"] == "clawbot"
+
+
+def test_check_node_still_takes_a_run_shell():
+    commands = []
+
+    def run_shell(command):
+        commands.append(command)
+        return True, PROBE
+
+    config = _config()
+    report = check_node(run_shell, _info(), config)
+    assert commands == [NodeMemory().command(config["model_server"]["model_path"].rsplit("/", 1)[0], "clawbot")]
+    assert report.node == NodeMemory().process(PROBE.splitlines())
+
+
+def test_reserved_pages_reads_the_hugepages_fact():
+    asked = []
+
+    def run_shell(command):
+        asked.append(command)
+        return True, "HugePages_Total:     125\nHugePages_Free:      3\nHugepagesize:       2048 kB"
+
+    assert reserved_pages(run_shell) == 125 and asked == ["grep -E '^(HugePages_|Hugepagesize)' /proc/meminfo || true"]
+    assert reserved_pages(lambda command: (False, "")) == 0
 
 
 def test_health_probe_fails_fast_with_the_reason_when_nothing_listens(tmp_path):

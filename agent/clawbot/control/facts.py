@@ -35,9 +35,21 @@ def parse_meminfo(lines: list[str]) -> dict[str, int]:
     return values
 
 
+def count_cpu_list(text: str) -> int | None:
+    """The number of CPUs in a kernel CPU list (`0-3,8,10-11` → 7), None when it is not one."""
+    count = 0
+    for part in text.strip().split(","):
+        first, _, last = part.partition("-")
+        if not first.isdigit() or not (last or first).isdigit():
+            return None
+        count += int(last or first) - int(first) + 1
+    return count or None
+
+
 class NodeMemory(FactBase):
     """What a model node has for the model, as clawbot.common.preflight.NodeFacts: memory, huge pages, free disk
-    where the model goes, and its NVIDIA GPUs (none without nvidia-smi).
+    where the model goes, its NVIDIA GPUs (none without nvidia-smi) and the cores a process may run on (its CPU
+    affinity, as preflight.usable_cores counts them on the node).
 
     The memory budget is MemAvailable plus what the user's running processes hold (on a re-run the model
     already loaded by the running service must not count against itself), capped by the cgroup's memory.max.
@@ -52,6 +64,7 @@ class NodeMemory(FactBase):
             "cat /proc/meminfo",
             f"echo ClawbotHeld: $(ps -u {shlex.quote(user)} -o rss= 2>/dev/null | awk '{{s+=$1}} END {{print s+0}}') kB",
             "echo CgroupLimit: $(cat /sys/fs/cgroup/memory.max 2>/dev/null || echo max)",
+            "grep '^Cpus_allowed_list:' /proc/self/status",
             f'echo DiskFree: $(df -B1 --output=avail "$(d={directory}; while [ ! -d "$d" ]; do d=$(dirname "$d"); '
             'done; echo "$d")" | tail -1)',
             f"if command -v nvidia-smi >/dev/null 2>&1; then timeout 10 {GPU_QUERY} 2>/dev/null "
@@ -64,7 +77,7 @@ class NodeMemory(FactBase):
         probe: dict[str, str] = {}
         for line in output:
             key, _, rest = line.partition(":")
-            if key in ("CgroupLimit", "DiskFree") and rest.split():
+            if key in ("CgroupLimit", "DiskFree", "Cpus_allowed_list") and rest.split():
                 probe[key] = rest.split()[0]
         values = parse_meminfo([line for line in output if not line.startswith(GPU_PREFIX)])
         cgroup_limit = int(probe["CgroupLimit"]) if probe.get("CgroupLimit", "").isdigit() else None
@@ -79,7 +92,8 @@ class NodeMemory(FactBase):
             memory_source=source, cgroup_limit=cgroup_limit,
             hugepages_total=values.get("HugePages_Total", 0), hugepages_free=values.get("HugePages_Free", 0),
             hugepage_bytes=values.get("Hugepagesize", sizing.HUGEPAGE_BYTES), disk_free=disk_free,
-            gpus=preflight.parse_gpus("\n".join(gpu_lines)))
+            gpus=preflight.parse_gpus("\n".join(gpu_lines)),
+            usable_cores=count_cpu_list(probe["Cpus_allowed_list"]) if "Cpus_allowed_list" in probe else None)
 
 
 class HugePages(FactBase):
