@@ -36,7 +36,11 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 
-from clawbot import bench, engine, preflight, supervisor  # noqa: E402
+from clawbot.common import preflight, sizing  # noqa: E402
+from clawbot.model.engines import Paths, llama_server  # noqa: E402
+from clawbot.model.engines import build as engine  # noqa: E402
+from clawbot.model.runplan import RunPlan  # noqa: E402
+from clawbot.tools import bench  # noqa: E402
 from clawbot.common.config import load_config  # noqa: E402
 from tests.fixtures_agent import Agent, agent_config, free_port, make_pki, wait_for  # noqa: E402
 
@@ -192,10 +196,6 @@ def main() -> int:
                         "gib": round(model.stat().st_size / 2**30, 2)}
     print(f"[bench-gpu] model: {results['model']}", flush=True)
 
-    # What the supervisor decides on this node, from the same pure functions the agent uses.
-    gpus = preflight.query_gpus()
-    accelerator = supervisor.resolve_accelerator("auto", gpus) if args.accelerator == "cuda" else args.accelerator
-    gpu_free = max(g.memory_free for g in gpus) if gpus else None
     pki = make_pki(work / "pki")
     config = agent_config(model, pki.tls_config(), gateway_port=free_port(), model_port=free_port(),
                           model_gateway={"max_tokens": min(1024, args.context // 4), "max_concurrency": args.slots, "queue_length": 64,
@@ -213,10 +213,12 @@ def main() -> int:
     full = load_config(str(agent_dir / "clawbot.json"))  # schema defaults filled in, as the agent sees it
     raw_port = free_port()
     raw_config = {**full, "model_server": {**full["model_server"], "port": raw_port}}
-    plan = supervisor.resolve_parallel_slots(raw_config, str(model), accelerator, gpu_free)
-    results["slot_plan"] = {"slots": plan.slots, "reason": plan.reason}
-    raw_cmd = supervisor.llama_server_command(str(server_bin), raw_config, str(model), None,
-                                              accelerator=accelerator, gpu_free_bytes=gpu_free, slots=plan.slots)
+    # What the supervisor decides on this node: the same run plan, from the same facts.
+    facts = preflight.host_facts(preflight.read_node(str(model)), engine_builds=frozenset({args.accelerator}))
+    plan = RunPlan.resolve(raw_config, facts, sizing.read_model_info(model))
+    results["run_plan"] = plan.to_json()
+    results["slot_plan"] = {"slots": plan.slots.value, "reason": plan.slots.reason}
+    raw_cmd = llama_server.command(plan, raw_config, Paths(model=str(model), binary=str(server_bin)))
     results["raw_llama_server_command"] = raw_cmd[1:]
     ngl = raw_cmd[raw_cmd.index("-ngl") + 1]
 

@@ -35,11 +35,14 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from clawbot import sizing, staging  # noqa: E402
+from clawbot.common import preflight, sizing  # noqa: E402
 from clawbot.common.config import defaults  # noqa: E402
+from clawbot.model import staging  # noqa: E402
+from clawbot.model.engines import Paths, llama_server  # noqa: E402
 from clawbot.model.engines.build import build_engine, find_llama_server  # noqa: E402
+from clawbot.model.runplan import RunPlan  # noqa: E402
 from bench_gateway import evict  # noqa: E402  (drops only this file from the page cache)
-from clawbot.model.supervisor import file_sha256, llama_server_command, model_mappings  # noqa: E402
+from clawbot.model.supervisor import file_sha256, model_mappings  # noqa: E402
 from tests.fixtures_agent import free_port  # noqa: E402
 from tests.fixtures_models import write_model_file  # noqa: E402
 
@@ -52,26 +55,38 @@ DECODE_TOKENS = 32
 
 def reserve(pages: int) -> None:
     """Make `pages` huge pages free on top of what others use (the pool is kernel-global and shared)."""
-    info = staging.meminfo_hugepages()
+    info = preflight.read_meminfo()
     in_use = info["HugePages_Total"] - info["HugePages_Free"] + info.get("HugePages_Rsvd", 0)
     NR.write_text(str(in_use + pages))
-    free = staging.meminfo_hugepages()["HugePages_Free"]
+    free = preflight.read_meminfo()["HugePages_Free"]
     if free < pages:
         raise RuntimeError(f"asked the kernel for {pages} free huge pages, it has {free}")
+
+
+def bench_config(port: int) -> dict:
+    config = defaults()
+    config["context_window"] = 512
+    config["model_server"].update(port=port, threads=1, parallel_slots=1, load_mode="mmap", accelerator="cpu",
+                                  model_name="bench")
+    return config
+
+
+def agent_plan(model: Path) -> RunPlan:
+    """The run plan the agent would start this model with here (-np, -t, -ngl, ... as the agent decides them)."""
+    facts = preflight.host_facts(preflight.read_node(str(model)), engine_builds=frozenset({"cpu"}))
+    return RunPlan.resolve(bench_config(0), facts, sizing.read_model_info(model))
 
 
 class Server:
     """One llama-server in its own process group (killed by that group), flags as the agent sets them."""
 
-    def __init__(self, binary: Path, model: str, label: str):
-        config = defaults()
-        config["context_window"] = 512
-        config["model_server"].update(port=free_port(), threads=1, parallel_slots=1, load_mode="mmap",
-                                      accelerator="cpu", model_name="bench")
+    def __init__(self, binary: Path, model: str, label: str, plan: RunPlan):
+        config = bench_config(free_port())
         self.label, self.model, self.port = label, model, config["model_server"]["port"]
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{label}-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(llama_server_command(str(binary), config, model), stdout=self.log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        command = llama_server.command(plan, config, Paths(model=model, binary=str(binary)))
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=300)
 
     def wait_ready(self, timeout: float = 300) -> None:
@@ -132,6 +147,8 @@ def main() -> int:
     size = model.stat().st_size
     assert size >= 0.8e9, f"{model} is {size} bytes: the benchmark wants >= 0.8 GB"
     print(f"model {model.name}: {size / 2**20:.0f} MiB", flush=True)
+    plan = agent_plan(model)  # one plan for every server: the runs differ only in where the weights sit
+    print(f"run plan: -np {plan.slots.value} ({plan.slots.reason}), -t {plan.threads.value}", flush=True)
 
     saved_nr = NR.read_text()
     work = Path(tempfile.mkdtemp(prefix="bench-hugepages-"))
@@ -144,7 +161,7 @@ def main() -> int:
 
         evict(model)
         t0 = time.monotonic()
-        ext4 = Server(binary, str(model), "ext4")
+        ext4 = Server(binary, str(model), "ext4", plan)
         servers.append(ext4)
         ext4.wait_ready()
         ready_ext4 = time.monotonic() - t0
@@ -154,7 +171,7 @@ def main() -> int:
         t0 = time.monotonic()
         staged_model = staging.stage(model, mount, state, sha)
         copy_s = time.monotonic() - t0
-        staged = Server(binary, staged_model.path, "staged")
+        staged = Server(binary, staged_model.path, "staged", plan)
         servers.append(staged)
         staged.wait_ready()
         ready_staged = time.monotonic() - t0
@@ -183,7 +200,7 @@ def main() -> int:
         t0 = time.monotonic()
         again = staging.stage(model, mount, state, sha)
         assert again.reused
-        staged2 = Server(binary, again.path, "staged-reuse")
+        staged2 = Server(binary, again.path, "staged-reuse", plan)
         servers.append(staged2)
         staged2.wait_ready()
         ready_reuse = time.monotonic() - t0

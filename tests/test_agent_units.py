@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from clawbot.common import preflight
 from clawbot.model import supervisor
 from clawbot.model.admission import Admission, Rejected
+from clawbot.model.engines import Paths, llama_cpp_python, llama_server
+from clawbot.model.runplan import HostFacts, RunPlan
 from clawbot.common.config import defaults
 
 
@@ -111,33 +114,58 @@ def _config(**server):
     return config
 
 
+def _cpu_plan(config: dict) -> RunPlan:
+    """The plan on a 2-core CPU node with unknown free memory and no memlock limit (the model is not read)."""
+    facts = HostFacts(gpus=(), host_free_bytes=None, usable_cores=2, memlock_limit=preflight.UNLIMITED)
+    return RunPlan.resolve(config, facts, None)
+
+
+def _llama_server_command(config: dict, key_dir: Path | None = None) -> list[str]:
+    return llama_server.command(_cpu_plan(config), config, Paths(model="/m.gguf", binary="/bin/llama-server",
+                                                                state_dir=key_dir))
+
+
 def test_llama_server_command_gives_each_slot_the_context_window():
     config = _config(parallel_slots=3, threads=2, chat_template="chatml", extra_args=["--cache-reuse", "256"],
                      load_mode="mmap", accelerator="cpu")
     config["context_window"] = 4096
-    cmd = supervisor.llama_server_command("/bin/llama-server", config, "/m.gguf")
+    cmd = _llama_server_command(config)
     flags = {name: cmd[cmd.index(name) + 1] for name in cmd if name.startswith("-") and name != "-no-kvu"}
     assert flags["-c"] == str(4096 * 3) and flags["-np"] == "3" and "-no-kvu" in cmd
     assert flags["--host"] == "127.0.0.1" and flags["--alias"] == "clawbot" and flags["-lm"] == "mmap"
     assert flags["-ngl"] == "0" and flags["--chat-template"] == "chatml" and "--metrics" in cmd
-    assert cmd[-2:] == ["--cache-reuse", "256"]
+    assert flags["-t"] == "2" and "--api-key-file" not in cmd
+    assert cmd[0] == "/bin/llama-server" and cmd[-2:] == ["--cache-reuse", "256"]
+
+
+def test_the_api_key_goes_to_a_private_file_the_command_names(tmp_path):
+    config = _config(accelerator="cpu")
+    paths = Paths(model="/m.gguf", binary="/bin/llama-server", state_dir=tmp_path)
+    files = llama_server.private_files(_cpu_plan(config), config, paths, "secret")
+    (key_file, text), = files.items()
+    assert text == "secret\n" and key_file.parent == tmp_path
+    cmd = llama_server.command(_cpu_plan(config), config, paths)
+    assert cmd[cmd.index("--api-key-file") + 1] == str(key_file)
 
 
 def test_named_chat_template_uses_the_builtin_engine_and_jinja_text_uses_jinja():
     """With Jinja on (llama-server's default) a name like "gemma" would be taken as a literal template and
     every message dropped (seen: a 3-token prompt for any conversation)."""
-    named = supervisor.llama_server_command("/bin/llama-server", _config(chat_template="gemma"), "/m.gguf")
+    named = _llama_server_command(_config(chat_template="gemma"))
     assert named[named.index("--chat-template") - 1] == "--no-jinja"
     text = "{% for m in messages %}{{ m.content }}{% endfor %}"
-    jinja = supervisor.llama_server_command("/bin/llama-server", _config(chat_template=text), "/m.gguf")
+    jinja = _llama_server_command(_config(chat_template=text))
     assert jinja[jinja.index("--chat-template") - 1] == "--jinja" and jinja[jinja.index("--chat-template") + 1] == text
 
 
 def test_llama_cpp_python_settings_turn_interrupt_requests_off():
-    settings = supervisor.llama_cpp_python_settings(_config(load_mode="mmap+mlock", cache_type_k="q8_0"), "/m.gguf")
+    config = _config(engine="llama-cpp-python", load_mode="mmap+mlock", cache_type_k="q8_0")
+    settings = llama_cpp_python.settings(_cpu_plan(config), config, "/m.gguf")
     assert settings["interrupt_requests"] is False and settings["host"] == "127.0.0.1"
     model = settings["models"][0]
     assert model["use_mmap"] and model["use_mlock"] and model["type_k"] == 8 and model["n_ctx"] == 8192
+    # the plan's numbers, as llama-server would get them: 1 thread of 2 cores, 512-token batches, no offload
+    assert (model["n_threads"], model["n_ubatch"], model["n_gpu_layers"], model["flash_attn"]) == (1, 512, 0, False)
 
 
 # --------------------------------------------------------------------------- model file checks
@@ -258,24 +286,29 @@ def test_gateway_resends_once_when_the_model_server_closes_without_answering():
 def test_gateway_admits_no_more_at_once_than_the_slots_the_model_server_got():
     """parallel_slots auto may give fewer slots than max_concurrency (too little memory for their KV cache):
     the gateway's concurrency follows, so the rest wait in its queue, not invisibly inside llama-server."""
+    import dataclasses
     import types
 
     from clawbot.model.gateway import Gateway
+    from clawbot.model.runplan import Decision
 
     config = defaults()
     config["model_gateway"]["max_concurrency"] = 4
     config["model_server"]["parallel_slots"] = 0
-    fake = types.SimpleNamespace(slot_plan=None, listeners=[], status=types.SimpleNamespace(state="loading"),
+    fake = types.SimpleNamespace(plan=None, listeners=[], status=types.SimpleNamespace(state="loading"),
                                  base_url="http://127.0.0.1:9", auth_headers={}, ready=False)
+
+    def plan_with_slots(n: int) -> RunPlan:
+        return dataclasses.replace(_cpu_plan(config), slots=Decision(n, "test"))
 
     async def scenario():
         gateway = Gateway(config, fake)
         before = gateway.admission.max_concurrency
-        fake.slot_plan = supervisor.SlotPlan(2, "auto: 2 of max_concurrency 4 slots fit")
+        fake.plan = plan_with_slots(2)
         for listener in fake.listeners:
             listener("ready")
         after = gateway.admission.max_concurrency
-        fake.slot_plan = supervisor.SlotPlan(6, "model_server.parallel_slots")
+        fake.plan = plan_with_slots(6)
         gateway.apply(config)
         await gateway.close()
         return before, after, gateway.admission.max_concurrency

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from clawbot.model import staging
-from clawbot.common import sizing
+from clawbot.common import preflight, sizing
 from clawbot.model.supervisor import file_sha256
 from tests.fixtures_agent import (  # noqa: F401  (fixtures)
     llama_server_binary,
@@ -34,7 +34,7 @@ PAGE = 2 << 20
 
 
 def free_pages() -> int:
-    info = staging.meminfo_hugepages()
+    info = preflight.read_meminfo()
     return info["HugePages_Free"] - info.get("HugePages_Rsvd", 0)
 
 
@@ -44,7 +44,7 @@ def pool():
     saved = NR_HUGEPAGES.read_text()
 
     def set_free(n: int) -> int:
-        info = staging.meminfo_hugepages()
+        info = preflight.read_meminfo()
         in_use = info["HugePages_Total"] - info["HugePages_Free"] + info.get("HugePages_Rsvd", 0)
         NR_HUGEPAGES.write_text(str(in_use + n))
         wait_for(lambda: free_pages() >= n, 20, 0.2, f"{n} free huge pages")

@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-engine": ("clawbot.model.engines.build", "build llama-server from the pinned llama-cpp-python sdist"),
     "make-model": ("clawbot.tools.modelgen", "write a shape-faithful random-weight GGUF for tests and benchmarks"),
     "status": ("clawbot.control.status", "show every node's agent, model and certificate state"),
-    "docs": ("clawbot.common.schemadocs", "regenerate docs/configuration.md from the schema"),
+    "docs": ("clawbot.common.schemadocs", "regenerate the reference pages in docs/ from the schemas and the code"),
 }
 
 

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from clawbot.common import jsonpos
 from clawbot.common.jsonpos import Document, JSONSyntaxError, escape_pointer_token
+from clawbot.model.runplan import configured_slots
 
 CONFIG_SCHEMA = "clawbot.schema.json"
 
@@ -342,7 +343,7 @@ def _rule_summary_fits(config, document, filename, inventory, out):
 def _rule_gateway_limits(config, document, filename, inventory, out):
     """Queue, burst and concurrency agree."""
     add = _adder(document, filename, out)
-    gateway, server = config["model_gateway"], config["model_server"]
+    gateway = config["model_gateway"]
     if gateway["queue_length"] > 0 and gateway["queue_timeout_s"] >= gateway["request_timeout_s"]:
         add("/model_gateway/queue_timeout_s",
             f"queue_timeout_s ({gateway['queue_timeout_s']}) must be shorter than request_timeout_s ({gateway['request_timeout_s']})")
@@ -351,11 +352,11 @@ def _rule_gateway_limits(config, document, filename, inventory, out):
         add("/model_gateway/rate_limit/burst",
             f"burst ({burst}) is smaller than max_concurrency ({gateway['max_concurrency']}): the concurrency limit can never be reached",
             f"set burst to at least {gateway['max_concurrency']}")
-    if server["parallel_slots"] and gateway["max_concurrency"] > server["parallel_slots"] \
-            and server["engine"] == "llama-server":
+    slots = configured_slots(config)
+    if slots is not None and gateway["max_concurrency"] > slots.value:
         add("/model_gateway/max_concurrency",
-            f"max_concurrency ({gateway['max_concurrency']}) exceeds model_server.parallel_slots ({server['parallel_slots']}): "
-            "the extra requests wait inside the model server, invisible to the gateway's queue",
+            f"max_concurrency ({gateway['max_concurrency']}) exceeds the model server's {slots.value} slot(s) "
+            f"({slots.reason}): the gateway passes on only {slots.value} at a time, the rest wait in its queue",
             "make them equal", severity="warning")
 
 

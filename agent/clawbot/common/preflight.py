@@ -301,8 +301,8 @@ def memlock_limit() -> int:
 
 
 def read_node(model_path: str, memory_limit: int | None = None) -> NodeFacts:
-    """This node, read locally: the memory budget (MemAvailable, cgroup headroom,
-    --memory-limit: the lowest wins), huge pages, disk, GPUs, cores and the memlock limit."""
+    """This node, read locally: the memory budget (MemAvailable, cgroup headroom, --memory-limit: the lowest
+    wins), huge pages, disk, GPUs, usable cores and the memlock limit."""
     meminfo = read_meminfo()
     available, source, limit = available_memory(memory_limit, meminfo)
     disk = shutil.disk_usage(_existing_parent(Path(model_path)))
@@ -315,8 +315,8 @@ def read_node(model_path: str, memory_limit: int | None = None) -> NodeFacts:
 
 
 def host_facts(node: NodeFacts, engine_builds: frozenset[str] | None = None) -> HostFacts:
-    """The run plan's view of a node, read locally (read_node) or over SSH (roles/preflight.py): the one
-    conversion, so deploy and the supervisor plan from the same kind of facts."""
+    """The run plan's view of a node, read locally (read_node) or over SSH (clawbot.control.facts.NodeMemory):
+    the one conversion, so deploy and the supervisor plan from the same kind of facts."""
     return HostFacts(gpus=node.gpus, host_free_bytes=node.memory_available or None, usable_cores=node.usable_cores,
                      memlock_limit=UNLIMITED if node.memlock_limit is None else node.memlock_limit,
                      engine_builds=engine_builds)

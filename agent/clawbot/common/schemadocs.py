@@ -1,4 +1,5 @@
-"""`clawbot docs`: write the reference pages from the schemas, so docs and schema never disagree.
+"""`clawbot docs`: write the reference pages from the code they describe, so the two never disagree: the
+schemas' pages, and docs/llama-server-flags.md from the table the llama-server command line is built from.
 
 A test regenerates the pages and fails when the committed ones differ.
 """
@@ -10,6 +11,7 @@ import os
 import sys
 
 from clawbot.common.config import CONFIG_SCHEMA, load_schema
+from clawbot.model.engines import llama_server
 
 PAGES = {
     CONFIG_SCHEMA: ("configuration.md", "clawbot.json reference",
@@ -20,6 +22,7 @@ PAGES = {
                               "(`inventory/hosts.yml`, `group_vars/`, `host_vars/`). "
                               "Check an inventory with `clawbot validate --inventory DIR clawbot.json`."),
 }
+FLAGS_PAGE = "llama-server-flags.md"
 
 
 def _type_of(schema: dict) -> str:
@@ -86,16 +89,22 @@ def render(schema_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def generated_pages() -> dict[str, str]:
+    """Every page `clawbot docs` writes: {file name: text}."""
+    pages = {filename: render(schema_name) for schema_name, (filename, _, _) in PAGES.items()}
+    pages[FLAGS_PAGE] = llama_server.render_flags_doc()
+    return pages
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="docs", help="directory to write the pages into (default: docs)")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the pages on disk differ from the schemas")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the pages on disk differ from the code")
 
 
 def run(args) -> int:
     stale = []
-    for schema_name, (filename, _, _) in PAGES.items():
+    for filename, text in generated_pages().items():
         path = os.path.join(args.out, filename)
-        text = render(schema_name)
         current = open(path, encoding="utf-8").read() if os.path.exists(path) else None
         if current == text:
             continue

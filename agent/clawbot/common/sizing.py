@@ -433,6 +433,21 @@ def max_context_per_slot(info: ModelInfo, available_bytes: int, n_parallel: int 
     return lo * KV_CELL_PADDING
 
 
+def max_parallel_slots(info: ModelInfo, context_window: int, available_bytes: int, limit: int = 16,
+                       cache_type_k: str = "f16", cache_type_v: str = "f16", n_ubatch: int = DEFAULT_UBATCH,
+                       flash_attn: bool = False) -> int:
+    """Most slots (at most `limit`) of context_window cells each whose whole need fits in available_bytes;
+    0 if not even one."""
+    best = 0
+    for slots in range(1, limit + 1):
+        fit = size_model(info, context_window * slots, slots, cache_type_k, cache_type_v, n_ubatch=n_ubatch,
+                         flash_attn=flash_attn)
+        if fit.total_bytes > available_bytes:
+            break
+        best = slots
+    return best
+
+
 @dataclass(frozen=True)
 class GpuSplit:
     """How many layers to offload (llama.cpp -ngl) and what that puts on the GPU."""

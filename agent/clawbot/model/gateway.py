@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clawbot.common import pki
 from clawbot.model.admission import Admission, Rejected
+from clawbot.model.engines import Refused
 from clawbot.common.mtls import peer_cert_der
 
 log = logging.getLogger("clawbot.model.gateway")
@@ -233,13 +234,13 @@ class Gateway:
         self._on_state(supervisor.status.state)
 
     def _limits(self, config: dict) -> dict:
-        """model_gateway with max_concurrency capped at the slots the model server was given (auto slots
-        may be fewer): a request beyond them would wait inside llama-server, out of the queue's sight."""
+        """model_gateway with max_concurrency as the run plan the model server was started with allows
+        (RunPlan.gateway_concurrency); before the first start, as configured."""
         gateway = config["model_gateway"]
-        plan = getattr(self.supervisor, "slot_plan", None)
-        if plan is None or config["model_server"]["engine"] != "llama-server" or plan.slots >= gateway["max_concurrency"]:
+        plan = self.supervisor.plan
+        if plan is None:
             return gateway
-        return {**gateway, "max_concurrency": plan.slots}
+        return {**gateway, "max_concurrency": plan.gateway_concurrency(gateway["max_concurrency"])}
 
     def _on_state(self, state: str) -> None:
         self.metrics.model_state.state(state)
@@ -319,8 +320,8 @@ class Gateway:
         payload["max_tokens"] = requested if requested is not None else cap
         payload.setdefault("temperature", self.gw["temperature"])
         payload["model"] = self.config["model_server"]["model_name"]
-        if self.supervisor.engine != "llama-server":
-            payload.pop("ignore_eos", None)
+        for name in self.supervisor.engine.UNSUPPORTED_FIELDS:
+            payload.pop(name, None)
         _check_utf8(payload)
         return payload
 
@@ -471,68 +472,22 @@ class Gateway:
             raise GatewayError(400, "give exactly one of `content` (text) or `messages` (a chat)", param="content")
         self._require_ready()
         _check_utf8(body.model_dump(exclude_none=True))
+
+        async def post(path: str, json_body: dict) -> dict:
+            r = await self.client.post(path, json=json_body)
+            _raise_upstream(r)
+            return r.json()
+
         try:
-            if self.supervisor.engine == "llama-server":
-                if body.messages is not None:
-                    r = await self.client.post("/apply-template", json={
-                        "messages": [m.upstream() for m in body.messages],
-                        "add_generation_prompt": body.add_generation_prompt})
-                    _raise_upstream(r)
-                    text, add_special = r.json()["prompt"], True if body.add_special is None else body.add_special
-                else:
-                    text, add_special = body.content, bool(body.add_special)
-                r = await self.client.post("/tokenize", json={"content": text, "add_special": add_special,
-                                                             "parse_special": True})
-                _raise_upstream(r)
-                tokens = r.json()["tokens"]
-            else:
-                tokens = await self._tokenize_llama_cpp_python(body)
+            tokens = await self.supervisor.engine.tokenize(
+                post, self.config, content=body.content,
+                messages=None if body.messages is None else [m.upstream() for m in body.messages],
+                add_special=body.add_special, add_generation_prompt=body.add_generation_prompt)
+        except Refused as exc:
+            raise GatewayError(exc.status, exc.message, exc.type, code=exc.code) from None
         except httpx.HTTPError as exc:
             raise GatewayError(502, f"model server failed: {exc}", "server_error", code="upstream_error") from None
         return {"count": len(tokens), "tokens": tokens}
-
-    async def _tokenize_llama_cpp_python(self, body: TokenizeRequest) -> list[int]:
-        """llama_cpp.server always prepends BOS in /extras/tokenize; it is stripped where llama_cpp itself
-        would not add it (plain text unless add_special; a rendered chat, whose template adds its own)."""
-        import os
-
-        from clawbot.common import chattemplate
-
-        async def tok(text: str) -> list[int]:
-            r = await self.client.post("/extras/tokenize", json={"input": text})
-            _raise_upstream(r)
-            return r.json()["tokens"]
-
-        bos_prefix = await tok("")
-        if body.messages is None:
-            text, add_special = body.content, bool(body.add_special)
-        else:
-            if self.config["model_server"]["chat_template"]:
-                raise GatewayError(501, "tokenizing `messages` with a named chat_template needs the llama-server "
-                                   "engine; send `content` instead", "not_supported", code="not_supported")
-            path = self.config["model_server"]["model_path"]
-            template, bos_id, eos_id = chattemplate.gguf_template_info(path, os.stat(path).st_mtime_ns)
-            if template is None:
-                raise GatewayError(400, "the model has no chat template; send `content` instead", code="no_template")
-
-            async def piece(token_id):
-                if token_id is None:
-                    return ""
-                r = await self.client.post("/extras/detokenize", json={"tokens": [token_id]})
-                _raise_upstream(r)
-                return r.json()["text"]
-
-            try:
-                text = chattemplate.render(template, [m.upstream() for m in body.messages],
-                                           bos_token=await piece(bos_id), eos_token=await piece(eos_id),
-                                           add_generation_prompt=body.add_generation_prompt)
-            except chattemplate.TemplateError as exc:
-                raise GatewayError(400, str(exc), code="template_error") from None
-            add_special = False if body.add_special is None else body.add_special
-        tokens = await tok(text)
-        if not add_special and bos_prefix and tokens[: len(bos_prefix)] == bos_prefix:
-            tokens = tokens[len(bos_prefix):]
-        return tokens
 
     def status(self) -> dict:
         return {

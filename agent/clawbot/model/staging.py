@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from clawbot.common.preflight import read_meminfo
+
 log = logging.getLogger("clawbot.model.staging")
 
 HUGETLBFS_MAGIC = 0x958458F6
@@ -58,19 +60,6 @@ def is_hugetlbfs(path: str | Path) -> bool:
         return statfs_type(path)[0] == HUGETLBFS_MAGIC
     except OSError:
         return False
-
-
-def meminfo_hugepages() -> dict[str, int]:
-    """HugePages_* counters and Hugepagesize (kB) from /proc/meminfo."""
-    out: dict[str, int] = {}
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key.startswith("HugePages_") or key == "Hugepagesize":
-                out[key] = int(rest.split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
-    return out
 
 
 def pages_needed(file_bytes: int, page_bytes: int) -> int:
@@ -206,11 +195,11 @@ def stage(source: str | Path, mount: str | Path, state_dir: str | Path, source_s
     release(state_dir, mount)  # a copy of another (or changed) model: free its pages first
 
     pages = pages_needed(st.st_size, page_bytes)
-    info = meminfo_hugepages()
+    info = read_meminfo()
     page_kib = page_bytes // 1024
     # HugePages_Free still counts pages that are reserved for mappings but not yet faulted in.
     free = info.get("HugePages_Free", 0) - info.get("HugePages_Rsvd", 0)
-    if info.get("Hugepagesize") == page_kib and free < pages:
+    if info.get("Hugepagesize") == page_bytes and free < pages:
         total = info.get("HugePages_Total", 0)
         raise StagingError(
             f"too few huge pages to stage {source.name} ({st.st_size} bytes): need {pages} pages of {page_kib} kB, "
@@ -230,7 +219,7 @@ def stage(source: str | Path, mount: str | Path, state_dir: str | Path, source_s
             mapped = mmap.mmap(fd, pages * page_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:
             raise StagingError(f"cannot map {pages} huge pages for {source.name}: {exc.strerror or exc} "
-                               f"(HugePages_Free {meminfo_hugepages().get('HugePages_Free')})") from None
+                               f"(HugePages_Free {read_meminfo().get('HugePages_Free')})") from None
         with mapped, open(source, "rb") as src:
             view = memoryview(mapped)
             offset, last_log = 0, started

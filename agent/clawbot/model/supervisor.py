@@ -16,15 +16,19 @@ import hashlib
 import json
 import logging
 import os
-import resource
 import secrets
 import signal
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
+
+from clawbot.common import preflight, sizing
+from clawbot.model import staging
+from clawbot.model.engines import Engine, Paths, engine_for
+from clawbot.model.engines.build import find_llama_server
+from clawbot.model.runplan import Decision, RunPlan
 
 log = logging.getLogger("clawbot.model.supervisor")
 
@@ -34,9 +38,6 @@ STOP_GRACE_S = 10.0
 PROBE_INTERVAL_S = 0.2
 # Backoff goes back to its first delay once a server has stayed ready this long.
 STABLE_AFTER_S = 60.0
-CAP_IPC_LOCK = 14
-# llama.cpp / ggml type ids for llama_cpp.server's type_k/type_v (ggml.h enum ggml_type).
-GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
 
 
 class ModelFileError(Exception):
@@ -105,24 +106,6 @@ def check_model_file(path: str, sha256: str = "", state_dir: Path | None = None)
 # --------------------------------------------------------------------------- memory evidence
 
 
-def _capabilities_effective() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    except OSError:
-        pass
-    return 0
-
-
-def can_mlock(n_bytes: int) -> bool:
-    """Whether pinning n_bytes would be allowed: CAP_IPC_LOCK, or a RLIMIT_MEMLOCK that large."""
-    if _capabilities_effective() & (1 << CAP_IPC_LOCK):
-        return True
-    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    return soft == resource.RLIM_INFINITY or soft >= n_bytes
-
-
 def _status_kib(pid: int, key: str) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -168,8 +151,6 @@ def memory_evidence(pid: int | None, model_path: str) -> dict:
     """
     if not pid:
         return {"pid": None}
-    from clawbot.model import staging
-
     on_hugetlbfs = staging.is_hugetlbfs(model_path)
     try:
         st = Path(model_path).stat()
@@ -189,8 +170,8 @@ def memory_evidence(pid: int | None, model_path: str) -> dict:
     locked_map_kib = sum(m.get("Locked", 0) for m in maps)
     mlock_effective = bool(vmlck and file_kib and vmlck >= file_kib * 0.95)
     hugepages_effective = bool(maps) and hugepage_kib >= mapped_kib * 0.95
-    meminfo = staging.meminfo_hugepages()
-    page_kib = meminfo.get("Hugepagesize", 2048) or 2048
+    meminfo = preflight.read_meminfo()
+    page_kib = meminfo.get("Hugepagesize", 0) // 1024 or 2048
     return {
         "pid": pid,
         "vm_locked_kib": vmlck,
@@ -209,276 +190,11 @@ def memory_evidence(pid: int | None, model_path: str) -> dict:
         "model_on_hugetlbfs": on_hugetlbfs,
         "model_hugepages_used": file_hugepage_kib // page_kib,
         "weights_pinned": mlock_effective or (hugepages_effective and on_hugetlbfs),
-        "meminfo": meminfo,
+        "meminfo": {**{k: v for k, v in meminfo.items() if k.startswith("HugePages_")}, "Hugepagesize": page_kib},
     }
 
 
-# --------------------------------------------------------------------------- command lines
-
-
-def resolve_load_mode(mode: str, model_bytes: int) -> str:
-    """The schema's `auto`: mmap+mlock when mlock is allowed for the whole model, else mmap."""
-    if mode == "auto":
-        return "mmap+mlock" if can_mlock(model_bytes) else "mmap"
-    return mode
-
-
-def staging_wanted(server: dict, model_path: str) -> tuple[bool, str]:
-    """The schema's `model_server.hugepages`: whether to stage the weights into huge pages, and why (not).
-
-    `auto` stages unless every layer is offloaded to a GPU (then the weights are read once into VRAM and
-    host-side huge pages buy nothing)."""
-    setting = server["hugepages"]
-    if setting == "stage":
-        return True, "model_server.hugepages is stage"
-    if setting in ("off", "reserve"):
-        return False, f"model_server.hugepages is {setting}: the model server maps the on-disk file"
-    if server["accelerator"] in ("cpu", "auto") or server["gpu_layers"] == 0:
-        return True, "model_server.hugepages is auto on a CPU node"
-    if server["gpu_layers"] < 0:
-        return False, "model_server.hugepages is auto and every layer is offloaded to the GPU"
-    try:
-        from clawbot.common import sizing
-
-        n_layer = sizing.read_model_info(Path(model_path)).n_layer
-    except Exception:  # noqa: BLE001 - unknown layer count: partial offload, stage the CPU share
-        n_layer = 1 << 30
-    if server["gpu_layers"] >= n_layer:
-        return False, "model_server.hugepages is auto and every layer is offloaded to the GPU"
-    return True, "model_server.hugepages is auto and some layers stay on the CPU"
-
-
-def resolve_threads(threads: int) -> int:
-    """0 means: every core this process may use but one, which the gateway keeps.
-
-    Measured on 2 cores: llama.cpp with -t 2 next to a busy gateway made 11-20 tok/s, with -t 1 108-123 tok/s
-    (its threads spin-wait for each other, so one preempted thread stalls all of them)."""
-    if threads > 0:
-        return threads
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
-
-
-API_KEY_FILE = "model-server.key"
-
-
-GPU_UBATCH = 1024
-
-
-def offloads(server: dict, accelerator: str) -> bool:
-    """Whether layers run on an accelerator (`auto` already resolved; `auto` here counts as CPU)."""
-    return accelerator not in ("cpu", "auto") and server["gpu_layers"] != 0
-
-
-def resolve_ubatch(server: dict, accelerator: str) -> int:
-    """-ub, the tokens of a prompt evaluated in one pass: model_server.ubatch_size, or for 0 (auto) 1024
-    on a GPU and llama.cpp's 512 on a CPU.
-
-    Measured on an H100 (benchmarks/results/gpu.json): a 540-token chat prompt's first token took
-    57.0 ms at -ub 1024 against 60.4 ms at 512 (one pass instead of two); a CPU gains nothing from
-    it, and the compute buffer grows with it (sizing.compute_buffer_bytes counts that)."""
-    if server["ubatch_size"]:
-        return server["ubatch_size"]
-    from clawbot.common import sizing
-
-    return GPU_UBATCH if offloads(server, accelerator) else sizing.DEFAULT_UBATCH
-
-
-@dataclass(frozen=True)
-class SlotPlan:
-    slots: int
-    reason: str
-
-
-def resolve_parallel_slots(config: dict, model_path: str, accelerator: str, gpu_free_bytes: int | None = None,
-                           host_free_bytes: int | None = None, weights_in_host_budget: bool = True) -> SlotPlan:
-    """-np. model_server.parallel_slots when set; 0 (auto): model_gateway.max_concurrency slots (the gateway
-    never sends more at once) when their KV cache fits the memory left after the weights, else the most
-    that fit, at least 1. That memory is the GPU's when the whole model is offloaded (gpu_free_bytes),
-    else the host's (host_free_bytes; weights_in_host_budget: False when they sit in staged huge pages,
-    which MemAvailable no longer counts). Unknown memory or an unreadable model: max_concurrency."""
-    server = config["model_server"]
-    if server["parallel_slots"]:
-        return SlotPlan(server["parallel_slots"], "model_server.parallel_slots")
-    wanted = config["model_gateway"]["max_concurrency"]
-    if server["engine"] != "llama-server":
-        return SlotPlan(1, "auto: llama_cpp.server serves one request at a time")
-    from clawbot.common import sizing
-
-    try:
-        info = sizing.read_model_info(model_path)
-    except (OSError, ValueError) as exc:
-        return SlotPlan(wanted, f"auto: model_gateway.max_concurrency (model not sized: {exc})")
-    flash = flash_attention_flag(server["flash_attention"], accelerator) != "off"
-    ubatch = resolve_ubatch(server, accelerator)
-
-    def fit_for(n: int):
-        return sizing.size_model(info, config["context_window"] * n, n, server["cache_type_k"], server["cache_type_v"],
-                                 n_ubatch=ubatch, flash_attn=flash)
-
-    full_offload = offloads(server, accelerator) and (server["gpu_layers"] < 0 or server["gpu_layers"] > info.n_layer)
-    if full_offload and gpu_free_bytes is not None and \
-            sizing.gpu_layers_that_fit(fit_for(1), gpu_free_bytes).n_gpu_layers > info.n_layer:
-        for n in range(wanted, 0, -1):
-            if sizing.gpu_layers_that_fit(fit_for(n), gpu_free_bytes).n_gpu_layers > info.n_layer:
-                per_slot = fit_for(1).kv_bytes
-                return SlotPlan(n, f"auto: {n} of max_concurrency {wanted} slots fit in the GPU's "
-                                   f"{sizing.gib(gpu_free_bytes)} free ({sizing.gib(per_slot)} of KV cache each)")
-    if host_free_bytes is None:
-        return SlotPlan(wanted, "auto: model_gateway.max_concurrency (free memory unknown)")
-    from clawbot.common import preflight
-
-    # weights staged in huge pages are outside MemAvailable: they do not count against it
-    budget = host_free_bytes + (0 if weights_in_host_budget else info.tensor_bytes)
-    n = preflight.max_parallel_slots(info, preflight.settings_from_config(config), budget, limit=wanted,
-                                     n_ubatch=ubatch)
-    if n:
-        return SlotPlan(n, f"auto: {n} of max_concurrency {wanted} slots fit in {sizing.gib(host_free_bytes)} "
-                           f"of free memory ({sizing.gib(fit_for(1).kv_bytes)} of KV cache each)")
-    return SlotPlan(1, f"auto: not even one slot of context_window {config['context_window']} fits in "
-                       f"{sizing.gib(host_free_bytes)} of free memory; running 1 (preflight would have refused)")
-
-
-def llama_server_command(binary: str, config: dict, model_path: str, api_key_file: str | None = None, *,
-                         accelerator: str | None = None, gpu_free_bytes: int | None = None,
-                         slots: int | None = None) -> list[str]:
-    """llama-server's argv for this config. Every setting explicit, so `ps` shows the whole picture.
-
-    -c is context_window x parallel_slots with -no-kvu: this llama.cpp gives each slot n_ctx/np cells
-    when the KV cache is not unified, which is the schema's promise (each slot gets context_window).
-    accelerator: what the binary was built for, `auto` already resolved (default: the config's, where
-    `auto` counts as CPU); gpu_free_bytes: free memory of the GPU it runs on, for gpu_layers -1.
-    """
-    server = config["model_server"]
-    accelerator = accelerator or server["accelerator"]
-    if slots is None:
-        slots = resolve_parallel_slots(config, model_path, accelerator, gpu_free_bytes).slots
-    try:
-        size = Path(model_path).stat().st_size
-    except OSError:
-        size = 0
-    ubatch = resolve_ubatch(server, accelerator)
-    cmd = [
-        binary,
-        "-m", model_path,
-        "--host", "127.0.0.1",
-        "--port", str(server["port"]),
-        "-c", str(config["context_window"] * slots),
-        "-np", str(slots),
-        "-no-kvu",
-        "-t", str(resolve_threads(server["threads"])),
-        "-ngl", gpu_layers_flag(config, model_path, accelerator, gpu_free_bytes, slots),
-        "-b", str(max(2048, ubatch)),
-        "-ub", str(ubatch),
-        "-fit", "off",
-        "-fa", flash_attention_flag(server["flash_attention"], accelerator),
-        "-ctk", server["cache_type_k"],
-        "-ctv", server["cache_type_v"],
-        "-lm", resolve_load_mode(server["load_mode"], size),
-        "--alias", server["model_name"],
-        "--metrics",
-        "--no-slots",
-        "--no-ui",
-        "-cram", "0",
-        "--log-colors", "off",
-    ]
-    if server["chat_template"]:
-        # llama-server's Jinja engine (on by default) would take a built-in name such as "gemma" as a literal
-        # template and drop every message; built-in names need the legacy engine.
-        jinja = "{" in server["chat_template"]
-        cmd += ["--jinja" if jinja else "--no-jinja", "--chat-template", server["chat_template"]]
-    if api_key_file:
-        cmd += ["--api-key-file", api_key_file]
-    return cmd + list(server["extra_args"])
-
-
-def resolve_accelerator(accelerator: str, gpus) -> str:
-    """`auto` → cuda when nvidia-smi lists a GPU (preflight.query_gpus), else cpu; others as they are."""
-    if accelerator != "auto":
-        return accelerator
-    return "cuda" if gpus else "cpu"
-
-
-def gpu_layers_flag(config: dict, model_path: str, accelerator: str, gpu_free_bytes: int | None = None,
-                    slots: int | None = None) -> str:
-    """llama-server's -ngl. gpu_layers -1 means "as many as fit": 0 on CPU; on a GPU `all` when the whole
-    model (weights, output head, KV cache of every slot, compute buffer) fits in gpu_free_bytes, else the
-    most layers that fit (sizing.gpu_layers_that_fit; the rest run on the CPU). Unknown free memory or an
-    unreadable model: `all` (preflight checks the fit before a rollout)."""
-    server = config["model_server"]
-    gpu_layers = server["gpu_layers"]
-    if gpu_layers >= 0:
-        return str(gpu_layers)
-    if accelerator in ("cpu", "auto"):
-        return "0"
-    if gpu_free_bytes is None:
-        return "all"
-    from clawbot.common import sizing
-
-    try:
-        info = sizing.read_model_info(model_path)
-    except (OSError, ValueError) as exc:
-        log.warning("cannot size %s for GPU offload (%s): offloading all layers", model_path, exc)
-        return "all"
-    if slots is None:
-        slots = resolve_parallel_slots(config, model_path, accelerator, gpu_free_bytes).slots
-    fit = sizing.size_model(info, config["context_window"] * slots, slots, server["cache_type_k"],
-                            server["cache_type_v"], n_ubatch=resolve_ubatch(server, accelerator),
-                            flash_attn=flash_attention_flag(server["flash_attention"], accelerator) == "on")
-    split = sizing.gpu_layers_that_fit(fit, gpu_free_bytes)
-    return "all" if split.n_gpu_layers > info.n_layer else str(split.n_gpu_layers)
-
-
-def flash_attention_flag(flash_attention: str, accelerator: str) -> str:
-    """-fa: `auto` is on for CUDA (measured on an H100: faster prefill and a smaller KV working set, see
-    benchmarks/results/gpu.json); elsewhere llama.cpp decides per backend."""
-    if flash_attention == "auto" and accelerator == "cuda":
-        return "on"
-    return flash_attention
-
-
-def llama_cpp_python_settings(config: dict, model_path: str, api_key: str | None = None) -> dict:
-    """llama_cpp.server's config file. interrupt_requests is off: by default a new request cuts the
-    running stream, which the gateway's queue already prevents but must never rely on."""
-    server = config["model_server"]
-    try:
-        size = Path(model_path).stat().st_size
-    except OSError:
-        size = 0
-    mode = resolve_load_mode(server["load_mode"], size)
-    model = {
-        "model": model_path,
-        "model_alias": server["model_name"],
-        "n_ctx": config["context_window"],
-        "n_threads": resolve_threads(server["threads"]),
-        "n_threads_batch": resolve_threads(server["threads"]),
-        "n_gpu_layers": server["gpu_layers"] if server["accelerator"] != "cpu" else 0,
-        "use_mmap": mode in ("mmap", "mmap+mlock"),
-        "use_mlock": mode in ("mlock", "mmap+mlock"),
-        "flash_attn": server["flash_attention"] == "on",
-        "type_k": GGML_TYPE_IDS[server["cache_type_k"]],
-        "type_v": GGML_TYPE_IDS[server["cache_type_v"]],
-        "verbose": True,
-    }
-    if server["chat_template"]:
-        model["chat_format"] = server["chat_template"]
-    settings = {"host": "127.0.0.1", "port": server["port"], "interrupt_requests": False, "models": [model]}
-    if api_key:
-        settings["api_key"] = api_key
-    return settings
-
-
-def _host_free_bytes() -> int | None:
-    """MemAvailable or the cgroup's headroom, whichever is lower (preflight's rule); None when unknown."""
-    try:
-        from clawbot.common import preflight
-
-        return preflight.available_memory()[0] or None
-    except Exception:  # noqa: BLE001 - unknown: the caller falls back to max_concurrency
-        return None
+# --------------------------------------------------------------------------- files and processes
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -531,10 +247,10 @@ class Supervisor:
         self.evidence: dict = {}
         self.command: list[str] = []
         self.serving_path: str = ""  # the model file the server was pointed at: the staged copy or the disk file
-        self.slot_plan: SlotPlan | None = None  # parallel slots the running server was given, and why
+        self.plan: RunPlan | None = None  # how the running server was started, and why
         self.staging: dict = {}
         self._mounted: str | None = None  # a hugetlbfs mount this agent made itself (root only)
-        self._find_engine = find_engine
+        self._find_engine = find_engine or find_llama_server  # accelerator -> a build of llama-server, or None
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._wake = asyncio.Event()
@@ -555,8 +271,8 @@ class Supervisor:
         return {"Authorization": f"Bearer {self.api_key}"}
 
     @property
-    def engine(self) -> str:
-        return self.config["model_server"]["engine"]
+    def engine(self) -> Engine:
+        return engine_for(self.config["model_server"]["engine"])
 
     @property
     def ready(self) -> bool:
@@ -622,8 +338,9 @@ class Supervisor:
             "pid": self.pid,
             "restarts": self.restarts,
             "command": self.command,
-            "parallel_slots": self.slot_plan.slots if self.slot_plan else None,
-            "parallel_slots_reason": self.slot_plan.reason if self.slot_plan else None,
+            "parallel_slots": self.plan.slots.value if self.plan else None,
+            "parallel_slots_reason": self.plan.slots.reason if self.plan else None,
+            "plan": self.plan.to_json() if self.plan else None,
             "load_seconds": (self.attempt.ready_at - self.attempt.started_at) if self.attempt.ready_at else None,
             "memory": self.evidence,
             "hugepages": self._hugepages_report(in_use),
@@ -634,8 +351,6 @@ class Supervisor:
 
     def _hugepages_report(self, in_use: str) -> dict:
         """Staging as it really is: the file in use, where it lives, its pages, mlock and the fallback reason."""
-        from clawbot.model import staging
-
         ev = self.evidence
         return {
             **self.staging,
@@ -648,18 +363,14 @@ class Supervisor:
             "weights_pinned": ev.get("weights_pinned"),
         }
 
-    def _prepare_weights(self) -> str:
-        """Stage the model into huge pages when the config asks for it; on any failure serve the disk file.
-
-        Runs in a thread (copying gigabytes must not block the gateway). Returns the path to serve."""
-        from clawbot.model import staging
-
+    def _prepare_weights(self, staging_decision: Decision[bool]) -> str:
+        """Stage the model into huge pages when the plan says so; on any failure serve the disk file.
+        Returns the path to serve."""
         server = self.config["model_server"]
         path, mount = server["model_path"], server["hugepages_mount"]
-        wanted, why = staging_wanted(server, path)
-        self.staging = {"setting": server["hugepages"], "wanted": wanted, "why": why, "mount": mount,
-                        "staged": False, "fallback_reason": None}
-        if not wanted:
+        self.staging = {"setting": server["hugepages"], "wanted": staging_decision.value, "why": staging_decision.reason,
+                        "mount": mount, "staged": False, "fallback_reason": None}
+        if not staging_decision.value:
             staging.release(self.state_dir)  # a copy from an earlier config gives its pages back
             return path
         try:
@@ -678,8 +389,6 @@ class Supervisor:
 
     def _release_staging(self) -> None:
         """On stop: free the staged copy's pages and unmount what this agent mounted itself."""
-        from clawbot.model import staging
-
         try:
             staging.release(self.state_dir, self._mounted)
         except OSError as exc:
@@ -702,41 +411,34 @@ class Supervisor:
             except Exception:  # metrics must never break supervision
                 log.exception("state listener failed")
 
-    def _build_command(self) -> list[str]:
+    def _prepare_start(self) -> list[str]:
+        """The node's facts, the run plan, the weights (staged or not) and the engine's files: everything
+        before the process starts. Returns its command line. Runs in a thread (nvidia-smi, copying gigabytes)."""
         server = self.config["model_server"]
-        model_path = self.serving_path or server["model_path"]
-        if server["engine"] == "llama-server":
-            binary, accelerator, gpu_free = self._find_binary(server["accelerator"])
-            key_file = self.state_dir / API_KEY_FILE
-            _write_private(key_file, self.api_key + "\n")
-            self.slot_plan = resolve_parallel_slots(self.config, model_path, accelerator, gpu_free,
-                                                    host_free_bytes=_host_free_bytes(),
-                                                    weights_in_host_budget=model_path == server["model_path"])
-            return llama_server_command(str(binary), self.config, model_path, str(key_file),
-                                        accelerator=accelerator, gpu_free_bytes=gpu_free, slots=self.slot_plan.slots)
-        self.slot_plan = SlotPlan(1, "llama_cpp.server serves one request at a time")
-        settings_path = self.state_dir / "llama-cpp-python.json"
-        _write_private(settings_path, json.dumps(llama_cpp_python_settings(self.config, model_path, self.api_key), indent=2))
-        return [sys.executable, "-m", "llama_cpp.server", "--config_file", str(settings_path)]
-
-    def _find_binary(self, configured: str) -> tuple[str, str, int | None]:
-        """The engine for the configured accelerator (`auto`: CUDA where nvidia-smi sees a GPU), falling
-        back to the CPU build; returns (binary, the accelerator it was built for, free GPU bytes)."""
-        from clawbot.common.preflight import query_gpus
-
-        gpus = query_gpus() if configured in ("auto", "cuda") else ()
-        accelerator = resolve_accelerator(configured, gpus)
-        finder = self._find_engine
-        if finder is None:
-            from clawbot.model.engines.build import find_llama_server as finder
-        binary = finder(accelerator)
-        if binary is None and accelerator != "cpu":
-            log.warning("no %s build of llama-server: falling back to the CPU build", accelerator)
-            binary, accelerator = finder("cpu"), "cpu"
-        if binary is None:
-            raise ModelFileError("no llama-server binary found: run `clawbot build-engine` on this node")
-        gpu_free = max(g.memory_free for g in gpus) if gpus and accelerator == "cuda" else None
-        return str(binary), accelerator, gpu_free
+        engine = self.engine
+        builds = engine.builds(self._find_engine)
+        facts = preflight.host_facts(preflight.read_node(server["model_path"]),
+                                     engine_builds=None if builds is None else frozenset(builds))
+        try:
+            info = sizing.read_model_info(server["model_path"])
+        except (OSError, ValueError) as exc:
+            log.warning("cannot size %s (%s): the run plan falls back to max_concurrency and all layers",
+                        server["model_path"], exc)
+            info = None
+        plan = RunPlan.resolve(self.config, facts, info)
+        binary = builds.get(plan.accelerator.value, "") if builds is not None else ""
+        if builds is not None and not binary:
+            raise ModelFileError(f"no {engine.NAME} binary found: run `clawbot build-engine` on this node")
+        self.serving_path = self._prepare_weights(plan.staging)
+        if self.serving_path != server["model_path"]:
+            # staged weights sit in huge pages outside MemAvailable: a fact known only now
+            plan = RunPlan.resolve(self.config, replace(facts, weights_staged=True), info)
+        self.plan = plan
+        log.info("run plan: %s", json.dumps(plan.to_json()))
+        paths = Paths(model=self.serving_path, binary=binary, state_dir=self.state_dir)
+        for path, text in engine.private_files(plan, self.config, paths, self.api_key).items():
+            _write_private(path, text)
+        return engine.command(plan, self.config, paths)
 
     async def _run(self) -> None:
         first, longest = self.config["model_server"]["restart_backoff_s"]
@@ -782,8 +484,7 @@ class Supervisor:
         try:
             await asyncio.to_thread(check_model_file, server["model_path"], server["model_sha256"], self.state_dir)
             self._set_state("loading", f"preparing {server['model_path']} (hugepages: {server['hugepages']})")
-            self.serving_path = await asyncio.to_thread(self._prepare_weights)
-            self.command = self._build_command()
+            self.command = await asyncio.to_thread(self._prepare_start)
         except ModelFileError as exc:
             self.logs.append(f"[clawbot] {exc}")
             return f"failed:{exc}"
@@ -826,7 +527,7 @@ class Supervisor:
     async def _wait_ready(self, proc: asyncio.subprocess.Process, timeout: float) -> tuple[bool, str]:
         """Loaded (health 200) and able to generate (a 1-token completion answers 200)."""
         deadline = time.monotonic() + timeout
-        health = "/health" if self.engine == "llama-server" else "/v1/models"
+        health = self.engine.HEALTH_PATH
         async with httpx.AsyncClient(base_url=self.base_url, timeout=10.0, headers=self.auth_headers) as client:
             loaded = False
             while time.monotonic() < deadline:

@@ -1,1 +1,70 @@
-"""Model-server engines: building them (build) and running them (one adapter per engine)."""
+"""Model-server engines: building llama-server (build) and one adapter per engine (llama_server,
+llama_cpp_python) for everything that differs between them: the command line, the health path, the slot
+limit, how `auto` flash attention is passed on, tokenizing, the request fields they accept.
+
+Code outside this package asks `engine_for(name)` instead of comparing engine names
+(tests/test_architecture.py keeps it that way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from clawbot.model.runplan import RunPlan
+
+# post(path, json body) -> the model server's JSON answer; raises on an error status (the gateway's rules)
+Post = Callable[[str, dict], Awaitable[dict]]
+
+
+@dataclass(frozen=True)
+class Paths:
+    """What the supervisor prepared for one start."""
+
+    model: str  # the file to serve: the staged copy in huge pages, or the file on disk
+    binary: str = ""  # the engine build for plan.accelerator, for engines that have builds
+    state_dir: Path | None = None  # where private files (API key, settings) go; None: no API key (benchmarks)
+
+
+class Refused(Exception):
+    """This engine cannot answer the request as asked; the gateway answers `status` with the message."""
+
+    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.type = status, message, code, type_
+
+
+class Engine(Protocol):
+    NAME: str
+    HEALTH_PATH: str  # answers 200 once the model is loaded
+    MAX_SLOTS: int | None  # requests it can serve at once whatever the config says; None: no own limit
+    MAX_SLOTS_WHY: str
+    AUTO_FLASH_ATTENTION: tuple[str, str]  # (value, why) for flash_attention `auto` off CUDA
+    UNSUPPORTED_FIELDS: frozenset[str]  # request fields the gateway drops before forwarding
+
+    def builds(self, find: Callable[[str], Path | None]) -> dict[str, str] | None:
+        """{accelerator: binary} of the builds on this node; None: the engine has no per-accelerator builds."""
+
+    def command(self, plan: RunPlan, config: dict, paths: Paths) -> list[str]:
+        """argv of the model server: a pure function of the plan, the config and the paths."""
+
+    def private_files(self, plan: RunPlan, config: dict, paths: Paths, api_key: str) -> dict[Path, str]:
+        """Files the supervisor writes (0600) before the start: {path: text}."""
+
+    async def tokenize(self, post: Post, config: dict, *, content: str | None, messages: list[dict] | None,
+                       add_special: bool | None, add_generation_prompt: bool) -> list[int]:
+        """Token ids of `content`, or of `messages` rendered with the chat template."""
+
+
+def engine_for(name: str) -> Engine:
+    """The adapter for model_server.engine."""
+    from clawbot.model.engines import llama_cpp_python, llama_server
+
+    adapters: dict[str, Engine] = {llama_server.NAME: llama_server, llama_cpp_python.NAME: llama_cpp_python}
+    try:
+        return adapters[name]
+    except KeyError:
+        raise ValueError(f"unknown model_server.engine {name!r}; choose one of {', '.join(adapters)}") from None
