@@ -133,14 +133,6 @@ def issue_certificates(inventory, hosts, state_dir: Path) -> dict:
 # --- step 3: converge with pyinfra ---------------------------------------------------------------------
 
 
-def check_model_node(pyinfra_host, model_info, config):
-    from roles.preflight import check_node
-
-    from clawbot.control.rollout import shell_on
-
-    return check_node(shell_on(pyinfra_host), model_info, config)
-
-
 def report(state, started: float, summary: dict, hosts, config: dict, state_dir: Path) -> None:
     say(f"done in {time.monotonic() - started:.1f} s")
     for name, row in summary.items():
@@ -167,6 +159,7 @@ def main(argv=None) -> int:
     from clawbot.common import sizing
     from clawbot.control import rollout
     from clawbot.control.state import cache_directory, state_directory
+    from clawbot.model.engines import engine_for
 
     state_dir = state_directory(planning.cluster_var(inventory.hosts.values(), "clawbot_state_dir"), base)
     cache = cache_directory()
@@ -183,6 +176,7 @@ def main(argv=None) -> int:
     from pyinfra.api.operations import run_ops
     from pyinfra_cli.prints import build_plan_json, build_results_json  # patches gevent: import before connecting
 
+    from roles.preflight import check_node
     from roles.site import converge
 
     logging.basicConfig(level=logging.INFO, format="  %(message)s")
@@ -197,10 +191,10 @@ def main(argv=None) -> int:
     if unreachable:
         print(f"deploy.py: cannot connect to {', '.join(unreachable)}", file=sys.stderr)
     rollout.prepare_wheelhouses(state, cache, planning.offline_for(hosts), log=say,
-                                llama_engine=config["model_server"]["engine"] == "llama-cpp-python",
+                                llama_engine=engine_for(config["model_server"]["engine"]).IN_AGENT_VENV,
                                 llama_wheel=prepared.llama_wheel)
     if prepared.model_file is not None and not rollout.preflight_model_nodes(
-            state, sizing.read_model_info(prepared.model_file), config, check_model_node, log=say):
+            state, sizing.read_model_info(prepared.model_file), config, check_node, log=say):
         return 1
     rollout.add_deploy(state, converge)
     if args.check:

@@ -18,6 +18,7 @@ from pyinfra.api import deploy
 from pyinfra.operations import apt, files
 
 from clawbot.model.engines import build as engine_build
+from clawbot.model.engines import engine_for
 
 # What a GPU node needs to compile llama-server itself (its nvcc and driver decide the build, so it cannot be
 # built on the control machine). The CUDA toolkit package lives in Debian's contrib/non-free and Ubuntu's
@@ -38,18 +39,6 @@ def node_engine_dir(prefix: str, accelerator: str) -> str:
     from clawbot.model.engines import build as engine
 
     return f"{prefix}/cache/clawbot/engine/{engine.LLAMA_CPP_PYTHON_VERSION}-{accelerator}-node"
-
-
-def resolve_node_accelerator(setting: str, has_nvidia_smi: bool) -> str:
-    """clawbot_accelerator (or model_server.accelerator) for one node: `auto` is cuda where nvidia-smi is
-    installed, else cpu; the agent makes the same choice at start (supervisor.resolve_accelerator).
-
-    + setting: auto, cpu, cuda, vulkan or rocm
-    + has_nvidia_smi: whether the node has nvidia-smi on its PATH
-    """
-    if setting == "auto":
-        return "cuda" if has_nvidia_smi else "cpu"
-    return setting
 
 
 # CMAKE_ARGS for llama-cpp-python on a GPU node (the `llama-cpp-python` engine); $ARCH is what
@@ -89,7 +78,7 @@ def ensure_engine_built_on_node(accelerator: str, sdist: Path, prefix: str, engi
     sdist_dest = f"{sdist_dir}/{sdist.name}"
     source = files.put(name=f"Ensure the llama-cpp-python sdist is at {sdist_dest} (checksum compared first)",
                        src=str(sdist), dest=sdist_dest, user="root", group="root", mode="644")
-    if engine_name == "llama-cpp-python":
+    if engine_for(engine_name).IN_AGENT_VENV:
         return [_llama_cpp_python_for_gpu(accelerator, sdist_dest, prefix, source, offline)]
     engine_dir = node_engine_dir(prefix, accelerator)
     binary = f"{engine_dir}/bin/llama-server"

@@ -5,14 +5,18 @@ hosts -> hugepages (model nodes) -> service user -> hugetlbfs mount -> pki -> ag
 
 from __future__ import annotations
 
+import os
+
 from pyinfra import host
-from pyinfra.facts.server import Which
+
+from clawbot.control.facts import NodeMemory
+from clawbot.model.runplan import node_accelerator
 
 from roles.agent import ensure_agent, ensure_service_user
 from roles.chat import ensure_chat_service
 from roles.hosts import ensure_hosts_entries
 from roles.hugepages import ensure_hugepages, ensure_hugetlbfs_mount
-from roles.model import ensure_engine_and_model, ensure_model_service, resolve_node_accelerator
+from roles.model import ensure_engine_and_model, ensure_model_service
 from roles.pki import install_node_certificates
 from roles.services import service_manager
 
@@ -43,7 +47,9 @@ def converge() -> None:
     manager = service_manager(plan.service_manager)
     host.data.clawbot_service_manager_used = manager
     if plan.is_model:
-        accelerator = resolve_node_accelerator(plan.accelerator, bool(host.get_fact(Which, command="nvidia-smi")))
+        # the fact preflight read already (same arguments: cached), so the GPUs cost no second round trip
+        node = host.get_fact(NodeMemory, model_dir=os.path.dirname(plan.model_path), user=plan.user)
+        accelerator = node_accelerator(plan.accelerator, node.gpus)
         model = ensure_engine_and_model(plan, accelerator)
         ensure_model_service(plan, accelerator, manager, changed=agent + model + certificates)
     if plan.is_chat:

@@ -172,10 +172,13 @@ def test_check_lists_drift_and_changes_nothing_then_drift_is_repaired(first_run,
 
 
 def test_check_plans_an_engine_build_on_a_node_that_has_an_nvidia_gpu(first_run, nodes, cluster_inventory):
-    """No GPU here: an nvidia-smi on the model node's PATH is what `accelerator: auto` looks for, so with one
-    the rollout plans the CUDA toolchain and a build of llama-server on that node (shown by --check only)."""
+    """No GPU here: a GPU listed by nvidia-smi on the model node is what `accelerator: auto` looks for (the agent
+    decides by the same rule, clawbot.model.runplan.node_accelerator), so with one the rollout plans the CUDA
+    toolchain and a build of llama-server on that node (shown by --check only). The stand-in prints what
+    `nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader,nounits` prints on an H100."""
     model = nodes[1]
-    ssh(model, "printf '#!/bin/sh\\necho GPU 0: test\\n' > /usr/local/bin/nvidia-smi && chmod 755 /usr/local/bin/nvidia-smi")
+    ssh(model, "printf '#!/bin/sh\\necho \"NVIDIA H100 80GB HBM3, 81559, 0\"\\n' > /usr/local/bin/nvidia-smi "
+               "&& chmod 755 /usr/local/bin/nvidia-smi")
     try:
         proc = subprocess.run([sys.executable, str(ROOT / "deploy.py"), "-i", str(cluster_inventory), "--check"],
                               capture_output=True, text=True, timeout=600)

@@ -111,6 +111,13 @@ class RunPlan:
         )
 
 
+def node_accelerator(configured: str, gpus) -> str:
+    """The accelerator a node's agent will run (`auto` decided by the GPUs nvidia-smi lists there): deploy asks
+    this to know which engine build a node needs, so deploy and agent decide by the same rule."""
+    facts = HostFacts(gpus=tuple(gpus), host_free_bytes=None, usable_cores=None, memlock_limit=0)
+    return _accelerator(configured, facts, engine=None).value
+
+
 # --------------------------------------------------------------------------- the decisions
 
 

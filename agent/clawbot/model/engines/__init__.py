@@ -40,6 +40,7 @@ class Refused(Exception):
 class Engine(Protocol):
     NAME: str
     HEALTH_PATH: str  # answers 200 once the model is loaded
+    IN_AGENT_VENV: bool  # a Python package in the agent's venv (wheelhouses carry it) rather than a binary
     MAX_SLOTS: int | None  # requests it can serve at once whatever the config says; None: no own limit
     MAX_SLOTS_WHY: str
     AUTO_FLASH_ATTENTION: tuple[str, str]  # (value, why) for flash_attention `auto` off CUDA

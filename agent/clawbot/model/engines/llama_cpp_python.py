@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 NAME = "llama-cpp-python"
 HEALTH_PATH = "/v1/models"  # it has no /health; this answers once the model is loaded
 MAX_SLOTS = 1
+IN_AGENT_VENV = True  # runs from the agent's venv: wheelhouses carry it, GPU nodes rebuild it there
 MAX_SLOTS_WHY = "llama_cpp.server serves one request at a time"
 AUTO_FLASH_ATTENTION = ("off", "llama_cpp.server takes only on or off, and off is its default")
 UNSUPPORTED_FIELDS = frozenset({"ignore_eos"})

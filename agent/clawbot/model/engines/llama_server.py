@@ -24,6 +24,7 @@ HEALTH_PATH = "/health"
 APPLY_TEMPLATE_PATH = "/apply-template"
 TOKENIZE_PATH = "/tokenize"
 MAX_SLOTS = None
+IN_AGENT_VENV = False  # a binary of its own (engines/build.py), not a Python package
 MAX_SLOTS_WHY = ""
 AUTO_FLASH_ATTENTION = ("auto", "llama.cpp decides per backend (it turns it on where the backend has the op)")
 UNSUPPORTED_FIELDS: frozenset[str] = frozenset()
