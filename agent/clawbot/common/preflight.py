@@ -161,18 +161,22 @@ class PreflightReport:
 # preflight`, the supervisor (read_node -> host_facts -> the run plan) and huge-page staging all read here.
 
 
+def parse_meminfo(lines) -> dict[str, int]:
+    """/proc/meminfo lines as bytes (`kB` values times 1024; HugePages_* stay counts); other lines are skipped.
+    The one parser: this node's file (read_meminfo) and a node's read over SSH (control.facts.NodeMemory)."""
+    values: dict[str, int] = {}
+    for line in lines:
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[key] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
+    return values
+
+
 def read_meminfo(path: str = "/proc/meminfo") -> dict[str, int]:
     """/proc/meminfo as bytes (HugePages_* stay counts)."""
-    values: dict[str, int] = {}
     with open(path) as handle:
-        for line in handle:
-            key, _, rest = line.partition(":")
-            parts = rest.split()
-            if not parts:
-                continue
-            number = int(parts[0])
-            values[key] = number * 1024 if len(parts) > 1 and parts[1] == "kB" else number
-    return values
+        return parse_meminfo(handle)
 
 
 def _read_int(path: Path) -> int | None:
@@ -226,13 +230,17 @@ def cgroup_memory(root: Path = Path("/sys/fs/cgroup"),
     return None, None
 
 
+# what parse_gpus reads; the same query runs here (query_gpus) and over SSH (control.facts.NodeMemory)
+GPU_QUERY = ("nvidia-smi", "--query-gpu=name,memory.total,memory.used", "--format=csv,noheader,nounits")
+
+
 def query_gpus(timeout_s: float = 3.0) -> tuple[GpuFacts, ...]:
     """NVIDIA GPUs via nvidia-smi (none when it is absent or fails)."""
     if not shutil.which("nvidia-smi"):
         return ()
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,memory.used", "--format=csv,noheader,nounits"],
+            list(GPU_QUERY),
             capture_output=True, text=True, timeout=timeout_s, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return ()
@@ -240,7 +248,7 @@ def query_gpus(timeout_s: float = 3.0) -> tuple[GpuFacts, ...]:
 
 
 def parse_gpus(out: str) -> tuple[GpuFacts, ...]:
-    """`nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader,nounits` → GpuFacts."""
+    """The output of GPU_QUERY → GpuFacts."""
     gpus = []
     for line in out.strip().splitlines():
         parts = [p.strip() for p in line.split(",")]

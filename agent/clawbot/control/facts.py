@@ -19,20 +19,9 @@ from pyinfra.api import FactBase
 from clawbot.common import preflight, sizing
 
 # What clawbot.common.preflight.query_gpus asks nvidia-smi; its parse_gpus reads the answer.
-GPU_QUERY = "nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader,nounits"
+GPU_QUERY = " ".join(preflight.GPU_QUERY)
 GPU_PREFIX = "Gpu:"
 THP_SYSFS = "/sys/kernel/mm/transparent_hugepage/enabled"
-
-
-def parse_meminfo(lines: list[str]) -> dict[str, int]:
-    """/proc/meminfo lines as bytes (`kB` values times 1024; HugePages_* stay counts); other lines are skipped."""
-    values: dict[str, int] = {}
-    for line in lines:
-        key, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts and parts[0].isdigit():
-            values[key] = int(parts[0]) * (1024 if len(parts) > 1 and parts[1] == "kB" else 1)
-    return values
 
 
 def count_cpu_list(text: str) -> int | None:
@@ -79,7 +68,7 @@ class NodeMemory(FactBase):
             key, _, rest = line.partition(":")
             if key in ("CgroupLimit", "DiskFree", "Cpus_allowed_list") and rest.split():
                 probe[key] = rest.split()[0]
-        values = parse_meminfo([line for line in output if not line.startswith(GPU_PREFIX)])
+        values = preflight.parse_meminfo([line for line in output if not line.startswith(GPU_PREFIX)])
         cgroup_limit = int(probe["CgroupLimit"]) if probe.get("CgroupLimit", "").isdigit() else None
         disk_free = int(probe["DiskFree"]) if probe.get("DiskFree", "").isdigit() else None
         total = values.get("MemTotal", 0)
@@ -106,7 +95,7 @@ class HugePages(FactBase):
         return "grep -E '^(HugePages_|Hugepagesize)' /proc/meminfo || true"
 
     def process(self, output: list[str]) -> dict[str, int]:
-        return parse_meminfo(output)
+        return preflight.parse_meminfo(output)
 
 
 class TransparentHugepages(FactBase):
