@@ -6,7 +6,7 @@ clawbot.json's `model_server.model_path`; pyinfra compares checksums first, so a
 copied again. The engine (llama-server from the llama.cpp vendored in the pinned llama-cpp-python sdist) is
 built once on the control machine as a portable, static binary and copied to nodes with the same
 architecture; the agent finds it through XDG_CACHE_HOME (see `clawbot.model.engines.build.find_llama_server`).
-GPU nodes (`clawbot_accelerator`, or `auto` with nvidia-smi installed) build their own engine instead: their
+GPU nodes (`clawbot_accelerator`, or `auto` where nvidia-smi lists a GPU) build their own engine instead: their
 toolkit and GPU decide the build (ensure_engine_built_on_node), unless `clawbot_engine_file` names one.
 """
 
