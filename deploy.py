@@ -92,7 +92,7 @@ def selected_hosts(inventory, limits):
 # --- step 2: control-side preparation ------------------------------------------------------------------
 
 
-def prepare(inventory, hosts, base: Path, cache: Path) -> planning.Prepared:
+def prepare(hosts, base: Path, cache: Path) -> planning.Prepared:
     """The model file, the engine (or the inventory's files) and the sdist GPU nodes build from."""
     from clawbot.control import builds
 
@@ -133,7 +133,7 @@ def issue_certificates(inventory, hosts, state_dir: Path) -> dict:
 # --- step 3: converge with pyinfra ---------------------------------------------------------------------
 
 
-def report(state, started: float, summary: dict, hosts, config: dict, state_dir: Path) -> None:
+def report(started: float, summary: dict, hosts, config: dict, state_dir: Path) -> None:
     say(f"done in {time.monotonic() - started:.1f} s")
     for name, row in summary.items():
         status = "FAILED" if row["host_failed"] or row["failed"] else "ok"
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     state_dir = state_directory(planning.cluster_var(inventory.hosts.values(), "clawbot_state_dir"), base)
     cache = cache_directory()
     materials = issue_certificates(inventory, hosts, state_dir)
-    prepared = prepare(inventory, hosts, base, cache)
+    prepared = prepare(hosts, base, cache)
     if prepared.model_file is not None:
         info = sizing.read_model_info(prepared.model_file)
         say(f"model {prepared.model_file.name}: {info.file_bytes / 2**20:.0f} MiB, {info.n_layer} layers")
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     summary = rollout.summarise(state)
     for name, items in rollout.verify_after_run(state, log=say).items():
         summary.setdefault(name, {})["unhealthy"] = items
-    report(state, started, summary, hosts, config, state_dir)
+    report(started, summary, hosts, config, state_dir)
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "results": build_results_json(state)}, indent=2,
                                               default=str))

@@ -18,10 +18,11 @@ from pyinfra.facts.files import Directory
 from pyinfra.operations import apt, files, server, systemd, sysvinit
 
 from clawbot.control.facts import SupervisorProgramStatus
+from roles.agent import CONFIG_PATH, STATE_DIR
 
 UNIT_DIR = "/etc/systemd/system"
 SUPERVISOR_DIR = "/etc/supervisor/conf.d"
-WRITABLE = ("/var/lib/clawbot", "/var/log/clawbot")  # all an agent's unit may write (ProtectSystem=strict)
+WRITABLE = (STATE_DIR, "/var/log/clawbot")  # all an agent's unit may write (ProtectSystem=strict)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def agent_command(prefix: str, role: str) -> str:
     + prefix: where the agent's venv lives (clawbot_prefix)
     + role: model or chat
     """
-    return f"{prefix}/venv/bin/clawbot agent --config /etc/clawbot/clawbot.json --role {role}"
+    return f"{prefix}/venv/bin/clawbot agent --config {CONFIG_PATH} --role {role}"
 
 
 def agent_environment(prefix: str) -> dict:
@@ -62,7 +63,7 @@ def agent_environment(prefix: str) -> dict:
 
     + prefix: where the agent's venv lives (clawbot_prefix)
     """
-    return {"XDG_CACHE_HOME": f"{prefix}/cache", "HOME": "/var/lib/clawbot", "PYTHONUNBUFFERED": "1"}
+    return {"XDG_CACHE_HOME": f"{prefix}/cache", "HOME": STATE_DIR, "PYTHONUNBUFFERED": "1"}
 
 
 def service_manager(setting: str) -> str:

