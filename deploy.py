@@ -176,7 +176,6 @@ def main(argv=None) -> int:
     from pyinfra.api.operations import run_ops
     from pyinfra_cli.prints import build_plan_json, build_results_json  # patches gevent: import before connecting
 
-    from roles.preflight import check_node
     from roles.site import converge
 
     logging.basicConfig(level=logging.INFO, format="  %(message)s")
@@ -194,7 +193,7 @@ def main(argv=None) -> int:
                                 llama_engine=engine_for(config["model_server"]["engine"]).IN_AGENT_VENV,
                                 llama_wheel=prepared.llama_wheel)
     if prepared.model_file is not None and not rollout.preflight_model_nodes(
-            state, sizing.read_model_info(prepared.model_file), config, check_node, log=say):
+            state, sizing.read_model_info(prepared.model_file), config, log=say):
         return 1
     rollout.add_deploy(state, converge)
     if args.check:

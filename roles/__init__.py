@@ -14,7 +14,7 @@ at the top.
 
 Nothing here runs on the control machine's behalf: the CA and node certificates, the agent wheelhouse, the
 engine build, the model file and the node plans are made by clawbot.control before any host is touched, and
-deploy-side checks that change nothing (preflight's NodeMemory fact, health after the run) live in
-roles/preflight.py and clawbot.control.rollout. A role only compares and copies. clawbot.control never imports
+deploy-side checks that change nothing (preflight from the NodeMemory fact, health after the run) live in
+clawbot.control.rollout. A role only compares and copies. clawbot.control never imports
 roles/ (the per-host deploy is handed to it).
 """

@@ -38,13 +38,11 @@ from pyinfra.facts.server import Mounts
 from pyinfra.operations import files, server, systemd
 
 from clawbot.control.facts import THP_SYSFS, TransparentHugepages
+from clawbot.model.staging import MOUNT_DEVICE, MOUNT_MODE, MOUNT_PAGESIZE
 
 SYSCTL_FILE = "/etc/sysctl.d/60-clawbot-hugepages.conf"
 THP_TMPFILES = "/etc/tmpfiles.d/60-clawbot-thp.conf"
 FSTAB = "/etc/fstab"
-DEVICE = "clawbot-hugepages"  # the mount's source name, in /etc/fstab and /proc/self/mountinfo
-MODE = "0700"
-PAGESIZE = "2M"
 
 
 def mount_options(user: str) -> str:
@@ -52,7 +50,7 @@ def mount_options(user: str) -> str:
 
     + user: the agent's system user
     """
-    return f"uid={user},gid={user},mode={MODE},pagesize={PAGESIZE}"
+    return f"uid={user},gid={user},mode={MOUNT_MODE},pagesize={MOUNT_PAGESIZE}"
 
 
 def fstab_line(path: str, user: str) -> str:
@@ -61,7 +59,7 @@ def fstab_line(path: str, user: str) -> str:
     + path: the mount point
     + user: the agent's system user
     """
-    return f"{DEVICE} {path} hugetlbfs {mount_options(user)} 0 0"
+    return f"{MOUNT_DEVICE} {path} hugetlbfs {mount_options(user)} 0 0"
 
 
 def fstab_match(path: str) -> str:
@@ -109,20 +107,22 @@ def hugetlbfs_mounted(path: str, user: str):
     if mount and mount["type"] == "hugetlbfs":
         root = host.get_fact(Directory, path=path) or {}
         owner = (root.get("user"), root.get("group"), root.get("mode"))  # pyinfra's modes are octal digits: 700
-        if owner == (user, user, int(MODE)) and f"pagesize={PAGESIZE}" in mount["options"]:
+        if owner == (user, user, int(MOUNT_MODE)) and f"pagesize={MOUNT_PAGESIZE}" in mount["options"]:
             host.noop(f"hugetlbfs already mounted at {path} for {user}")
             return
         yield StringCommand("umount", QuoteString(path))
     yield StringCommand("mkdir", "-p", QuoteString(path))
-    yield StringCommand("mount", "-t", "hugetlbfs", "-o", mount_options(user), DEVICE, QuoteString(path))
+    yield StringCommand("mount", "-t", "hugetlbfs", "-o", mount_options(user), MOUNT_DEVICE, QuoteString(path))
 
 
 @deploy("Ensure the hugetlbfs staging mount for the model agent")
-def ensure_hugetlbfs_mount(path: str, user: str):
-    """hugetlbfs at `path` owned by `user`, mounted now and at boot (one /etc/fstab line for that mount point).
+def ensure_hugetlbfs_mount(path: str, user: str, systemd_running: bool):
+    """hugetlbfs at `path` owned by `user`, mounted now and at boot (the /etc/fstab line for that mount point;
+    an existing line for it is replaced).
 
     + path: the mount point (clawbot.json's model_server.hugepages_mount)
     + user: the agent's system user; call after it exists (its name is in the mount options)
+    + systemd_running: systemd is PID 1 here (roles.services.systemd_is_pid1): its units are reloaded on a change
     """
     fstab = files.line(
         name=f"Ensure {FSTAB} mounts hugetlbfs at {path} for {user}",
@@ -131,7 +131,7 @@ def ensure_hugetlbfs_mount(path: str, user: str):
         replace=fstab_line(path, user),
         extended_regex=True,
     )
-    if host.get_fact(Directory, path="/run/systemd/system"):
+    if systemd_running:
         # systemd's fstab generator makes the .mount unit from the line
         systemd.daemon_reload(name="Reload systemd units (fstab changed)", _if=fstab.did_change)
     hugetlbfs_mounted(name=f"Ensure hugetlbfs is mounted at {path}", path=path, user=user)

@@ -66,14 +66,20 @@ def agent_environment(prefix: str) -> dict:
     return {"XDG_CACHE_HOME": f"{prefix}/cache", "HOME": STATE_DIR, "PYTHONUNBUFFERED": "1"}
 
 
-def service_manager(setting: str) -> str:
-    """The service manager to use on the current host: systemd when it is PID 1 (/run/systemd/system exists).
+def systemd_is_pid1() -> bool:
+    """Whether systemd runs the current host (/run/systemd/system exists): read once per host by roles/site.py."""
+    return bool(host.get_fact(Directory, path="/run/systemd/system"))
+
+
+def service_manager(setting: str, systemd_running: bool) -> str:
+    """The service manager to use on the current host: `auto` is systemd when it is PID 1, else supervisor.
 
     + setting: clawbot_service_manager: systemd, supervisor or auto
+    + systemd_running: systemd_is_pid1() for this host
     """
     if setting in ("systemd", "supervisor"):
         return setting
-    return "systemd" if host.get_fact(Directory, path="/run/systemd/system") else "supervisor"
+    return "systemd" if systemd_running else "supervisor"
 
 
 # The device nodes a model server on a GPU must open (systemd's DeviceAllow names `char-<group>` as listed in

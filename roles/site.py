@@ -5,11 +5,8 @@ hosts -> hugepages (model nodes) -> service user -> hugetlbfs mount -> pki -> ag
 
 from __future__ import annotations
 
-import os
-
 from pyinfra import host
 
-from clawbot.control.facts import NodeMemory
 from clawbot.model.runplan import node_accelerator
 
 from roles.agent import ensure_agent, ensure_service_user
@@ -18,38 +15,28 @@ from roles.hosts import ensure_hosts_entries
 from roles.hugepages import ensure_hugepages, ensure_hugetlbfs_mount
 from roles.model import ensure_engine_and_model, ensure_model_service
 from roles.pki import install_node_certificates
-from roles.services import service_manager
-
-
-class _Reissued:
-    """Stands in an operation list for 'this node's certificates were reissued on the control machine'."""
-
-    def __init__(self, changed: bool):
-        self.changed = changed
-
-    def did_change(self) -> bool:
-        return self.changed
+from roles.services import service_manager, systemd_is_pid1
 
 
 def converge() -> None:
     """Converge the current pyinfra host to host.data.clawbot_plan (with host.data.clawbot_wheelhouse)."""
     plan = host.data.clawbot_plan
+    systemd_running = systemd_is_pid1()
     ensure_hosts_entries([(address, list(names)) for address, names in plan.hosts_entries])
     if plan.is_model:
         ensure_hugepages(plan.hugepages, plan.thp)
     ensure_service_user(plan.user)
     if plan.is_model and plan.hugepages_mount:
-        ensure_hugetlbfs_mount(plan.hugepages_mount, plan.user)  # after the user: its name is a mount option
-    certificates = install_node_certificates(plan.material, plan.tls, plan.user) + [
-        _Reissued(bool(plan.material.reissued))]
+        ensure_hugetlbfs_mount(plan.hugepages_mount, plan.user, systemd_running)  # after the user: a mount option
+    # a reissued leaf has new contents, so its copy is a change and restarts the agents
+    certificates = install_node_certificates(plan.material, plan.tls, plan.user)
     wheelhouse, stamp = host.data.clawbot_wheelhouse
     agent = ensure_agent(plan.config_file, wheelhouse, stamp, plan.user, plan.prefix, plan.offline)
-    manager = service_manager(plan.service_manager)
+    manager = service_manager(plan.service_manager, systemd_running)
     host.data.clawbot_service_manager_used = manager
     if plan.is_model:
-        # the fact preflight read already (same arguments: cached), so the GPUs cost no second round trip
-        node = host.get_fact(NodeMemory, model_dir=os.path.dirname(plan.model_path), user=plan.user)
-        accelerator = node_accelerator(plan.accelerator, node.gpus)
+        # the GPUs preflight read (clawbot.control.rollout.preflight_model_nodes): no second round trip
+        accelerator = node_accelerator(plan.accelerator, host.data.clawbot_node.gpus)
         model = ensure_engine_and_model(plan, accelerator)
         ensure_model_service(plan, accelerator, manager, changed=agent + model + certificates)
     if plan.is_chat:

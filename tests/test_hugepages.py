@@ -187,7 +187,7 @@ def test_rollout_mounts_hugetlbfs_for_the_agent_where_its_sandbox_can_write():
 
 
 _CONVERGE = r"""
-import json, sys
+import json, os, sys
 from pyinfra.api import Config, Inventory, State
 from pyinfra.api.connect import connect_all
 from pyinfra.api.deploy import add_deploy
@@ -196,7 +196,7 @@ import roles.hugepages as hp
 hp.FSTAB = sys.argv[1]
 state = State(inventory=Inventory((["@local"], {})), config=Config())
 connect_all(state)
-add_deploy(state, hp.ensure_hugetlbfs_mount, sys.argv[2], sys.argv[3])
+add_deploy(state, hp.ensure_hugetlbfs_mount, sys.argv[2], sys.argv[3], os.path.isdir("/run/systemd/system"))
 run_ops(state)
 host = next(iter(state.inventory.iter_activated_hosts()))
 metas = [op.operation_meta for op in state.ops[host].values()]

@@ -1,8 +1,8 @@
 """clawbot.control.facts, tested the way pyinfra tests its facts (tests/facts/<module>.<Fact>/*.json in pyinfra's
 repository): a fixture gives the fact's arguments, the exact command, the node's output and the value the fact
 must make of it. Then each command runs on this machine through `sh -c` (as pyinfra's @local connector would),
-to catch quoting and tool mistakes a fixture cannot; and a real pyinfra host (@local) reads NodeMemory for
-roles/preflight.check_node. No SSH, no network.
+to catch quoting and tool mistakes a fixture cannot; and a real pyinfra host (@local) reads NodeMemory the way
+clawbot.control.rollout.check_node does. No SSH, no network.
 
 Fixtures: tests/fixtures/facts/<FactClass>/<case>.json with "kwargs", "command", "output" (stdout lines), and
 "fact" (dataclasses as their asdict(), tuples as lists).

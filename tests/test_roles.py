@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
+
+import pytest
 
 from clawbot.common import preflight, sizing
 from clawbot.control.facts import NodeMemory
-from clawbot.control.rollout import health_probe, reserved_pages
+from clawbot.control.rollout import check_node, health_probe, reserved_pages
 from roles.hosts import hosts_block
-from roles.preflight import check_node
 from roles.services import Service, supervisor_program, systemd_unit
 
 
@@ -83,10 +85,10 @@ def _config() -> dict:
 
 
 class _Host:
-    """A pyinfra host as check_node uses it: data (the node plan) and get_fact."""
+    """A pyinfra host as check_node uses it: data (the node plan), name and get_fact."""
 
-    def __init__(self, plan=None, facts=None):
-        self.data = {"clawbot_plan": plan} if plan else {}
+    def __init__(self, plan, facts):
+        self.data = types.SimpleNamespace(clawbot_plan=plan)
         self.name = "model-a"
         self.facts, self.asked = facts, []
 
@@ -98,28 +100,19 @@ class _Host:
 def test_check_node_reads_the_node_memory_fact_for_the_plans_user():
     config = _config()
     facts = NodeMemory().process(PROBE.splitlines())
-    host = _Host(plan=type("Plan", (), {"user": "llm"})(), facts=facts)
+    host = _Host(plan=types.SimpleNamespace(user="llm"), facts=facts)
     report = check_node(host, _info(), config)
     model_dir = config["model_server"]["model_path"].rsplit("/", 1)[0]
     assert host.asked == [(NodeMemory, {"model_dir": model_dir, "user": "llm"})]
     assert report.node == facts and report.fits
     assert report.to_json() == preflight.check_config(_info(), config, facts).to_json()
-    bare = _Host(facts=facts)  # no plan: the default user
-    check_node(bare, _info(), config)
-    assert bare.asked[0][1]["user"] == "clawbot"
 
 
-def test_check_node_still_takes_a_run_shell():
-    commands = []
+def test_check_node_refuses_when_the_fact_cannot_be_read():
+    from pyinfra.api import DeployError
 
-    def run_shell(command):
-        commands.append(command)
-        return True, PROBE
-
-    config = _config()
-    report = check_node(run_shell, _info(), config)
-    assert commands == [NodeMemory().command(config["model_server"]["model_path"].rsplit("/", 1)[0], "clawbot")]
-    assert report.node == NodeMemory().process(PROBE.splitlines())
+    with pytest.raises(DeployError, match="cannot read"):
+        check_node(_Host(plan=types.SimpleNamespace(user="clawbot"), facts=None), _info(), _config())
 
 
 def test_reserved_pages_reads_the_hugepages_fact():

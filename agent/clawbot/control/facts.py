@@ -63,14 +63,10 @@ class NodeMemory(FactBase):
 
     def process(self, output: list[str]) -> preflight.NodeFacts:
         gpu_lines = [line[len(GPU_PREFIX):] for line in output if line.startswith(GPU_PREFIX)]
-        probe: dict[str, str] = {}
-        for line in output:
-            key, _, rest = line.partition(":")
-            if key in ("CgroupLimit", "DiskFree", "Cpus_allowed_list") and rest.split():
-                probe[key] = rest.split()[0]
+        # meminfo, ClawbotHeld (kB), CgroupLimit and DiskFree (bytes; "max" or empty: left out) parse alike
         values = preflight.parse_meminfo([line for line in output if not line.startswith(GPU_PREFIX)])
-        cgroup_limit = int(probe["CgroupLimit"]) if probe.get("CgroupLimit", "").isdigit() else None
-        disk_free = int(probe["DiskFree"]) if probe.get("DiskFree", "").isdigit() else None
+        cpus = next((line.split(":", 1)[1] for line in output if line.startswith("Cpus_allowed_list:")), None)
+        cgroup_limit, disk_free = values.get("CgroupLimit"), values.get("DiskFree")
         total = values.get("MemTotal", 0)
         available = values.get("MemAvailable", 0) + values.get("ClawbotHeld", 0)
         source = "MemAvailable + memory held by the running clawbot services"
@@ -82,7 +78,7 @@ class NodeMemory(FactBase):
             hugepages_total=values.get("HugePages_Total", 0), hugepages_free=values.get("HugePages_Free", 0),
             hugepage_bytes=values.get("Hugepagesize", sizing.HUGEPAGE_BYTES), disk_free=disk_free,
             gpus=preflight.parse_gpus("\n".join(gpu_lines)),
-            usable_cores=count_cpu_list(probe["Cpus_allowed_list"]) if "Cpus_allowed_list" in probe else None)
+            usable_cores=count_cpu_list(cpus) if cpus is not None else None)
 
 
 class HugePages(FactBase):
@@ -117,7 +113,7 @@ class TransparentHugepages(FactBase):
 
 
 class RealPath(FactBase):
-    """The path with every symlink resolved (`readlink -f`), or None when it does not exist.
+    """The path with every symlink resolved (`readlink -e`), or None when it does not exist.
 
     + path: the path to resolve
     """

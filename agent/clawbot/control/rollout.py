@@ -91,14 +91,35 @@ def prepare_wheelhouses(state, cache, offline: bool, log, llama_engine: bool = F
         pyinfra_host.data.clawbot_wheelhouse = houses[key]  # host.data hands out copies: set, don't mutate
 
 
-def preflight_model_nodes(state, model_info, config: dict, check_node, log) -> bool:
-    """Before any change: the model must fit every model node (exact sizing vs what the node has).
-    check_node(pyinfra_host, model_info, config) -> PreflightReport reads the node's facts."""
+def check_node(pyinfra_host, model_info, config: dict):
+    """Preflight one model node from its NodeMemory fact (memory, cgroup limit, free disk where the model goes,
+    GPUs), read once over the open connection; errors in the report's findings stop the rollout.
+
+    + pyinfra_host: the connected host; its plan (host.data.clawbot_plan) names the agent's user
+    + model_info: the model's exact sizes (clawbot.common.sizing.read_model_info)
+    + config: the checked clawbot.json (model_server.model_path says where the model goes)
+    """
+    from pyinfra.api import DeployError
+
+    from clawbot.common import preflight
+    from clawbot.control.facts import NodeMemory
+
+    model_dir = os.path.dirname(config["model_server"]["model_path"])
+    node = pyinfra_host.get_fact(NodeMemory, model_dir=model_dir, user=pyinfra_host.data.clawbot_plan.user)
+    if node is None:  # the fact's command failed (pyinfra printed its output)
+        raise DeployError(f"preflight: cannot read {NodeMemory.name} on {pyinfra_host.name}")
+    return preflight.check_config(model_info, config, node)
+
+
+def preflight_model_nodes(state, model_info, config: dict, log) -> bool:
+    """Before any change: the model must fit every model node (exact sizing vs what the node has). Each
+    node's facts stay in host.data.clawbot_node for the converge (its GPUs decide the engine build)."""
     fits = True
     for pyinfra_host in state.inventory.iter_activated_hosts():
         if not pyinfra_host.data.clawbot_plan.is_model:
             continue
         report = check_node(pyinfra_host, model_info, config)
+        pyinfra_host.data.clawbot_node = report.node  # host.data hands out copies: set, don't mutate
         name = pyinfra_host.data.clawbot_name
         for finding in report.findings:
             if finding.level in ("error", "warning"):

@@ -35,6 +35,9 @@ HUGETLBFS_MAGIC = 0x958458F6
 SIDECAR = "staged-model.json"
 COPY_CHUNK = 16 << 20
 PROGRESS_EVERY_S = 2.0
+# the staging mount: its source name (in /etc/fstab and /proc/self/mountinfo), mode and page size; the rollout
+# mounts it alike (roles/hugepages.py)
+MOUNT_DEVICE, MOUNT_MODE, MOUNT_PAGESIZE = "clawbot-hugepages", "0700", "2M"
 
 
 class StagingError(Exception):
@@ -86,7 +89,8 @@ def ensure_mount(directory: str | Path) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     if any(path.iterdir()):
         raise StagingError(f"{path} is not a hugetlbfs mount and not empty: refusing to mount over it")
-    done = subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M,mode=0700", "clawbot-hugepages", str(path)],
+    done = subprocess.run(["mount", "-t", "hugetlbfs", "-o", f"pagesize={MOUNT_PAGESIZE},mode={MOUNT_MODE}", MOUNT_DEVICE,
+                           str(path)],
                           capture_output=True, text=True, timeout=30)
     if done.returncode != 0 or not is_hugetlbfs(path):
         raise StagingError(f"cannot mount hugetlbfs at {path}: {(done.stderr or done.stdout).strip()}")
