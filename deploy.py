@@ -165,8 +165,8 @@ def main(argv=None) -> int:
     cache = cache_directory()
     materials = issue_certificates(inventory, hosts, state_dir)
     prepared = prepare(hosts, base, cache)
-    if prepared.model_file is not None:
-        info = sizing.read_model_info(prepared.model_file)
+    info = sizing.read_model_info(prepared.model_file) if prepared.model_file is not None else None
+    if info is not None:
         say(f"model {prepared.model_file.name}: {info.file_bytes / 2**20:.0f} MiB, {info.n_layer} layers")
     plans = planning.plan_nodes(inventory, hosts, config, config_path, prepared, materials)
 
@@ -192,8 +192,7 @@ def main(argv=None) -> int:
     rollout.prepare_wheelhouses(state, cache, planning.offline_for(hosts), log=say,
                                 llama_engine=engine_for(config["model_server"]["engine"]).IN_AGENT_VENV,
                                 llama_wheel=prepared.llama_wheel)
-    if prepared.model_file is not None and not rollout.preflight_model_nodes(
-            state, sizing.read_model_info(prepared.model_file), config, log=say):
+    if info is not None and not rollout.preflight_model_nodes(state, info, config, log=say):
         return 1
     rollout.add_deploy(state, converge)
     if args.check:

@@ -157,8 +157,9 @@ class PreflightReport:
 
 
 # --- reading the node ----------------------------------------------------------------------------------
-# The one node-local reader of /proc/meminfo, cgroup limits, GPUs, cores and the memlock limit: `clawbot
-# preflight`, the supervisor (read_node -> host_facts -> the run plan) and huge-page staging all read here.
+# The one node-local reader of /proc/meminfo, cgroup limits, GPU memory, cores and the memlock limit: `clawbot
+# preflight`, the supervisor (read_node -> host_facts -> the run plan) and huge-page staging all read here
+# (the engine build asks nvidia-smi for compute capabilities only: build.detect_cuda_arch).
 
 
 def parse_meminfo(lines) -> dict[str, int]:
@@ -267,11 +268,9 @@ def _existing_parent(path: Path) -> Path:
     return Path("/")
 
 
-def available_memory(memory_limit: int | None = None,
-                     meminfo: dict[str, int] | None = None) -> tuple[int, str, int | None]:
+def available_memory(memory_limit: int | None, meminfo: dict[str, int]) -> tuple[int, str, int | None]:
     """(bytes, where that figure comes from, the cgroup limit): MemAvailable, the cgroup's headroom and
     memory_limit, the lowest wins."""
-    meminfo = read_meminfo() if meminfo is None else meminfo
     available = meminfo.get("MemAvailable", meminfo.get("MemFree", 0))
     source = "MemAvailable"
     limit, usage = cgroup_memory()
@@ -308,9 +307,9 @@ def memlock_limit() -> int:
     return UNLIMITED if soft == resource.RLIM_INFINITY else soft
 
 
-def read_node(model_path: str, memory_limit: int | None = None) -> NodeFacts:
+def read_node(model_path: str, memory_limit: int | None = None, gpus: bool = True) -> NodeFacts:
     """This node, read locally: the memory budget (MemAvailable, cgroup headroom, --memory-limit: the lowest
-    wins), huge pages, disk, GPUs, usable cores and the memlock limit."""
+    wins), huge pages, disk, GPUs (gpus=False: not asked, none), usable cores and the memlock limit."""
     meminfo = read_meminfo()
     available, source, limit = available_memory(memory_limit, meminfo)
     disk = shutil.disk_usage(_existing_parent(Path(model_path)))
@@ -319,7 +318,7 @@ def read_node(model_path: str, memory_limit: int | None = None) -> NodeFacts:
         cgroup_limit=limit, hugepages_total=meminfo.get("HugePages_Total", 0),
         hugepages_free=meminfo.get("HugePages_Free", 0),
         hugepage_bytes=meminfo.get("Hugepagesize", sizing.HUGEPAGE_BYTES), disk_free=disk.free,
-        gpus=query_gpus(), usable_cores=usable_cores(), memlock_limit=memlock_limit())
+        gpus=query_gpus() if gpus else (), usable_cores=usable_cores(), memlock_limit=memlock_limit())
 
 
 def host_facts(node: NodeFacts, engine_builds: frozenset[str] | None = None) -> HostFacts:

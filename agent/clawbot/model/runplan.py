@@ -1,8 +1,11 @@
 """The run plan: how the model server will run on one node, decided once, from clawbot.json and that node's facts.
 
 Deploy (preflight, facts read over SSH) and the supervisor (facts read on the node) both call
-`RunPlan.resolve`, so the slots preflight judges are the slots the model server gets, and the gateway admits
-no more requests at once than those slots. Every field carries the reason for its value, which /status and
+`RunPlan.resolve`, so given the same facts preflight judges the slots the model server gets, and the gateway
+admits no more requests at once than those slots. One fact only the node learns: whether staging the weights
+into huge pages succeeded (HostFacts.weights_staged); the supervisor then resolves again, and the staged
+weights no longer count against free memory, so a CPU node with staged weights may get more auto slots than
+preflight judged (never fewer). Every field carries the reason for its value, which /status and
 `clawbot preflight` show. Pure: no I/O; the facts come in as `HostFacts`.
 """
 
@@ -91,7 +94,7 @@ class RunPlan:
         be sized (slots fall back to max_concurrency, a -1 offload to all layers; preflight refuses it first)."""
         server = config["model_server"]
         engine = engine_for(server["engine"])
-        accelerator = _accelerator(server["accelerator"], facts, engine)
+        accelerator = _accelerator(server["accelerator"], facts.gpus, facts.engine_builds, engine.NAME)
         on_gpu = accelerator.value != "cpu"
         flash = _flash_attention(server["flash_attention"], accelerator.value, engine)
         ubatch = _ubatch(server, on_gpu)
@@ -111,25 +114,32 @@ class RunPlan:
         )
 
 
+def uses_nvidia_gpus(configured: str) -> bool:
+    """Whether model_server.accelerator can pick an NVIDIA GPU (so nvidia-smi is worth asking)."""
+    return configured in ("auto", "cuda")
+
+
 def node_accelerator(configured: str, gpus) -> str:
-    """The accelerator a node's agent will run (`auto` decided by the GPUs nvidia-smi lists there): deploy asks
-    this to know which engine build a node needs, so deploy and agent decide by the same rule."""
-    facts = HostFacts(gpus=tuple(gpus), host_free_bytes=None, usable_cores=None, memlock_limit=0)
-    return _accelerator(configured, facts, engine=None).value
+    """The accelerator a node's agent will run (`auto` decided by the GPUs nvidia-smi lists there), before
+    checking which engine builds it has: deploy asks this to know which build a node needs, and the supervisor
+    which builds to look for, so both decide by the same rule."""
+    return _accelerator(configured, tuple(gpus)).value
 
 
 # --------------------------------------------------------------------------- the decisions
 
 
-def _accelerator(configured: str, facts: HostFacts, engine: Engine) -> Decision[str]:
-    """`auto`: CUDA where nvidia-smi lists a GPU, else the CPU; a build the node lacks falls back to the CPU build."""
+def _accelerator(configured: str, gpus, engine_builds: frozenset[str] | None = None,
+                 engine_name: str = "") -> Decision[str]:
+    """`auto`: CUDA where nvidia-smi lists a GPU, else the CPU; a build the node lacks (engine_builds, None: not
+    a question) falls back to the CPU build."""
     if configured == "auto":
-        wanted, why = ("cuda", f"auto: nvidia-smi lists {len(facts.gpus)} GPU(s)") if facts.gpus \
+        wanted, why = ("cuda", f"auto: nvidia-smi lists {len(gpus)} GPU(s)") if gpus \
             else ("cpu", "auto: nvidia-smi lists no GPU")
     else:
         wanted, why = configured, f"model_server.accelerator is {configured}"
-    if wanted != "cpu" and facts.engine_builds is not None and wanted not in facts.engine_builds:
-        return Decision("cpu", f"{why}, but this node has no {wanted} build of {engine.NAME}: the CPU build")
+    if wanted != "cpu" and engine_builds is not None and wanted not in engine_builds:
+        return Decision("cpu", f"{why}, but this node has no {wanted} build of {engine_name}: the CPU build")
     return Decision(wanted, why)
 
 

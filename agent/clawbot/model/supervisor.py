@@ -28,7 +28,7 @@ from clawbot.common import preflight, sizing
 from clawbot.model import staging
 from clawbot.model.engines import Engine, Paths, engine_for
 from clawbot.model.engines.build import find_llama_server
-from clawbot.model.runplan import Decision, RunPlan
+from clawbot.model.runplan import Decision, RunPlan, node_accelerator, uses_nvidia_gpus
 
 log = logging.getLogger("clawbot.model.supervisor")
 
@@ -416,9 +416,9 @@ class Supervisor:
         before the process starts. Returns its command line. Runs in a thread (nvidia-smi, copying gigabytes)."""
         server = self.config["model_server"]
         engine = self.engine
-        builds = engine.builds(self._find_engine)
-        facts = preflight.host_facts(preflight.read_node(server["model_path"]),
-                                     engine_builds=None if builds is None else frozenset(builds))
+        node = preflight.read_node(server["model_path"], gpus=uses_nvidia_gpus(server["accelerator"]))
+        builds = engine.builds(self._find_engine, node_accelerator(server["accelerator"], node.gpus))
+        facts = preflight.host_facts(node, engine_builds=None if builds is None else frozenset(builds))
         try:
             info = sizing.read_model_info(server["model_path"])
         except (OSError, ValueError) as exc:

@@ -1,6 +1,7 @@
 """Model-server engines: building llama-server (build) and one adapter per engine (llama_server,
 llama_cpp_python) for everything that differs between them: the command line, the health path, the slot
-limit, how `auto` flash attention is passed on, tokenizing, the request fields they accept.
+limit, how `auto` flash attention is passed on off CUDA (the run plan turns it on with CUDA), tokenizing,
+the request fields they accept.
 
 Code outside this package asks `engine_for(name)` instead of comparing engine names
 (tests/test_architecture.py keeps it that way).
@@ -8,6 +9,7 @@ Code outside this package asks `engine_for(name)` instead of comparing engine na
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,8 @@ class Paths:
 
     model: str  # the file to serve: the staged copy in huge pages, or the file on disk
     binary: str = ""  # the engine build for plan.accelerator, for engines that have builds
-    state_dir: Path | None = None  # where private files (API key, settings) go; None: no API key (benchmarks)
+    state_dir: Path | None = None  # where private files (API key, settings) go; llama-server: None runs it
+    # without an API key (benchmarks); llama-cpp-python needs one for its settings file
 
 
 class Refused(Exception):
@@ -46,8 +49,9 @@ class Engine(Protocol):
     AUTO_FLASH_ATTENTION: tuple[str, str]  # (value, why) for flash_attention `auto` off CUDA
     UNSUPPORTED_FIELDS: frozenset[str]  # request fields the gateway drops before forwarding
 
-    def builds(self, find: Callable[[str], Path | None]) -> dict[str, str] | None:
-        """{accelerator: binary} of the builds on this node; None: the engine has no per-accelerator builds."""
+    def builds(self, find: Callable[[str], Path | None], wanted: str) -> dict[str, str] | None:
+        """{accelerator: binary} of this node's builds for `wanted` and the CPU (its fallback); None: the engine
+        has no per-accelerator builds."""
 
     def command(self, plan: RunPlan, config: dict, paths: Paths) -> list[str]:
         """argv of the model server: a pure function of the plan, the config and the paths."""
@@ -60,6 +64,7 @@ class Engine(Protocol):
         """Token ids of `content`, or of `messages` rendered with the chat template."""
 
 
+@functools.cache
 def engine_for(name: str) -> Engine:
     """The adapter for model_server.engine."""
     from clawbot.model.engines import llama_cpp_python, llama_server

@@ -28,7 +28,7 @@ SETTINGS_FILE = "llama-cpp-python.json"
 GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
 
 
-def builds(find: Callable[[str], Path | None]) -> None:
+def builds(find: Callable[[str], Path | None], wanted: str) -> None:
     """None: the wheel in this venv runs on whatever it was built for (the rollout builds it per node)."""
     return None
 

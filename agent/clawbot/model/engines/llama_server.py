@@ -90,8 +90,9 @@ FLAGS: tuple[Flag, ...] = (
          "the gateway keeps one core: llama.cpp's threads wait for each other, so one preempted thread "
          "stalls them all"),
     Flag("-ngl", lambda i: ["-ngl", i.plan.gpu_layers.value],
-         "`RunPlan.gpu_layers`: `model_server.gpu_layers`; -1: `all` when the whole model fits the freest GPU "
-         "(nvidia-smi), else the most layers that fit; 0 on the CPU build",
+         "`RunPlan.gpu_layers`: `model_server.gpu_layers`; -1: with CUDA `all` when the whole model fits the "
+         "freest GPU (nvidia-smi), else the most layers that fit; `all` on Vulkan and ROCm (their free memory is "
+         "not read); 0 on the CPU build",
          "the split is clawbot's sizing, checked by preflight before a rollout"),
     Flag("-b", lambda i: ["-b", str(max(MIN_BATCH, i.plan.ubatch.value))],
          f"the larger of `RunPlan.ubatch` and {MIN_BATCH}", "llama.cpp's default, and never below -ub"),
@@ -130,8 +131,9 @@ FLAGS: tuple[Flag, ...] = (
 )
 
 
-def builds(find: Callable[[str], Path | None]) -> dict[str, str]:
-    return {accelerator: str(binary) for accelerator in build.ACCELERATORS if (binary := find(accelerator))}
+def builds(find: Callable[[str], Path | None], wanted: str) -> dict[str, str]:
+    """The builds for `wanted` and the CPU: each found build is version-checked, so only those two are looked up."""
+    return {accelerator: str(binary) for accelerator in dict.fromkeys((wanted, "cpu")) if (binary := find(accelerator))}
 
 
 def command(plan: RunPlan, config: dict, paths: Paths) -> list[str]:
