@@ -20,10 +20,10 @@ from pyinfra.api import DeployError, deploy, operation
 from pyinfra.facts.files import FileContents, Sha256File
 from pyinfra.operations import apt, files, server
 
+from clawbot.common.config import NODE_CONFIG_DIR as CONFIG_DIR
+from clawbot.common.config import NODE_CONFIG_PATH as CONFIG_PATH
 from clawbot.control.facts import DirectoryListingDigest, RealPath, local_listing_digest
 
-CONFIG_DIR = "/etc/clawbot"
-CONFIG_PATH = f"{CONFIG_DIR}/clawbot.json"
 STAGED_CONFIG = f"{CONFIG_DIR}/clawbot.json.staged"
 STATE_DIR = "/var/lib/clawbot"
 

@@ -38,6 +38,7 @@ from clawbot.common import pki
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
 START_TIMEOUT_S = 120
+ADMIN_NAME, ADMIN_PASSWORD = "admin", "admin-test-password"
 
 
 def free_port() -> int:
@@ -184,19 +185,47 @@ class Agent:
 
 class ChatAgent(Agent):
     role = "chat"
+    admin = (ADMIN_NAME, ADMIN_PASSWORD)  # created at start from auth.bootstrap_admin_file (see chat_config)
 
     @property
     def url(self) -> str:
         return f"https://localhost:{self.config['chat']['port']}"
 
-    def client(self, **kwargs) -> httpx.Client:
-        """A client of the web API that trusts the cluster CA only (as a browser with the CA installed)."""
+    def anonymous(self, **kwargs) -> httpx.Client:
+        """A client of the web API that trusts the cluster CA only (as a browser with the CA installed), signed out."""
         return httpx.Client(base_url=self.url, verify=ssl.create_default_context(cafile=str(self.pki.ca)),
                             timeout=kwargs.pop("timeout", 60), **kwargs)
 
+    def client(self, **kwargs) -> httpx.Client:
+        """A client signed in as the admin (session cookie + CSRF header), as the web UI is after login."""
+        return self.login(*self.admin, **kwargs)
+
+    def login(self, name: str, password: str, **kwargs) -> httpx.Client:
+        with self.anonymous() as first:
+            response = first.post("/api/login", json={"username": name, "password": password})
+            assert response.status_code == 200, response.text
+            cookies = httpx.Cookies(first.cookies)
+        c = self.anonymous(cookies=cookies, **kwargs)  # unopened, so `with agent.client() as c:` works
+        c.headers["X-CSRF-Token"] = response.json()["csrf_token"]
+        return c
+
+    def users(self, *argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        """`clawbot users --config <this agent's config> ARGV`, as an admin runs it on the chat node."""
+        return subprocess.run(clawbot_command() + ["users", "--config", str(self.config_path), *argv], input=stdin,
+                              capture_output=True, text=True, timeout=60)
+
+    def add_user(self, name: str, password: str, role: str = "user") -> None:
+        done = self.users("add", name, "--role", role, "--password-stdin", stdin=password + "\n")
+        assert done.returncode == 0, done.stderr
+
+    def api_key(self, name: str, key_name: str = "test") -> str:
+        done = self.users("--json", "add-key", name, "--key-name", key_name)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)["key"]
+
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> "ChatAgent":
         def up():
-            with self.client(timeout=5) as c:
+            with self.anonymous(timeout=5) as c:
                 return c.get("/healthz").status_code == 200
         self.wait_until(up, "serving /healthz", timeout_s)
         return self
@@ -244,10 +273,31 @@ def model_config(pki_: ClusterPKI, model_path: Path, *, context_window: int = 40
     }
 
 
+_ADMIN_HASH: list[str] = []
+
+
+def bootstrap_admin_file(workdir: Path) -> Path:
+    """The file deploy writes on a chat node: the first admin's name and argon2id hash (one hash per test run)."""
+    from clawbot.chat.accounts import hash_secret
+
+    if not _ADMIN_HASH:
+        _ADMIN_HASH.append(hash_secret(ADMIN_PASSWORD))
+    path = workdir / "admin.json"
+    workdir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"name": ADMIN_NAME, "password_hash": _ADMIN_HASH[0]}))
+    path.chmod(0o600)
+    return path
+
+
 def chat_config(pki_: ClusterPKI, workdir: Path, gateway_endpoint: str, *, context_window: int = 4096,
                 max_tokens: int = 48, fallbacks: list[str] = (), kb_dir: Path | None = None,
-                search_endpoint: str = "", summary: dict | None = None, request_timeout_s: float = 30) -> dict:
+                search_endpoint: str = "", summary: dict | None = None, request_timeout_s: float = 30,
+                auth: dict | None = None) -> dict:
+    """A chat node on loopback. Its admin (ChatAgent.admin) exists at start; tests get no per-user limit unless
+    `auth` sets one."""
     return {
+        "auth": {"bootstrap_admin_file": str(bootstrap_admin_file(workdir)),
+                 "limits": {"requests_per_minute": 0, "tokens_per_day": 0}, **(auth or {})},
         "model_gateway": {"endpoint": gateway_endpoint, "max_tokens": max_tokens, "temperature": 0.7},
         "context_window": context_window,
         "fallback_strategies": list(fallbacks),

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("clawbot.tools.bench", "measure first-token latency and throughput of a gateway"),
     "build-engine": ("clawbot.model.engines.build", "build llama-server from the pinned llama-cpp-python sdist"),
     "make-model": ("clawbot.tools.modelgen", "write a shape-faithful random-weight GGUF for tests and benchmarks"),
+    "users": ("clawbot.chat.users", "manage the chat node's accounts and API keys (here, or -i INVENTORY over SSH)"),
     "status": ("clawbot.control.status", "show every node's agent, model and certificate state"),
     "docs": ("clawbot.common.schemadocs", "regenerate the reference pages in docs/ from the schemas and the code"),
 }

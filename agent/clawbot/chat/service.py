@@ -33,6 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clawbot import __version__
+from clawbot.chat import access, openai_api
+from clawbot.chat.access import Admin, Caller
+from clawbot.chat.accounts import Accounts, LimitReached
+from clawbot.chat.metrics import ChatMetrics
 from clawbot.common import pki
 from clawbot.chat.context import ContextKeeper, ContextTooLong, Settings
 from clawbot.chat.fallbacks import Fallbacks
@@ -90,14 +94,20 @@ class Runtime:
     client: ModelClient
     keeper: ContextKeeper
     fallbacks: Fallbacks
+    accounts: Accounts
+    metrics: ChatMetrics
 
     @classmethod
-    def build(cls, config: dict, store: Store | None = None) -> "Runtime":
+    def build(cls, config: dict, store: Store | None = None, previous: "Runtime | None" = None) -> "Runtime":
         chat = config["chat"]
         store = store or Store(chat["database"])
         client = ModelClient(config["model_gateway"]["endpoint"], config["tls"], chat["request_timeout_s"])
         keeper = ContextKeeper(store, client, Settings.from_config(config))
-        return cls(config, store, client, keeper, Fallbacks.from_config(config, store))
+        accounts = Accounts(store, config["auth"])
+        if previous is not None and previous.store is store:
+            accounts.carry_over(previous.accounts)
+        metrics = previous.metrics if previous is not None else ChatMetrics(lambda: store)
+        return cls(config, store, client, keeper, Fallbacks.from_config(config, store), accounts, metrics)
 
 
 def sse(event: str, data: dict) -> bytes:
@@ -133,7 +143,7 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
         old = rt()
         same_db = new_config["chat"]["database"] == old.config["chat"]["database"]
         try:
-            new = Runtime.build(new_config, old.store if same_db else None)
+            new = Runtime.build(new_config, old.store if same_db else None, old)
         except Exception as exc:  # bad TLS files and the like: keep serving with what works
             state["last_reload_error"] = f"{type(exc).__name__}: {exc}"
             log.error("SIGHUP: cannot apply the new config, keeping the running one: %s", exc)
@@ -160,6 +170,8 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests) or no SIGHUP
             log.debug("SIGHUP reload not available in this thread")
+        rt().accounts.ensure_bootstrap_admin()
+        rt().accounts.expire_sessions()
         try:
             rt().fallbacks.knowledge_base.refresh(force=True)
         except Exception as exc:  # a broken KB must not stop the chat node
@@ -186,27 +198,44 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
             problems.append(f"{where}: {err.get('msg', 'invalid')}")
         detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+        if request.url.path.startswith("/v1/"):
+            return openai_api.openai_error(400, "invalid request: " + "; ".join(problems), "invalid_request_error")
         return JSONResponse({"error": "invalid request: " + "; ".join(problems), "detail": detail}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-        return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if request.url.path.startswith("/v1/"):
+            return openai_api.openai_error(exc.status_code, message, openai_api.ERROR_TYPES.get(exc.status_code, "error"),
+                                           headers=headers)
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=headers)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
+        if access.needs_credential(request):  # before routing: no credential, no answer (not even a 404 or 422)
+            principal = access.principal_of(request)
+            if principal is None:
+                return await http_error(request, StarletteHTTPException(
+                    401, access.NOT_SIGNED_IN, headers={"WWW-Authenticate": "Bearer"}))
+            request.state.principal = principal
         response = await call_next(request)
         response.headers.setdefault("Content-Security-Policy",
                                     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'")
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
+        if request.url.path.startswith(("/api/", "/v1/")):
+            response.headers.setdefault("Cache-Control", "no-store")
         return response
 
-    def conversation_or_404(conversation_id: str) -> dict:
+    def conversation_or_404(conversation_id: str, principal) -> dict:
         try:
-            return rt().store.get_conversation(conversation_id)
+            return rt().store.get_conversation(conversation_id, owner_id=principal.user["id"])
         except NotFound:
             raise HTTPException(404, f"no conversation {conversation_id}") from None
+
+    app.include_router(access.routes())
+    app.include_router(openai_api.routes())
 
     # ------------------------------------------------------------------ health and status
 
@@ -214,8 +243,15 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "ok"}
 
+    @app.get("/metrics", tags=["status"], responses={200: {"content": {"text/plain": {}}}})
+    async def metrics(_: Admin) -> Response:
+        """Prometheus metrics of the chat node (per-account usage and refusals); admin sessions or keys only."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(rt().metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/api/status", tags=["status"])
-    async def status() -> dict:
+    async def status(_: Caller) -> dict:
         """Both nodes as the status strip shows them: this chat node and the model gateway's readiness."""
         runtime = rt()
         chat = {"state": "ok", "version": __version__, "uptime_s": round(time.time() - state["started"], 1),
@@ -234,29 +270,29 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
     # ------------------------------------------------------------------ conversations
 
     @app.post("/api/conversations", status_code=201, tags=["conversations"], responses=ERRORS)
-    async def create_conversation(body: NewConversation | None = None) -> dict:
-        return rt().store.create_conversation((body or NewConversation()).title)
+    async def create_conversation(principal: Caller, body: NewConversation | None = None) -> dict:
+        return rt().store.create_conversation((body or NewConversation()).title, owner_id=principal.user["id"])
 
     @app.get("/api/conversations", tags=["conversations"])
-    async def list_conversations() -> list[dict]:
-        return rt().store.list_conversations()
+    async def list_conversations(principal: Caller) -> list[dict]:
+        return rt().store.list_conversations(principal.user["id"])
 
     @app.get("/api/conversations/{conversation_id}", tags=["conversations"], responses=ERRORS)
-    async def get_conversation(conversation_id: ConversationId) -> dict:
-        conversation = conversation_or_404(conversation_id)
+    async def get_conversation(conversation_id: ConversationId, principal: Caller) -> dict:
+        conversation = conversation_or_404(conversation_id, principal)
         conversation["messages"] = rt().store.messages(conversation_id)
         return conversation
 
     @app.get("/api/conversations/{conversation_id}/requests", tags=["conversations"], responses=ERRORS)
-    async def model_requests(conversation_id: ConversationId) -> list[dict]:
+    async def model_requests(conversation_id: ConversationId, principal: Caller) -> list[dict]:
         """Every request sent to the model for this conversation, with its prompt size in model tokens."""
-        conversation_or_404(conversation_id)
+        conversation_or_404(conversation_id, principal)
         return rt().store.requests(conversation_id)
 
     @app.delete("/api/conversations/{conversation_id}", status_code=204, tags=["conversations"], responses=ERRORS)
-    async def delete_conversation(conversation_id: ConversationId) -> Response:
+    async def delete_conversation(conversation_id: ConversationId, principal: Caller) -> Response:
         try:
-            rt().store.delete_conversation(conversation_id)
+            rt().store.delete_conversation(conversation_id, owner_id=principal.user["id"])
         except NotFound:
             raise HTTPException(404, f"no conversation {conversation_id}") from None
         return Response(status_code=204)
@@ -265,15 +301,22 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
               responses={**ERRORS, 200: {"description": "the reply as Server-Sent Events: user, summary, start, "
                                                         "token..., done (or error)",
                                          "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
-    async def send_message(conversation_id: ConversationId, body: NewMessage) -> StreamingResponse:
+    async def send_message(conversation_id: ConversationId, body: NewMessage, principal: Caller) -> StreamingResponse:
         runtime = rt()
-        conversation = conversation_or_404(conversation_id)
+        conversation = conversation_or_404(conversation_id, principal)
+        try:
+            runtime.accounts.admit(principal.user)
+        except LimitReached as exc:
+            runtime.metrics.limited(principal.user["name"], exc.limit)
+            raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
+        runtime.metrics.request(principal.user["name"], "web")
         user = runtime.store.add_message(conversation_id, "user", body.content)  # durable before streaming
         if conversation["title"] == "New conversation":
             title = " ".join(body.content.split())
             runtime.store.rename_conversation(conversation_id, title[:60] + ("…" if len(title) > 60 else ""))
         lock = state["locks"].setdefault(conversation_id, asyncio.Lock())
-        return StreamingResponse(_reply(runtime, lock, conversation_id, user), media_type="text/event-stream",
+        return StreamingResponse(_reply(runtime, lock, conversation_id, user, principal.user),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ------------------------------------------------------------------ web UI
@@ -286,7 +329,7 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
     return app
 
 
-async def _reply(runtime: Runtime, lock: asyncio.Lock, conv_id: str, user: dict):
+async def _reply(runtime: Runtime, lock: asyncio.Lock, conv_id: str, user: dict, account: dict):
     """The reply stream: one conversation answers one message at a time (summaries must not race)."""
     store = runtime.store
     yield sse("user", {"message": user})
@@ -351,6 +394,9 @@ async def _reply(runtime: Runtime, lock: asyncio.Lock, conv_id: str, user: dict)
                 meta["reported_prompt_tokens"] = reported
             reply = store.update_message(reply["id"], content="".join(parts), status="complete", meta=meta)
             store.finish_request(request_id, "complete", reported)
+            completion = usage.get("completion_tokens") if isinstance(usage, dict) else None
+            runtime.accounts.record_tokens(account, reported if reported is not None else prompt.tokens,
+                                           completion if completion is not None else len(parts))
             finished = True
             yield sse("done", {"message": reply})
         finally:

@@ -70,6 +70,56 @@ MIGRATIONS: list[str] = [
         content, heading, source UNINDEXED, tokenize = 'unicode61 remove_diacritics 2'
     );
     """,
+    # 2: accounts. Conversations get an owner; those made before accounts existed have none and are handed to
+    # the first admin when it is created (Store.create_user), so nothing is lost and nothing is shown to anybody
+    # in between. Sessions keep only a SHA-256 of their 256-bit token; API keys an argon2id hash of their secret.
+    """
+    CREATE TABLE users (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL UNIQUE COLLATE NOCASE,
+        role TEXT NOT NULL CHECK (role IN ('admin', 'user')),
+        password_hash TEXT,
+        disabled INTEGER NOT NULL DEFAULT 0,
+        sso_issuer TEXT,
+        sso_subject TEXT,
+        requests_per_minute INTEGER,
+        tokens_per_day INTEGER,
+        created_at REAL NOT NULL,
+        last_login_at REAL,
+        UNIQUE (sso_issuer, sso_subject)
+    );
+    CREATE TABLE sessions (
+        token_hash TEXT PRIMARY KEY,
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        csrf_token TEXT NOT NULL,
+        address TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        last_seen_at REAL NOT NULL
+    );
+    CREATE TABLE api_keys (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        prefix TEXT NOT NULL UNIQUE,
+        secret_hash TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        last_used_at REAL
+    );
+    CREATE TABLE usage (
+        user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        day TEXT NOT NULL,
+        requests INTEGER NOT NULL DEFAULT 0,
+        prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (user_id, day)
+    );
+    CREATE TABLE settings (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    ALTER TABLE conversations ADD COLUMN owner_id INTEGER REFERENCES users(id);
+    CREATE INDEX conversations_by_owner ON conversations(owner_id, updated_at)
+    """,
 ]
 
 
@@ -144,36 +194,37 @@ class Store:
 
     # ------------------------------------------------------------------ conversations
 
-    def create_conversation(self, title: str = "") -> dict:
+    def create_conversation(self, title: str = "", owner_id: int | None = None) -> dict:
         now = _now()
         conv_id = uuid.uuid4().hex
         title = title.strip() or "New conversation"
-        self._tx(lambda db: db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?)", (conv_id, title, now, now)))
+        self._tx(lambda db: db.execute(
+            "INSERT INTO conversations (id, title, created_at, updated_at, owner_id) VALUES (?, ?, ?, ?, ?)",
+            (conv_id, title, now, now, owner_id)))
         return self.get_conversation(conv_id)
 
-    def list_conversations(self) -> list[dict]:
+    def list_conversations(self, owner_id: int) -> list[dict]:
         rows = self._query(
             "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id AND m.role != 'summary') AS message_count"
-            " FROM conversations c ORDER BY c.updated_at DESC, c.id")
+            " FROM conversations c WHERE c.owner_id = ? ORDER BY c.updated_at DESC, c.id", (owner_id,))
         return [dict(r) for r in rows]
 
-    def get_conversation(self, conv_id: str) -> dict:
+    def get_conversation(self, conv_id: str, owner_id: int | None = None) -> dict:
+        """The conversation; NotFound also when owner_id is given and it belongs to someone else."""
         rows = self._query("SELECT * FROM conversations WHERE id = ?", (conv_id,))
-        if not rows:
+        if not rows or (owner_id is not None and rows[0]["owner_id"] != owner_id):
             raise NotFound(conv_id)
         return dict(rows[0])
 
     def rename_conversation(self, conv_id: str, title: str) -> None:
         self._tx(lambda db: db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conv_id)))
 
-    def delete_conversation(self, conv_id: str) -> None:
+    def delete_conversation(self, conv_id: str, owner_id: int | None = None) -> None:
         def run(db):
-            if db.execute("SELECT 1 FROM conversations WHERE id = ?", (conv_id,)).fetchone() is None:
+            row = db.execute("SELECT owner_id FROM conversations WHERE id = ?", (conv_id,)).fetchone()
+            if row is None or (owner_id is not None and row["owner_id"] != owner_id):
                 raise NotFound(conv_id)
-            db.execute("UPDATE messages SET summary_id = NULL WHERE conversation_id = ?", (conv_id,))
-            db.execute("DELETE FROM messages WHERE conversation_id = ?", (conv_id,))
-            db.execute("DELETE FROM model_requests WHERE conversation_id = ?", (conv_id,))
-            db.execute("DELETE FROM conversations WHERE id = ?", (conv_id,))
+            _delete_conversation(db, conv_id)
         self._tx(run)
 
     # ------------------------------------------------------------------ messages
@@ -260,6 +311,132 @@ class Store:
         return [dict(r) for r in self._query(
             "SELECT * FROM model_requests WHERE conversation_id = ? ORDER BY id", (conv_id,))]
 
+    # ------------------------------------------------------------------ accounts (policy lives in clawbot.chat.accounts)
+
+    def create_user(self, name: str, role: str, password_hash: str | None, *, sso: tuple[str, str] | None = None) -> dict:
+        """A new account; the first admin also receives every conversation made before accounts existed."""
+        def run(db):
+            cur = db.execute(
+                "INSERT INTO users (name, role, password_hash, sso_issuer, sso_subject, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (name, role, password_hash, *(sso or (None, None)), _now()))
+            if role == "admin":
+                db.execute("UPDATE conversations SET owner_id = ? WHERE owner_id IS NULL", (cur.lastrowid,))
+            return cur.lastrowid
+        return self.get_user(self._tx(run))
+
+    def get_user(self, user_id: int) -> dict:
+        rows = self._query("SELECT * FROM users WHERE id = ?", (user_id,))
+        if not rows:
+            raise NotFound(user_id)
+        return dict(rows[0])
+
+    def find_user(self, name: str) -> dict | None:
+        rows = self._query("SELECT * FROM users WHERE name = ?", (name,))
+        return dict(rows[0]) if rows else None
+
+    def find_sso_user(self, issuer: str, subject: str) -> dict | None:
+        rows = self._query("SELECT * FROM users WHERE sso_issuer = ? AND sso_subject = ?", (issuer, subject))
+        return dict(rows[0]) if rows else None
+
+    def list_users(self) -> list[dict]:
+        return [dict(r) for r in self._query("SELECT * FROM users ORDER BY name")]
+
+    def update_user(self, user_id: int, **columns) -> dict:
+        """Set the given columns (role, password_hash, disabled, requests_per_minute, tokens_per_day, last_login_at)."""
+        allowed = {"role", "password_hash", "disabled", "requests_per_minute", "tokens_per_day", "last_login_at"}
+        assert columns and set(columns) <= allowed, columns
+
+        def run(db):
+            db.execute(f"UPDATE users SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",
+                       (*columns.values(), user_id))
+            if columns.get("role") == "admin":
+                db.execute("UPDATE conversations SET owner_id = ? WHERE owner_id IS NULL", (user_id,))
+            if columns.get("disabled") or "password_hash" in columns:
+                db.execute("DELETE FROM sessions WHERE user_id = ?", (user_id,))
+        self._tx(run)
+        return self.get_user(user_id)
+
+    def delete_user(self, user_id: int) -> None:
+        """The account with its conversations, sessions, keys and usage."""
+        def run(db):
+            for row in db.execute("SELECT id FROM conversations WHERE owner_id = ?", (user_id,)).fetchall():
+                _delete_conversation(db, row["id"])
+            if db.execute("DELETE FROM users WHERE id = ?", (user_id,)).rowcount == 0:
+                raise NotFound(user_id)
+        self._tx(run)
+
+    def count_admins(self, enabled_only: bool = True) -> int:
+        sql = "SELECT COUNT(*) FROM users WHERE role = 'admin'" + (" AND disabled = 0" if enabled_only else "")
+        return self._query(sql)[0][0]
+
+    def add_session(self, token_hash: str, user_id: int, csrf_token: str, address: str) -> None:
+        now = _now()
+        self._tx(lambda db: db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)",
+                                       (token_hash, user_id, csrf_token, address, now, now)))
+
+    def get_session(self, token_hash: str) -> dict | None:
+        rows = self._query("SELECT * FROM sessions WHERE token_hash = ?", (token_hash,))
+        return dict(rows[0]) if rows else None
+
+    def touch_session(self, token_hash: str, when: float) -> None:
+        self._tx(lambda db: db.execute("UPDATE sessions SET last_seen_at = ? WHERE token_hash = ?", (when, token_hash)))
+
+    def delete_session(self, token_hash: str) -> None:
+        self._tx(lambda db: db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,)))
+
+    def delete_sessions_before(self, created_before: float, seen_before: float) -> int:
+        return self._tx(lambda db: db.execute("DELETE FROM sessions WHERE created_at < ? OR last_seen_at < ?",
+                                              (created_before, seen_before)).rowcount)
+
+    def add_api_key(self, user_id: int, name: str, prefix: str, secret_hash: str) -> dict:
+        key_id = self._tx(lambda db: db.execute(
+            "INSERT INTO api_keys (user_id, name, prefix, secret_hash, created_at) VALUES (?, ?, ?, ?, ?)",
+            (user_id, name, prefix, secret_hash, _now())).lastrowid)
+        return dict(self._query("SELECT * FROM api_keys WHERE id = ?", (key_id,))[0])
+
+    def api_key_by_prefix(self, prefix: str) -> dict | None:
+        rows = self._query("SELECT * FROM api_keys WHERE prefix = ?", (prefix,))
+        return dict(rows[0]) if rows else None
+
+    def api_keys(self, user_id: int) -> list[dict]:
+        return [dict(r) for r in self._query("SELECT * FROM api_keys WHERE user_id = ? ORDER BY id", (user_id,))]
+
+    def touch_api_key(self, key_id: int, when: float) -> None:
+        self._tx(lambda db: db.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (when, key_id)))
+
+    def delete_api_key(self, user_id: int, key_id: int) -> None:
+        def run(db):
+            if db.execute("DELETE FROM api_keys WHERE id = ? AND user_id = ?", (key_id, user_id)).rowcount == 0:
+                raise NotFound(key_id)
+        self._tx(run)
+
+    def add_usage(self, user_id: int, day: str, requests: int = 0, prompt_tokens: int = 0,
+                  completion_tokens: int = 0) -> None:
+        self._tx(lambda db: db.execute(
+            "INSERT INTO usage VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_id, day) DO UPDATE SET"
+            " requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+            " completion_tokens = completion_tokens + excluded.completion_tokens",
+            (user_id, day, requests, prompt_tokens, completion_tokens)))
+
+    def usage(self, user_id: int, day: str) -> dict:
+        rows = self._query("SELECT requests, prompt_tokens, completion_tokens FROM usage WHERE user_id = ? AND day = ?",
+                           (user_id, day))
+        return dict(rows[0]) if rows else {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+
+    def usage_totals(self) -> list[dict]:
+        """Every account's usage summed over all days (for /metrics counters)."""
+        return [dict(r) for r in self._query(
+            "SELECT u.name, COALESCE(SUM(s.requests), 0) AS requests, COALESCE(SUM(s.prompt_tokens), 0) AS prompt_tokens,"
+            " COALESCE(SUM(s.completion_tokens), 0) AS completion_tokens FROM users u LEFT JOIN usage s ON s.user_id = u.id"
+            " GROUP BY u.id ORDER BY u.name")]
+
+    def get_setting(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM settings WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_setting(self, key: str, value: str) -> None:
+        self._tx(lambda db: db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value)))
+
     # ------------------------------------------------------------------ knowledge-base index (used by fallbacks)
 
     def kb_files(self) -> dict[str, tuple[int, int]]:
@@ -283,6 +460,13 @@ class Store:
         return [dict(r) for r in self._query(
             "SELECT content, heading, source, bm25(kb_passages, 1.0, 2.0) AS rank FROM kb_passages"
             " WHERE kb_passages MATCH ? ORDER BY rank LIMIT ?", (match, limit))]
+
+
+def _delete_conversation(db: sqlite3.Connection, conv_id: str) -> None:
+    db.execute("UPDATE messages SET summary_id = NULL WHERE conversation_id = ?", (conv_id,))
+    db.execute("DELETE FROM messages WHERE conversation_id = ?", (conv_id,))
+    db.execute("DELETE FROM model_requests WHERE conversation_id = ?", (conv_id,))
+    db.execute("DELETE FROM conversations WHERE id = ?", (conv_id,))
 
 
 def _message(row: sqlite3.Row) -> dict:

@@ -21,6 +21,8 @@ from clawbot.common.jsonpos import Document, JSONSyntaxError, escape_pointer_tok
 from clawbot.model.runplan import configured_slots
 
 CONFIG_SCHEMA = "clawbot.schema.json"
+NODE_CONFIG_DIR = "/etc/clawbot"  # where the rollout installs clawbot.json (and the files it names) on every node
+NODE_CONFIG_PATH = f"{NODE_CONFIG_DIR}/clawbot.json"
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,15 @@ class ModelClient:
             raise ModelUnavailable(f"gateway answered {response.status_code}: {_error_text(response)}", response.status_code)
         return response
 
+    async def forward(self, method: str, path: str, body: dict | None = None, stream: bool = False) -> httpx.Response:
+        """A request passed through as it is (the chat node's OpenAI API): any status comes back to the caller;
+        ModelUnavailable only when the gateway cannot be reached. With stream=True the caller closes the response."""
+        request = self._http.build_request(method, path, json=body)
+        try:
+            return await self._http.send(request, stream=stream)
+        except httpx.HTTPError as exc:
+            raise ModelUnavailable(_describe(exc)) from exc
+
     async def count_tokens(self, messages: list[dict]) -> int:
         """Tokens of the chat-templated prompt, counted by the model's own tokenizer on the model node."""
         response = await self._request("POST", "/v1/tokenize", json={"messages": messages})

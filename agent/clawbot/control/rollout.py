@@ -18,13 +18,15 @@ from clawbot.control.inventory import inventory_var
 from clawbot.control.planning import NodePlan
 
 
-def pyinfra_inventory(hosts, plans: dict[str, NodePlan]):
+def pyinfra_inventory(hosts, plans: dict[str, NodePlan] | None = None):
     """pyinfra's Inventory: each host's SSH settings from its Ansible connection variables, and its plan."""
     from pyinfra.api import Inventory
 
     names = []
     for h in hosts:
-        data = {"clawbot_plan": plans[h.name], "clawbot_name": h.name}
+        data = {"clawbot_name": h.name}
+        if plans is not None:
+            data["clawbot_plan"] = plans[h.name]
         for key, value in h.vars.items():
             if key.startswith("ssh_"):
                 data[key] = value
