@@ -37,7 +37,8 @@ def parse_args(argv):
     parser.add_argument("--diff", action="store_true", help="show diffs of changed files")
     parser.add_argument("--limit", action="append", default=[], metavar="HOST|GROUP",
                         help="only these hosts or groups (repeatable)")
-    parser.add_argument("--vault-password-file", help="file holding the Ansible vault password")
+    parser.add_argument("--vault-password-file",
+                        help="file holding the Ansible vault password (default: $ANSIBLE_VAULT_PASSWORD_FILE)")
     parser.add_argument("--json", metavar="FILE", help="also write the plan/results as JSON to FILE")
     return parser.parse_args(argv)
 
@@ -142,10 +143,14 @@ def report(started: float, summary: dict, hosts, config: dict, state_dir: Path) 
         say(f"  {name}: {status}: {row['changed']} changed, {row['unchanged']} unchanged, {row['failed']} failed{note}")
         if manager == "supervisor":
             say(f"  {name}: systemd is not PID 1 there, so the agents run under Debian's supervisor")
-    for h in hosts:
-        if planning.CHAT_GROUP in h.groups:
-            name = h.name if h.vars.get("ansible_connection") != "local" else "localhost"
-            say(f"chat: https://{name}:{config['chat']['port']}/")
+    chat_hosts = [h for h in hosts if planning.CHAT_GROUP in h.groups]
+    for h in chat_hosts:
+        name = h.name if h.vars.get("ansible_connection") != "local" else "localhost"
+        say(f"chat: https://{name}:{config['chat']['port']}/")
+    if chat_hosts:
+        admin = planning.cluster_var(chat_hosts, "clawbot_admin_user", "chat nodes")
+        say(f"sign in as {admin} with the inventory's clawbot_admin_password; add people with "
+            f"`clawbot users -i INVENTORY add NAME` or on the admin page")
     say(f"browsers must trust the cluster CA: {state_dir / 'ca' / 'ca.pem'}")
 
 
@@ -157,18 +162,22 @@ def main(argv=None) -> int:
     say(f"inventory {inventory.source}: {len(inventory.hosts)} host(s), config {config_path} is valid")
 
     from clawbot.common import sizing
-    from clawbot.control import rollout
+    from clawbot.control import accounts, rollout
     from clawbot.control.state import cache_directory, state_directory
     from clawbot.model.engines import engine_for
 
     state_dir = state_directory(planning.cluster_var(inventory.hosts.values(), "clawbot_state_dir"), base)
     cache = cache_directory()
+    try:
+        chat_files = accounts.chat_files(hosts, config, state_dir)
+    except accounts.AccessError as exc:
+        raise fail(f"{exc} (no host was touched)")
     materials = issue_certificates(inventory, hosts, state_dir)
     prepared = prepare(hosts, base, cache)
     info = sizing.read_model_info(prepared.model_file) if prepared.model_file is not None else None
     if info is not None:
         say(f"model {prepared.model_file.name}: {info.file_bytes / 2**20:.0f} MiB, {info.n_layer} layers")
-    plans = planning.plan_nodes(inventory, hosts, config, config_path, prepared, materials)
+    plans = planning.plan_nodes(inventory, hosts, config, config_path, prepared, materials, chat_files)
 
     from pyinfra.api import Config, State
     from pyinfra.api.connect import connect_all

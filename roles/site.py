@@ -10,7 +10,7 @@ from pyinfra import host
 from clawbot.model.runplan import node_accelerator
 
 from roles.agent import ensure_agent, ensure_service_user
-from roles.chat import ensure_chat_service
+from roles.chat import ensure_chat_service, install_chat_secrets
 from roles.hosts import ensure_hosts_entries
 from roles.hugepages import ensure_hugepages, ensure_hugetlbfs_mount
 from roles.model import ensure_engine_and_model, ensure_model_service
@@ -40,4 +40,5 @@ def converge() -> None:
         model = ensure_engine_and_model(plan, accelerator)
         ensure_model_service(plan, accelerator, manager, changed=agent + model + certificates)
     if plan.is_chat:
-        ensure_chat_service(plan.prefix, plan.user, manager, changed=agent + certificates)
+        secrets = install_chat_secrets(plan.chat_files, plan.user)
+        ensure_chat_service(plan.prefix, plan.user, manager, changed=agent + certificates + secrets)

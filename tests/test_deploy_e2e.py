@@ -40,6 +40,18 @@ def deploy(inventory: Path, *extra: str, timeout: float = 1500) -> tuple[subproc
     return proc, result
 
 
+ADMIN_PASSWORD = "e2e-admin-password"
+VAULT_PASSWORD = "e2e-vault-password"
+
+
+def vaulted(value: str, indent: int = 2) -> str:
+    """An inline `!vault |` YAML value, encrypted by ansible-core as `ansible-vault encrypt_string` does."""
+    from ansible.parsing.vault import VaultLib, VaultSecret
+
+    text = VaultLib([("default", VaultSecret(VAULT_PASSWORD.encode()))]).encrypt(value).decode()
+    return "!vault |\n" + "\n".join(" " * indent + line for line in text.splitlines())
+
+
 def changed_ops(result: dict) -> list[str]:
     return [f"{op['name']} on {','.join(op['success'])}" for op in result["results"]["operations"] if op["success"]]
 
@@ -61,15 +73,26 @@ def kernel_settings():
 
 @pytest.fixture(scope="module")
 def cluster_inventory(nodes, kernel_settings, tmp_path_factory):
-    """The harness's inventory plus a clawbot.json whose endpoint is the model node, and a private CA state dir."""
+    """The harness's inventory plus a clawbot.json whose endpoint is the model node, a private CA state dir, and
+    the first admin's password vault-encrypted (its vault password file named by ANSIBLE_VAULT_PASSWORD_FILE)."""
     inventory = tmp_path_factory.mktemp("inventory")
     shutil.copytree(nodes[0].inventory_dir, inventory, dirs_exist_ok=True)
     config = json.loads(json.dumps(CONFIG))
     config["model_gateway"]["endpoint"] = f"https://{nodes[1].address}:5000"
     (inventory / "clawbot.json").write_text(json.dumps(config, indent=2))
     (inventory / "group_vars").mkdir(exist_ok=True)
-    (inventory / "group_vars" / "all.yml").write_text(f"clawbot_state_dir: {inventory / 'state'}\n")
-    return inventory
+    (inventory / "group_vars" / "all.yml").write_text(
+        f"clawbot_state_dir: {inventory / 'state'}\nclawbot_admin_password: {vaulted(ADMIN_PASSWORD)}\n")
+    vault_file = tmp_path_factory.mktemp("vault") / "vault-pass"
+    vault_file.write_text(VAULT_PASSWORD + "\n")
+    vault_file.chmod(0o600)
+    previous = os.environ.get("ANSIBLE_VAULT_PASSWORD_FILE")
+    os.environ["ANSIBLE_VAULT_PASSWORD_FILE"] = str(vault_file)
+    yield inventory
+    if previous is None:
+        os.environ.pop("ANSIBLE_VAULT_PASSWORD_FILE", None)
+    else:
+        os.environ["ANSIBLE_VAULT_PASSWORD_FILE"] = previous
 
 
 def ssh(node, command: str, check: bool = True) -> str:
@@ -119,6 +142,55 @@ def test_first_run_converges_both_nodes(first_run, nodes, cluster_inventory):
     code = ("import httpx\ntry:\n  httpx.get('https://%s:5000/healthz',verify='/etc/clawbot/tls/ca.pem');print('served')\n"
             "except Exception as e: print('refused', type(e).__name__)\n" % model.address)
     assert ssh(chat, f"/opt/clawbot/venv/bin/python -c \"{code}\"").startswith("refused")
+
+
+def test_chat_node_needs_a_credential_and_serves_apps_with_keys(first_run, nodes, cluster_inventory):
+    """From outside (this machine): no credential, no answer; the vaulted admin logs in; a user added over SSH
+    with `clawbot users -i` chats through the official openai client with a key and only the cluster CA; over
+    the user's limit, 429 with Retry-After."""
+    import httpx
+    import openai
+
+    chat, _ = nodes
+    ca = str(cluster_inventory / "state" / "ca" / "ca.pem")
+    base = f"https://{chat.address}:8443"
+    with httpx.Client(base_url=base, verify=ca, timeout=30) as anon:
+        paths = anon.get("/openapi.json").json()["paths"]
+        for path, item in paths.items():
+            if not path.startswith(("/api/", "/v1/")) or path in ("/api/login", "/api/auth/config"):
+                continue
+            for method in item:
+                concrete = path.replace("{conversation_id}", "0" * 32).replace("{key_id}", "1").replace("{name}", "x")
+                response = anon.request(method.upper(), concrete, json={})
+                assert response.status_code == 401, (method, path, response.text)
+        assert anon.post("/api/login", json={"username": "admin", "password": "wrong-password"}).status_code == 401
+        assert anon.post("/api/login", json={"username": "admin", "password": ADMIN_PASSWORD}).status_code == 200
+
+    def users(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clawbot", "users", "-i", str(cluster_inventory), *argv],
+                              input=stdin, capture_output=True, text=True, timeout=120)
+
+    added = users("add", "alice", "--password-stdin", stdin="alice-password\n")
+    assert added.returncode == 0, added.stdout + added.stderr
+    made = users("--json", "add-key", "alice", "--key-name", "e2e")
+    assert made.returncode == 0, made.stdout + made.stderr
+    key = json.loads(made.stdout)["key"]
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, http_client=httpx.Client(verify=ca, timeout=120),
+                           max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["gemma-3-270m"]
+    reply = client.chat.completions.create(model="gemma-3-270m", max_tokens=8,
+                                           messages=[{"role": "user", "content": "Say hello."}])
+    assert reply.choices[0].message.content is not None and reply.usage.prompt_tokens > 5
+    chunks = list(client.chat.completions.create(model="gemma-3-270m", max_tokens=8, stream=True,
+                                                 messages=[{"role": "user", "content": "Count to three."}]))
+    assert chunks and any(c.choices and c.choices[0].delta.content for c in chunks)
+    assert users("set-limits", "alice", "--requests-per-minute", "2").returncode == 0  # 2 used already
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(model="gemma-3-270m", max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
+    assert 1 <= int(caught.value.response.headers["retry-after"]) <= 61
+    assert "requests per minute" in caught.value.message
+    listed = json.loads(users("--json", "list").stdout)
+    assert {u["name"] for u in listed} == {"admin", "alice"}
 
 
 def test_status_reads_every_node_over_mtls(first_run, nodes, cluster_inventory):

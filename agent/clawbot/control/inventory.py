@@ -115,6 +115,9 @@ def _plain(value, templar, decrypt: bool):
     return json.loads(json.dumps(value))
 
 
+_PLUGINS_READY: list = []
+
+
 def load_inventory(path: str, vault_password_file: str | None = None, decrypt: bool = True) -> Inventory:
     """Read an inventory directory or file; merge variables all < group < host; render templates."""
     if not os.path.exists(path):
@@ -125,10 +128,15 @@ def load_inventory(path: str, vault_password_file: str | None = None, decrypt: b
     os.environ.setdefault("ANSIBLE_INVENTORY_IGNORE_REGEX", r"^(clawbot.*\.json|.*\.gguf|models|state|result.*\.json)$")
     from ansible.inventory.manager import InventoryManager
     from ansible.parsing.dataloader import DataLoader
+    from ansible.plugins.loader import init_plugin_loader
     from ansible.template import Templar
     from ansible.vars.manager import VariableManager
 
+    if not _PLUGINS_READY:  # lookups in templates (e.g. the default inventory's ansible.builtin.password) need it
+        init_plugin_loader()
+        _PLUGINS_READY.append(True)
     loader = DataLoader()
+    vault_password_file = vault_password_file or os.environ.get("ANSIBLE_VAULT_PASSWORD_FILE")  # as Ansible does
     if vault_password_file:
         from ansible.parsing.vault import VaultSecretsContext, get_file_vault_secret
 
@@ -138,10 +146,11 @@ def load_inventory(path: str, vault_password_file: str | None = None, decrypt: b
         except Exception as exc:
             raise InventoryError(f"{vault_password_file}: cannot read vault password: {exc}") from None
         loader.set_vault_secrets([("default", secret)])
-        try:
+        current = VaultSecretsContext.current(optional=True)
+        if current is None:
             VaultSecretsContext.initialize(VaultSecretsContext(secrets=[("default", secret)]))
-        except Exception:
-            pass  # already initialised in this process
+        else:  # a second inventory in this process (clawbot users, tests): its password, not the first one's
+            current.secrets = [("default", secret)]
     else:
         decrypt = False
     try:

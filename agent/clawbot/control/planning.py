@@ -105,6 +105,7 @@ class NodePlan:
     chat_health_url: str
     ready_deadline_s: int
     writable: tuple = field(default=())  # extra paths the model agent's unit may write
+    chat_files: tuple = field(default=())  # (control file, node path): the first admin's hash, the SSO secret
 
     @property
     def venv(self) -> str:
@@ -118,7 +119,7 @@ def offline_for(hosts) -> bool:
 
 
 def plan_nodes(inventory, hosts, config: dict, config_file: Path, prepared: Prepared,
-               materials: dict[str, NodeMaterial]) -> dict[str, NodePlan]:
+               materials: dict[str, NodeMaterial], chat_files: tuple = ()) -> dict[str, NodePlan]:
     """One NodePlan per host in `hosts`, from the inventory, the checked config and what was prepared."""
     server = config["model_server"]
     _, gateway_port = gateway_host_port(config["model_gateway"]["endpoint"])
@@ -161,5 +162,6 @@ def plan_nodes(inventory, hosts, config: dict, config_file: Path, prepared: Prep
             chat_health_url=f"https://127.0.0.1:{config['chat']['port']}/healthz",
             ready_deadline_s=min(READY_DEADLINE_CAP_S, server["startup_timeout_s"] + 30),
             writable=(server["hugepages_mount"],) if is_model and staging else (),
+            chat_files=chat_files if is_chat else (),
         )
     return plans
