@@ -8,6 +8,7 @@ prompt size llama-server itself reports for the request (usage.prompt_tokens).
 from __future__ import annotations
 
 import signal
+import ssl
 
 import httpx
 import pytest
@@ -161,3 +162,65 @@ def test_sigkill_mid_reply_keeps_every_acknowledged_message(chat_pki, model_node
     # a reply row that was in flight is kept and marked, never shown as complete when it was cut
     for extra in stored[len(acknowledged):]:
         assert extra["role"] == "assistant" and extra["status"] in ("incomplete", "complete")
+
+
+def test_openai_client_with_a_key_through_the_chat_node(chat_pki, model_node, tmp_path):
+    """The official openai client, given only the cluster CA and a user's key, lists the model, completes and
+    streams through the chat node (which forwards over mTLS); the user's tokens are counted from the usage the
+    model server reports, and a stream carries usage only when the app asked for it."""
+    import openai
+
+    with running(small_chat(chat_pki, tmp_path, model_node.endpoint)) as chat:
+        chat.add_user("app-owner", "app-owner-password")
+        key = chat.api_key("app-owner", "ide plugin")
+        client = openai.OpenAI(base_url=f"{chat.url}/v1", api_key=key, max_retries=0,
+                               http_client=httpx.Client(verify=ssl.create_default_context(cafile=str(chat_pki.ca)),
+                                                        timeout=60))
+        models = [m.id for m in client.models.list().data]
+        assert models == ["clawbot"]  # model_server.model_name's default
+        reply = client.chat.completions.create(model=models[0], max_tokens=8,
+                                               messages=[{"role": "user", "content": "Say hello."}])
+        assert reply.choices[0].message.content is not None and reply.usage.prompt_tokens > 0
+        plain = list(client.chat.completions.create(model=models[0], max_tokens=8, stream=True,
+                                                    messages=[{"role": "user", "content": "Count to three."}]))
+        assert any(c.choices and c.choices[0].delta.content for c in plain)
+        assert all(c.usage is None for c in plain)
+        counted = list(client.chat.completions.create(model=models[0], max_tokens=8, stream=True,
+                                                      stream_options={"include_usage": True},
+                                                      messages=[{"role": "user", "content": "Count to four."}]))
+        assert counted[-1].usage is not None and counted[-1].usage.completion_tokens > 0
+        completion = client.completions.create(model=models[0], prompt="Once upon a time", max_tokens=4)
+        assert completion.choices[0].text is not None
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=models[0], messages=[])
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{chat.url}/v1", api_key="cb-00000000_" + "x" * 43, max_retries=0,
+                          http_client=httpx.Client(verify=ssl.create_default_context(cafile=str(chat_pki.ca)))
+                          ).models.list()
+        with chat.login("app-owner", "app-owner-password") as c:
+            usage = c.get("/api/usage").json()["today"]
+        assert usage["requests"] == 4  # the refused empty request never reached the limits
+        assert usage["prompt_tokens"] >= reply.usage.prompt_tokens + counted[-1].usage.prompt_tokens
+        assert usage["completion_tokens"] >= reply.usage.completion_tokens + counted[-1].usage.completion_tokens
+
+
+@pytest.mark.timeout(600)
+def test_schemathesis_on_the_openai_api_never_5xx(chat_pki, model_node, tmp_path):
+    """Generated requests against /v1 with the model up (bounded): refusals are 4xx, never a 5xx."""
+    import re
+    import subprocess
+    import sys
+
+    with running(small_chat(chat_pki, tmp_path, model_node.endpoint)) as chat:
+        key = chat.api_key("admin", "schemathesis")
+        done = subprocess.run(
+            [sys.executable, "-m", "schemathesis.cli", "run", f"{chat.url}/openapi.json",
+             "--tls-verify", str(chat_pki.ca), "--checks", "not_a_server_error", "--mode", "all",
+             "-H", f"Authorization: Bearer {key}", "--include-path-regex", "^/v1/",
+             "--max-examples", "15", "--phases", "examples,coverage,fuzzing", "--seed", "1",
+             "--max-time", "90", "--request-timeout", "60", "--suppress-health-check", "all"],
+            capture_output=True, text=True, timeout=420)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output[-6000:]
+        summary = re.search(r"(\d+) generated, (\d+) passed", output)
+        assert summary and int(summary.group(1)) >= 50 and "failed" not in summary.group(0), output[-3000:]
