@@ -42,6 +42,7 @@ def test_without_a_credential_every_api_route_is_401_and_says_nothing(agent):
         spec = c.get("/openapi.json").json()
     routes = [(method.upper(), concrete(path)) for path, item in spec["paths"].items() for method in item
               if path.startswith(("/api/", "/v1/")) or path == "/metrics"]
+    routes.append(("GET", "/openapi.json"))
     routes += [("GET", f"/api/conversations/{conv['id']}"), ("GET", "/api/no-such-route"), ("PUT", "/v1/anything"),
                ("DELETE", f"/api/conversations/{conv['id']}")]
     assert len(routes) > 20

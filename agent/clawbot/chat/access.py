@@ -45,7 +45,7 @@ PUBLIC_API = ("/api/login", "/api/auth/config")
 
 def needs_credential(request: Request) -> bool:
     path = request.url.path
-    return path.startswith(("/api/", "/v1/")) and path not in PUBLIC_API or path == "/metrics"
+    return path.startswith(("/api/", "/v1/")) and path not in PUBLIC_API or path in ("/metrics", "/openapi.json")
 
 
 def principal_of(request: Request) -> Principal | None:
