@@ -15,6 +15,7 @@ answer instead; every reply records its source (model, knowledge_base, web_searc
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import logging
 import signal
@@ -27,7 +28,7 @@ from typing import Annotated
 from fastapi import FastAPI, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -182,6 +183,8 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
         except (NotImplementedError, RuntimeError, ValueError):
             pass
         await rt().client.aclose()
+        if state.get("sso"):
+            await state["sso"][1].aclose()
         rt().store.close()
 
     app = FastAPI(title="clawbot chat node", version=__version__, lifespan=lifespan,
@@ -236,6 +239,66 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
 
     app.include_router(access.routes())
     app.include_router(openai_api.routes())
+
+    # ------------------------------------------------------------------ single sign-on (auth.oidc)
+
+    def sso():
+        """The OpenID Connect relying party for the running config's auth.oidc (None when it is off)."""
+        from clawbot.chat.oidc import OidcLogin
+
+        settings = rt().config["auth"]["oidc"]
+        if not settings["enabled"]:
+            return None
+        current = state.get("sso")
+        if current is None or current[0] != settings:
+            state["sso"] = (dict(settings), OidcLogin(settings))
+        return state["sso"][1]
+
+    def sso_failure(request: Request, reason: str, login=None) -> Response:
+        log.warning("SSO login failed from %s: %s", access.client_address(request), reason)
+        rt().metrics.login("failed")
+        page = (f"<!doctype html><title>Sign-in failed</title><p>Single sign-on did not sign you in: {html.escape(reason)}"
+                "</p><p><a href=\"/\">Back to the sign-in page</a></p>")
+        response = HTMLResponse(page, status_code=400)
+        if login is not None:
+            login.clear_cookie(response)
+        return response
+
+    @app.get("/auth/oidc/login", include_in_schema=False)
+    async def sso_start(request: Request) -> Response:
+        from clawbot.chat.oidc import OidcConfigError, OidcError
+
+        try:
+            login = sso()
+            if login is None:
+                raise HTTPException(404, "single sign-on is not configured (auth.oidc.enabled)")
+            return await login.login_redirect(request)
+        except (OidcError, OidcConfigError) as exc:
+            return sso_failure(request, str(exc))
+
+    @app.get("/auth/oidc/callback", include_in_schema=False)
+    async def sso_callback(request: Request) -> Response:
+        from clawbot.chat.oidc import OidcConfigError, OidcError
+
+        login = None
+        try:
+            login = sso()
+            if login is None:
+                raise HTTPException(404, "single sign-on is not configured (auth.oidc.enabled)")
+            identity = await login.callback(request)
+        except (OidcError, OidcConfigError) as exc:
+            return sso_failure(request, str(exc), login)
+        accounts = rt().accounts
+        user = accounts.sso_user(identity.issuer, identity.subject, identity.username, identity.is_admin)
+        if user["disabled"]:
+            return sso_failure(request, f"the account {user['name']} is disabled", login)
+        user, token, _ = accounts.start_session(user, access.client_address(request))
+        log.info("login: user %s from %s (SSO, %s)", user["name"], access.client_address(request), identity.issuer)
+        rt().metrics.login("ok")
+        response = RedirectResponse("/", status_code=303)
+        access.set_session_cookie(response, token, rt().config["auth"]["session_max_age_s"])
+        login.clear_cookie(response)
+        return response
 
     # ------------------------------------------------------------------ health and status
 

@@ -341,6 +341,25 @@ def _rule_summary_fits(config, document, filename, inventory, out):
             f"context_window - max_tokens = {window - max_tokens}")
 
 
+@_rule("/auth/oidc", "/auth/session_idle_timeout_s", "/auth/session_max_age_s")
+def _rule_auth(config, document, filename, inventory, out):
+    """SSO needs a provider and a client; a session cannot idle longer than it may live."""
+    auth, add = config["auth"], _adder(document, filename, out)
+    oidc = auth["oidc"]
+    if oidc["enabled"]:
+        for key in ("issuer", "client_id"):
+            if not oidc[key]:
+                add(f"/auth/oidc/{key}", f"auth.oidc.enabled is true but auth.oidc.{key} is empty",
+                    "set it to what the identity provider registered for clawbot (docs/sso.md)")
+        if oidc["issuer"].startswith("http://") and urlsplit(oidc["issuer"]).hostname not in ("127.0.0.1", "localhost", "::1"):
+            add("/auth/oidc/issuer", "auth.oidc.issuer must be https:// (plain http only on loopback, for tests)")
+        if "openid" not in oidc["scopes"]:
+            add("/auth/oidc/scopes", "auth.oidc.scopes must include openid", 'add "openid"')
+    if auth["session_idle_timeout_s"] > auth["session_max_age_s"]:
+        add("/auth/session_idle_timeout_s", f"session_idle_timeout_s ({auth['session_idle_timeout_s']}) is longer than "
+            f"session_max_age_s ({auth['session_max_age_s']}): the idle timeout would never apply", severity="warning")
+
+
 @_rule("/model_gateway", "/model_server/parallel_slots", "/model_server/engine")
 def _rule_gateway_limits(config, document, filename, inventory, out):
     """Queue, burst and concurrency agree."""
