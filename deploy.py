@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """The one-command rollout: python deploy.py [-i DIR] [--check] [--diff] [--limit HOST|GROUP] [--vault-password-file F]
+[--rotate-ca]
 
 1. Read the Ansible-format inventory (ansible-core) and clawbot.json; refuse with file:line:col before any
    host is touched if either is invalid.
-2. Prepare on this (control) machine: the cluster CA and each node's certificates, the agent wheelhouse,
-   the model file, the engine binary.
+2. Prepare on this (control) machine: the cluster CA and each node's certificates (a name the CA does not permit
+   is refused here, with the --rotate-ca flag to use), the clawbot.json nodes get (allowed_clients filled in), the
+   agent wheelhouse, the model file, the engine binary.
 3. Converge every node with pyinfra, roles in order: hosts -> hugepages -> pki -> agent -> model -> chat.
 4. Print a summary per host (changed / unchanged / failed), the chat URL and where the CA certificate is.
 
@@ -40,7 +42,13 @@ def parse_args(argv):
     parser.add_argument("--vault-password-file",
                         help="file holding the Ansible vault password (default: $ANSIBLE_VAULT_PASSWORD_FILE)")
     parser.add_argument("--json", metavar="FILE", help="also write the plan/results as JSON to FILE")
-    return parser.parse_args(argv)
+    parser.add_argument("--rotate-ca", action="store_true",
+                        help="replace the cluster CA: nodes trust the old and the new one side by side until every "
+                             "node holds certificates from the new one (three runs; deploy says what each did)")
+    args = parser.parse_args(argv)
+    if args.rotate_ca and args.check:
+        parser.error("--rotate-ca creates a new CA: run it without --check")
+    return args
 
 
 _STARTED = time.monotonic()
@@ -114,21 +122,27 @@ def prepare(hosts, base: Path, cache: Path) -> planning.Prepared:
     return planning.Prepared(model_file, engine, given, sdist, llama_wheel)
 
 
-def issue_certificates(inventory, hosts, state_dir: Path) -> dict:
-    """The cluster CA (created once) and each selected node's leaves, plus the control machine's own client
-    certificate for `clawbot status`."""
+def issue_certificates(inventory, hosts, state_dir: Path, rotate: bool):
+    """The cluster CA (created once; refused, before any host is touched, when it does not permit the inventory's
+    names) and each selected node's leaves, plus the control machine's own client certificate for `clawbot status`."""
     from clawbot.control import certificates
     from clawbot.control.state import CONTROL_NAME
 
-    every_name = sorted({n for h in inventory.hosts.values() for n in h.names} | {CONTROL_NAME})
-    ca_key, ca_cert = certificates.ensure_cluster_ca(state_dir, every_name, log=say)
-    certificates.ensure_node_material(state_dir, CONTROL_NAME, [CONTROL_NAME], ca_key, ca_cert)
+    try:
+        domain = planning.cluster_var(inventory.hosts.values(), "clawbot_cluster_domain")
+        ca = certificates.cluster_ca(state_dir, {h.name: h.names for h in inventory.hosts.values()}, domain,
+                                     rotate=rotate, log=say)
+    except (ValueError, certificates.CAError) as exc:
+        raise fail(f"{exc}\n(no host was touched)")
+    certificates.ensure_node_material(ca, CONTROL_NAME, [CONTROL_NAME])
     materials = {}
     for h in hosts:
-        materials[h.name] = certificates.ensure_node_material(state_dir, h.name, h.names, ca_key, ca_cert)
+        materials[h.name] = certificates.ensure_node_material(ca, h.name, h.names)
         for line in materials[h.name].reissued:
             say(f"{h.name}: issued {line}")
-    return materials
+        for line in materials[h.name].notes:
+            say(f"{h.name}: {line}")
+    return ca, materials
 
 
 # --- step 3: converge with pyinfra ---------------------------------------------------------------------
@@ -162,7 +176,7 @@ def main(argv=None) -> int:
     say(f"inventory {inventory.source}: {len(inventory.hosts)} host(s), config {config_path} is valid")
 
     from clawbot.common import sizing
-    from clawbot.control import accounts, rollout
+    from clawbot.control import accounts, certificates, nodeconfig, rollout
     from clawbot.control.state import cache_directory, state_directory
     from clawbot.model.engines import engine_for
 
@@ -172,12 +186,13 @@ def main(argv=None) -> int:
         chat_files = accounts.chat_files(hosts, config, state_dir)
     except accounts.AccessError as exc:
         raise fail(f"{exc} (no host was touched)")
-    materials = issue_certificates(inventory, hosts, state_dir)
+    ca, materials = issue_certificates(inventory, hosts, state_dir, args.rotate_ca)
     prepared = prepare(hosts, base, cache)
     info = sizing.read_model_info(prepared.model_file) if prepared.model_file is not None else None
     if info is not None:
         say(f"model {prepared.model_file.name}: {info.file_bytes / 2**20:.0f} MiB, {info.n_layer} layers")
-    plans = planning.plan_nodes(inventory, hosts, config, config_path, prepared, materials, chat_files)
+    node_config = nodeconfig.render(config_path, inventory, state_dir)  # allowed_clients filled in
+    plans = planning.plan_nodes(inventory, hosts, config, node_config, prepared, materials, chat_files)
 
     from pyinfra.api import Config, State
     from pyinfra.api.connect import connect_all
@@ -224,6 +239,9 @@ def main(argv=None) -> int:
     summary = rollout.summarise(state)
     for name, items in rollout.verify_after_run(state, log=say).items():
         summary.setdefault(name, {})["unhealthy"] = items
+    succeeded = [name for name, row in summary.items()
+                 if not (row.get("host_failed") or row.get("failed") or row.get("unhealthy"))]
+    certificates.record_rollout(ca, materials, succeeded, log=say)  # how far a CA rotation got
     report(started, summary, hosts, config, state_dir)
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "results": build_results_json(state)}, indent=2,

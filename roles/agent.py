@@ -102,7 +102,8 @@ def ensure_service_user(user: str):
 def ensure_agent(config_file: str, wheelhouse: Path, stamp: str, user: str, prefix: str, offline: bool):
     """The agent's directories, wheelhouse, venv, installed build and checked clawbot.json on the node.
 
-    + config_file: clawbot.json on the control machine (already checked there)
+    + config_file: the clawbot.json nodes get, on the control machine (checked there; rendered into the state
+      directory by clawbot.control.nodeconfig, with model_gateway.allowed_clients filled in)
     + wheelhouse: the control machine's wheelhouse for this node's Python (clawbot.control.builds)
     + stamp: the wheelhouse's build stamp (agent_installed)
     + user: the agent's system user (clawbot_user)

@@ -3,8 +3,9 @@ control machine (clawbot.control.certificates issues the leaves there; this role
 
 The CA lives on the control machine in the state directory (`clawbot_state_dir`, default
 ~/.local/state/clawbot/<cluster>; keep it out of git or vault-encrypt it). Its NameConstraints permit only
-the cluster's names and addresses, so even a leaked CA key cannot vouch for anything else. Leaves are
-reissued only when needed (missing, key mismatch, other CA, SANs changed, < 1/3 lifetime left), so a
+the cluster domain, the cluster's names and the nodes' address blocks, so even a leaked CA key cannot vouch for
+anything else. Nodes get the trust bundle (the CA, plus the old one during a rotation) as tls.ca_cert. Leaves
+are reissued only when needed (missing, key mismatch, other CA, SANs changed, < 1/3 lifetime left), so a
 re-run copies identical files and changes nothing. Keys are 0600 and owned by the agent's user.
 """
 
@@ -22,7 +23,8 @@ from clawbot.control.certificates import NodeMaterial
 def install_node_certificates(material: NodeMaterial, tls: dict, user: str):
     """Copy CA certificate, server and client leaves to the paths named in clawbot.json's `tls` section.
 
-    + material: this node's files on the control machine (clawbot.control.certificates.NodeMaterial)
+    + material: this node's files on the control machine (clawbot.control.certificates.NodeMaterial; its
+      ca_cert is the trust bundle)
     + tls: clawbot.json's `tls` section (ca_cert, server_cert, server_key, client_cert, client_key paths)
     + user: the agent's system user, which owns them (keys 0600)
 

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -138,6 +139,25 @@ def test_first_run_converges_both_nodes(first_run, nodes, cluster_inventory):
     reply = json.loads(body)
     assert reply["choices"][0]["message"]["content"] is not None
     assert reply["usage"]["prompt_tokens"] > 5  # the chat template really carried the message
+    # The gateway serves only its chat nodes: deploy filled allowed_clients in (clawbot.json leaves it empty), so
+    # the model node's own client certificate, from the same CA, gets 403 with a JSON reason; probes stay open.
+    installed = json.loads(ssh(model, "cat /etc/clawbot/clawbot.json"))
+    assert installed["model_gateway"]["allowed_clients"] == [chat.name, "clawbot-control"]
+    code = (
+        "import httpx,json,ssl\n"
+        "c=ssl.create_default_context(cafile='/etc/clawbot/tls/ca.pem')\n"
+        "c.load_cert_chain('/etc/clawbot/tls/client.pem','/etc/clawbot/tls/client.key')\n"
+        "u='https://%s:5000'\n"
+        "print(json.dumps([[p,(r:=httpx.get(u+p,verify=c,timeout=60)).status_code,r.json()] for p in ('/v1/models','/readyz')]))\n"
+        % model.address
+    )
+    seen = {node.name: {path: (status, body) for path, status, body in
+                        json.loads(ssh(node, f"/opt/clawbot/venv/bin/python -c \"{code}\""))} for node in nodes}
+    assert seen[chat.name]["/v1/models"][0] == 200
+    status, body = seen[model.name]["/v1/models"]
+    assert status == 403 and body["error"]["code"] == "client_not_allowed", body
+    assert f"DNS:{model.name}" in body["error"]["message"]
+    assert seen[model.name]["/readyz"][0] == 200  # deploy's own health check runs with this certificate
     # ...and without a client certificate it is refused.
     code = ("import httpx\ntry:\n  httpx.get('https://%s:5000/healthz',verify='/etc/clawbot/tls/ca.pem');print('served')\n"
             "except Exception as e: print('refused', type(e).__name__)\n" % model.address)
@@ -152,10 +172,13 @@ def test_chat_node_needs_a_credential_and_serves_apps_with_keys(first_run, nodes
     import openai
 
     chat, _ = nodes
-    ca = str(cluster_inventory / "state" / "ca" / "ca.pem")
+    ca = ssl.create_default_context(cafile=str(cluster_inventory / "state" / "ca" / "ca.pem"))
     base = f"https://{chat.address}:8443"
+    with httpx.Client(base_url=base, verify=ca, timeout=30) as admin:
+        assert admin.post("/api/login", json={"username": "admin", "password": ADMIN_PASSWORD}).status_code == 200
+        paths = admin.get("/openapi.json").json()["paths"]
     with httpx.Client(base_url=base, verify=ca, timeout=30) as anon:
-        paths = anon.get("/openapi.json").json()["paths"]
+        assert anon.get("/openapi.json").status_code == 401
         for path, item in paths.items():
             if not path.startswith(("/api/", "/v1/")) or path in ("/api/login", "/api/auth/config"):
                 continue
@@ -164,7 +187,6 @@ def test_chat_node_needs_a_credential_and_serves_apps_with_keys(first_run, nodes
                 response = anon.request(method.upper(), concrete, json={})
                 assert response.status_code == 401, (method, path, response.text)
         assert anon.post("/api/login", json={"username": "admin", "password": "wrong-password"}).status_code == 401
-        assert anon.post("/api/login", json={"username": "admin", "password": ADMIN_PASSWORD}).status_code == 200
 
     def users(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "clawbot", "users", "-i", str(cluster_inventory), *argv],
@@ -191,6 +213,19 @@ def test_chat_node_needs_a_credential_and_serves_apps_with_keys(first_run, nodes
     assert "requests per minute" in caught.value.message
     listed = json.loads(users("--json", "list").stdout)
     assert {u["name"] for u in listed} == {"admin", "alice"}
+
+
+def test_units_stay_hardened(first_run, nodes):
+    """Accounts added no privilege: `systemd-analyze security` rates both agents' units 3.6 or better (lower is
+    better), as before; the chat agent still writes only its state and log directories."""
+    import re
+
+    chat, model = nodes
+    for node, unit in ((chat, "clawbot-chat"), (model, "clawbot-model")):
+        out = ssh(node, f"systemd-analyze security --no-pager {unit}.service | tail -1")
+        level = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out)
+        assert level and float(level.group(1)) <= 3.6, out
+    assert ssh(chat, "stat -c '%a %U' /etc/clawbot/admin.json").split() == ["600", "clawbot"]
 
 
 def test_status_reads_every_node_over_mtls(first_run, nodes, cluster_inventory):
@@ -305,6 +340,32 @@ def test_rollout_killed_midway_converges_when_rerun(first_run, nodes, cluster_in
     assert proc.returncode == 0
     proc, result = deploy(cluster_inventory)
     assert proc.returncode == 0 and changed_ops(result) == []
+
+
+def test_a_name_under_the_cluster_domain_keeps_the_ca(first_run, nodes, cluster_inventory):
+    """Adding a name under clawbot_cluster_domain fits the CA's NameConstraints: ca.pem stays byte-identical (so
+    browsers and apps that imported it keep working), only the model node's leaves are reissued, and the chat
+    node reaches the gateway by the new name with the CA it already held."""
+    chat, model = nodes
+    ca = cluster_inventory / "state" / "ca" / "ca.pem"
+    before = ca.read_bytes()
+    chat_leaves = ssh(chat, "sha256sum /etc/clawbot/tls/*.pem")
+    name = f"{model.name}.clawbot.internal"
+    (cluster_inventory / "host_vars").mkdir(exist_ok=True)
+    (cluster_inventory / "host_vars" / f"{model.name}.yml").write_text(f"clawbot_names: [{name}]\n")
+    proc, _ = deploy(cluster_inventory)
+    assert proc.returncode == 0
+    assert "created cluster CA" not in proc.stdout
+    assert ca.read_bytes() == before
+    assert f"{model.name}: issued server certificate: SANs changed" in proc.stdout
+    assert ssh(chat, "sha256sum /etc/clawbot/tls/*.pem") == chat_leaves
+    code = (
+        "import httpx,ssl\n"
+        "c=ssl.create_default_context(cafile='/etc/clawbot/tls/ca.pem')\n"
+        "c.load_cert_chain('/etc/clawbot/tls/client.pem','/etc/clawbot/tls/client.key')\n"
+        "print(httpx.get('https://%s:5000/v1/models',verify=c,timeout=60).status_code)\n" % name
+    )
+    assert ssh(chat, f"/opt/clawbot/venv/bin/python -c \"{code}\"").strip() == "200"
 
 
 def test_llama_cpp_python_engine_rolls_out_with_its_wheel(first_run, nodes, cluster_inventory, tmp_path):

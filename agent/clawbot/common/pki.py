@@ -174,6 +174,23 @@ def permits(ca_cert: x509.Certificate, dns_names: Iterable[str] = (), ip_address
     return refused
 
 
+def permitted_subtrees(ca_cert: x509.Certificate) -> tuple[list[str], list[str]]:
+    """(DNS subtrees, IP networks) the CA's NameConstraints permit, as strings for messages; ([], []) when
+    the CA has no NameConstraints (it permits everything)."""
+    try:
+        constraints = ca_cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return [], []
+    subtrees = constraints.permitted_subtrees or []
+    return ([t.value for t in subtrees if isinstance(t, x509.DNSName)],
+            [str(t.value) for t in subtrees if isinstance(t, x509.IPAddress)])
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 of the certificate's DER, hex: names one CA across runs (its subject may repeat)."""
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
 def issue_leaf(
     ca_key: ec.EllipticCurvePrivateKey,
     ca_cert: x509.Certificate,
@@ -258,6 +275,11 @@ def key_to_pem(key: ec.EllipticCurvePrivateKey, passphrase: bytes | None = None)
 
 def load_certificate(path: str | os.PathLike) -> x509.Certificate:
     return x509.load_pem_x509_certificate(Path(path).read_bytes())
+
+
+def load_certificates(path: str | os.PathLike) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle (a trust file during a CA rotation holds two)."""
+    return x509.load_pem_x509_certificates(Path(path).read_bytes())
 
 
 def load_private_key(path: str | os.PathLike, passphrase: bytes | None = None) -> ec.EllipticCurvePrivateKey:

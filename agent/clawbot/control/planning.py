@@ -86,7 +86,7 @@ class NodePlan:
     prefix: str
     service_manager: str
     offline: bool
-    config_file: str  # clawbot.json on the control machine
+    config_file: str  # the clawbot.json nodes get, on the control machine (clawbot.control.nodeconfig renders it)
     tls: dict
     material: NodeMaterial
     hosts_entries: tuple

@@ -2,7 +2,8 @@
 
 Read from the agents themselves over mutual TLS, with the control machine's own client certificate that
 deploy.py issues into the state directory (nodes/clawbot-control/). Certificates inside their renewal window (less
-than a third of their lifetime left) are flagged: re-running deploy renews them.
+than a third of their lifetime left) are flagged: re-running deploy renews them. A refused connection is
+explained (`explain`): a TLS alert names which certificate the node wanted and where it is in the state directory.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ def node_status(host, role: str, config: dict, material: Path, timeout: float) -
     import httpx
 
     from clawbot.common.config import gateway_host_port
+    from clawbot.control.certificates import trust_path
 
     control = material / "nodes" / CONTROL_NAME
-    ca, cert, key = str(material / "ca" / "ca.pem"), str(control / "client.pem"), str(control / "client.key")
+    ca, cert, key = str(trust_path(material)), str(control / "client.pem"), str(control / "client.key")
     if role == "model":
         _, port = gateway_host_port(config["model_gateway"]["endpoint"])
         url = f"https://{host.address}:{port}/status"
@@ -66,7 +68,44 @@ def node_status(host, role: str, config: dict, material: Path, timeout: float) -
         row["certificate"] = _peer_certificate(host.address, port, ca, cert, key, timeout)
     except (OSError, ssl.SSLError) as exc:
         row.setdefault("error", f"TLS: {exc}")
+    hint = explain(row, host.address, ca, cert)
+    if hint:
+        row["hint"] = hint
     return row
+
+
+def explain(row: dict, address: str, ca: str, cert: str) -> str:
+    """A sentence for a refused connection: which certificate the node wanted, and where it is here.
+
+    mTLS refusals arrive as TLS alerts (with TLS 1.3 on the first read, so curl shows "Empty reply from server"
+    or "alert certificate required"); a gateway that knows the certificate but does not serve it answers 403."""
+    host = row["host"]
+    body = row.get("body") or {}
+    if row.get("http") == 403 and (body.get("error") or {}).get("code") == "client_not_allowed":
+        return (f"{host}'s gateway does not serve this machine's certificate ({cert}, DNS:{CONTROL_NAME}): "
+                f"model_gateway.allowed_clients in clawbot.json does not name {CONTROL_NAME}. Leave the list empty "
+                f"(deploy fills in the chat nodes and {CONTROL_NAME}) or add {CONTROL_NAME} to it, then re-run deploy.py.")
+    text = row.get("error", "").lower()
+    if not text:
+        return ""
+    if "certificate required" in text or "did not return a certificate" in text:
+        return (f"{host} wants a client certificate from the cluster CA and got none: clawbot status presents {cert} "
+                "(deploy.py issues it); check that it and its key are there and readable.")
+    if "unknown ca" in text:
+        return (f"{host} does not trust the CA that issued this machine's client certificate ({cert}): the node "
+                f"checks it against its tls.ca_cert, which deploy.py copies from {ca}. Re-run deploy.py (a node that "
+                "missed a step of a CA rotation gets the trust bundle then).")
+    if "certificate expired" in text:
+        return f"{host} refused an expired client certificate ({cert}): re-run deploy.py to renew it."
+    if "bad certificate" in text or "unsupported certificate" in text:
+        return (f"{host} refused this machine's client certificate ({cert}): it needs EKU clientAuth and names "
+                "the cluster CA permits. Re-run deploy.py to reissue it.")
+    if "certificate verify failed" in text:
+        return (f"this machine does not trust {host}'s server certificate: it is checked against {ca} and must "
+                f"name {address}. Re-run deploy.py so the node holds a certificate from the cluster CA.")
+    if "connection refused" in text:
+        return f"nothing listens at {row['url']}: is the agent running on {host} (systemctl status clawbot-{row['role']})?"
+    return ""
 
 
 def _describe(row: dict) -> tuple[str, str, str, str]:
@@ -117,7 +156,7 @@ def run(args) -> int:
         cert = row.get("certificate") or {}
         fraction = cert.get("lifetime_fraction_left")
         row["renewal_due"] = fraction is not None and fraction < 1 / 3
-        warnings += bool(row["renewal_due"]) + ("error" in row)
+        warnings += bool(row["renewal_due"]) + ("error" in row or "hint" in row)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     else:
@@ -128,4 +167,7 @@ def run(args) -> int:
             expires = str(cert.get("not_after", "?"))[:19]
             note = "renew: re-run deploy.py" if row["renewal_due"] else ""
             print(f"{row['host']:<16} {row['role']:<6} {agent:<12} {state:<36} {expires:<22} {note}")
+        for row in rows:
+            if row.get("hint"):
+                print(f"{row['host']} ({row['role']}): {row['hint']}")
     return 1 if warnings else 0

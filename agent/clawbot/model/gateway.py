@@ -285,16 +285,18 @@ class Gateway:
         return self.config["model_gateway"]
 
     def authorize(self, scope) -> str | None:
-        """None when allowed; else why not. Empty allowed_clients: any certificate of the CA (TLS checked it)."""
+        """None when allowed; else why not. TLS already checked the certificate is from the cluster CA; a SAN
+        must then be in allowed_clients (empty: any certificate of the CA), except on PROBE_PATHS."""
         der = peer_cert_der(scope)
         if not der:
             return "no client certificate was presented"
         allowed = self.gw["allowed_clients"]
-        if not allowed:
+        if not allowed or scope.get("path") in PROBE_PATHS:
             return None
         if pki.authorize_peer(der, allowed) is None:
             who = pki.peer_identities(der).describe()
-            return f"client certificate ({who}) is not in model_gateway.allowed_clients"
+            return (f"client certificate ({who}) is not in model_gateway.allowed_clients: this gateway serves "
+                    "only the clients named there (deploy fills in the chat nodes)")
         return None
 
     def _require_ready(self) -> None:
@@ -618,6 +620,10 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     return AuthorizeAndCount(app, gateway)
 
+
+# Liveness and readiness say only whether the agent runs and the model answers: any certificate of the cluster CA
+# may ask, so deploy's health check on a model node works with that node's own certificate (not in allowed_clients).
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 
 KNOWN_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/tokenize", "/healthz", "/readyz",
                "/status", "/metrics", "/openapi.json", "/docs"}
