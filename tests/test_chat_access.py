@@ -223,3 +223,17 @@ def test_sessions_end_when_idle_and_at_their_absolute_age(chat_pki, tmp_path):
                 time.sleep(1)  # active every second: only the absolute age can end it
             assert busy.get("/api/session").status_code == 401
             assert time.time() >= session["expires_at"] - 1
+
+
+def test_password_change_keeps_this_session_and_ends_the_others(agent):
+    agent.add_user("gina", "gina-password")
+    with agent.login("gina", "gina-password") as here, agent.login("gina", "gina-password") as elsewhere:
+        wrong = here.post("/api/password", json={"current_password": "not-it-at-all", "new_password": "gina-new-pass"})
+        assert wrong.status_code == 400 and "current password is wrong" in wrong.json()["error"]
+        assert here.post("/api/password", json={"current_password": "gina-password",
+                                                "new_password": "gina-new-pass"}).status_code == 204
+        assert here.get("/api/session").status_code == 200
+        assert elsewhere.get("/api/session").status_code == 401
+    with agent.anonymous() as anon:
+        assert anon.post("/api/login", json={"username": "gina", "password": "gina-password"}).status_code == 401
+        assert anon.post("/api/login", json={"username": "gina", "password": "gina-new-pass"}).status_code == 200

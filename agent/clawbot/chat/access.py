@@ -187,10 +187,11 @@ def routes() -> APIRouter:
     @router.post("/api/password", status_code=204, tags=["session"])
     async def change_password(body: PasswordChange, request: Request, principal: Caller) -> Response:
         try:
-            runtime(request).accounts.change_own_password(principal.user, body.current_password, body.new_password)
+            runtime(request).accounts.change_own_password(principal.user, body.current_password, body.new_password,
+                                                          principal.session)
         except AccountError as exc:
             raise HTTPException(400, str(exc)) from None
-        log.info("password changed by user %s (every session of the account ended)", principal.user["name"])
+        log.info("password changed by user %s (the account's other sessions ended)", principal.user["name"])
         return Response(status_code=204)
 
     @router.get("/api/keys", tags=["keys"])

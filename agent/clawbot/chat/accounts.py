@@ -170,10 +170,12 @@ class Accounts:
     def set_password(self, user: dict, password: str) -> dict:
         return self.store.update_user(user["id"], password_hash=hash_secret(check_password(password)))
 
-    def change_own_password(self, user: dict, current: str, new: str) -> dict:
+    def change_own_password(self, user: dict, current: str, new: str, session: dict | None = None) -> dict:
+        """A new password ends every other session of the account; the one that changed it stays."""
         if not verify_secret(user.get("password_hash"), current):
             raise AccountError("the current password is wrong")
-        return self.set_password(user, new)
+        return self.store.update_user(user["id"], keep_session=session["token_hash"] if session else None,
+                                      password_hash=hash_secret(check_password(new)))
 
     def set_disabled(self, user: dict, disabled: bool) -> dict:
         if disabled:

@@ -341,8 +341,9 @@ class Store:
     def list_users(self) -> list[dict]:
         return [dict(r) for r in self._query("SELECT * FROM users ORDER BY name")]
 
-    def update_user(self, user_id: int, **columns) -> dict:
-        """Set the given columns (role, password_hash, disabled, requests_per_minute, tokens_per_day, last_login_at)."""
+    def update_user(self, user_id: int, keep_session: str | None = None, **columns) -> dict:
+        """Set the given columns (role, password_hash, disabled, requests_per_minute, tokens_per_day, last_login_at).
+        A new password or disabling ends the account's sessions (but `keep_session`, a token hash)."""
         allowed = {"role", "password_hash", "disabled", "requests_per_minute", "tokens_per_day", "last_login_at"}
         assert columns and set(columns) <= allowed, columns
 
@@ -352,7 +353,7 @@ class Store:
             if columns.get("role") == "admin":
                 db.execute("UPDATE conversations SET owner_id = ? WHERE owner_id IS NULL", (user_id,))
             if columns.get("disabled") or "password_hash" in columns:
-                db.execute("DELETE FROM sessions WHERE user_id = ?", (user_id,))
+                db.execute("DELETE FROM sessions WHERE user_id = ? AND token_hash != ?", (user_id, keep_session or ""))
         self._tx(run)
         return self.get_user(user_id)
 
