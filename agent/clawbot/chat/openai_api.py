@@ -65,7 +65,7 @@ async def _complete(request: Request, principal: Principal, path: str, body) -> 
     wants_usage = bool(body.stream_options and body.stream_options.include_usage)
     payload["stream_options"] = {"include_usage": True}
     try:
-        upstream = await rt.client.forward("POST", path, payload, stream=True)
+        upstream = await rt.client.forward("POST", path, payload, stream=True, timeout_s=_timeout(rt))
     except ModelUnavailable as exc:
         return openai_error(503, f"the model is unavailable: {exc.reason}", "server_error", "model_unavailable")
     if upstream.status_code != 200:
@@ -105,7 +105,7 @@ async def _forward_plain(request: Request, method: str, path: str, payload: dict
                          principal: Principal | None) -> Response:
     rt = runtime(request)
     try:
-        upstream = await rt.client.forward(method, path, payload)
+        upstream = await rt.client.forward(method, path, payload, timeout_s=_timeout(rt))
     except ModelUnavailable as exc:
         return openai_error(503, f"the model is unavailable: {exc.reason}", "server_error", "model_unavailable")
     if principal is not None and upstream.status_code == 200:
@@ -114,6 +114,12 @@ async def _forward_plain(request: Request, method: str, path: str, payload: dict
         except ValueError:
             pass
     return _passthrough(upstream)
+
+
+def _timeout(rt) -> float:
+    """Apps wait as long as the gateway lets a request run (model_gateway.request_timeout_s), not the web UI's
+    shorter chat.request_timeout_s, after which the UI falls back."""
+    return rt.config["model_gateway"]["request_timeout_s"] + 5
 
 
 def _passthrough(upstream) -> Response:

@@ -96,10 +96,13 @@ class ModelClient:
             raise ModelUnavailable(f"gateway answered {response.status_code}: {_error_text(response)}", response.status_code)
         return response
 
-    async def forward(self, method: str, path: str, body: dict | None = None, stream: bool = False) -> httpx.Response:
+    async def forward(self, method: str, path: str, body: dict | None = None, stream: bool = False,
+                      timeout_s: float | None = None) -> httpx.Response:
         """A request passed through as it is (the chat node's OpenAI API): any status comes back to the caller;
-        ModelUnavailable only when the gateway cannot be reached. With stream=True the caller closes the response."""
-        request = self._http.build_request(method, path, json=body)
+        ModelUnavailable only when the gateway cannot be reached. With stream=True the caller closes the response.
+        timeout_s: the longest wait for the gateway (an app's long completion may take the gateway's own limit)."""
+        timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)) if timeout_s else httpx.USE_CLIENT_DEFAULT
+        request = self._http.build_request(method, path, json=body, timeout=timeout)
         try:
             return await self._http.send(request, stream=stream)
         except httpx.HTTPError as exc:
