@@ -1,4 +1,8 @@
 // clawbot chat UI: plain JS, no build step. Talks to the chat node's own API (same origin).
+//
+// Every /api/* call needs a login session (HttpOnly cookie, set by POST /api/login); state-changing calls
+// also carry the session's CSRF token as X-CSRF-Token. A 401 from any call means the session is gone (expired,
+// logged out elsewhere, password changed): the page forgets what it showed and goes back to the sign-in view.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -8,8 +12,23 @@ const SOURCE_LABELS = {
   web_search: "web search",
   none: "not answered",
 };
+const STATUS_EVERY_MS = 10000;
+const SAFE_METHODS = ["GET", "HEAD", "OPTIONS"];
 
-const state = { current: null, conversations: [], sending: false, status: null };
+const state = {
+  current: null, conversations: [], sending: false, status: null,
+  session: null,      // {user, csrf_token, idle_expires_at, expires_at} while signed in
+  epoch: 0,           // bumped at every sign-in and sign-out: late answers of an older session are dropped
+  idleTimeoutS: 3600, // the server's auth.session_idle_timeout_s, as read from the session's expiry
+  skewS: 0,           // server clock minus this browser's clock (from the Date header)
+  lastTouch: 0,       // local ms of the last request the server saw from this session
+  lastActivity: 0,    // local ms of the last keyboard, pointer or touch input
+  view: "chat",
+  timers: { status: null, expiry: null, retry: null },
+};
+
+/** Thrown by a request that got 401: the page is already back at the sign-in view, nothing more to show. */
+class SignedOut extends Error {}
 
 // ---------------------------------------------------------------------------- helpers
 
@@ -17,7 +36,7 @@ function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs)) {
     if (key === "class") node.className = value;
-    else if (key.startsWith("data-")) node.setAttribute(key, value);
+    else if (key.startsWith("data-") || key.startsWith("aria-") || key === "role" || key === "for") node.setAttribute(key, value);
     else if (key === "text") node.textContent = value;
     else node[key] = value;
   }
@@ -25,16 +44,74 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
-async function api(path, options = {}) {
-  const response = await fetch(path, {
-    headers: { "Content-Type": "application/json", Accept: "application/json" },
-    ...options,
-  });
-  if (!response.ok) {
-    let message = `${response.status} ${response.statusText}`;
-    try { message = (await response.json()).error || message; } catch (_) { /* not JSON */ }
-    throw new Error(message);
+/** fetch with the session's CSRF token on state-changing methods; a 401 ends the session in the page. */
+async function request(path, options = {}) {
+  const { json, allow401, retried, ...rest } = options;
+  const method = (rest.method || "GET").toUpperCase();
+  const headers = { Accept: "application/json", ...(rest.headers || {}) };
+  if (json !== undefined) { headers["Content-Type"] = "application/json"; rest.body = JSON.stringify(json); }
+  else if (rest.body !== undefined) headers["Content-Type"] = headers["Content-Type"] || "application/json";
+  if (!SAFE_METHODS.includes(method) && state.session) headers["X-CSRF-Token"] = state.session.csrf_token;
+  const epoch = state.epoch;
+  const response = await fetch(path, { ...rest, method, headers, credentials: "same-origin" });
+  if (epoch !== state.epoch) throw new SignedOut("signed out meanwhile");
+  if (response.status === 401 && !allow401) {
+    sessionLost();
+    throw new SignedOut("not signed in");
   }
+  if (response.status !== 401 && state.session) touched();
+  if (response.status === 403 && !SAFE_METHODS.includes(method) && state.session && !retried
+      && /CSRF/.test(await response.clone().text())) {
+    // signed in again in another tab: this tab's CSRF token is stale; take the session's current one, once
+    if (await refreshSession()) return request(path, { ...options, retried: true });
+  }
+  return response;
+}
+
+/** Re-read GET /api/session; true if it is still this user's (its CSRF token adopted). */
+async function refreshSession() {
+  const response = await request("/api/session");
+  if (!response.ok) return false;
+  const body = await response.json();
+  if (!state.session || body.user.id !== state.session.user.id) {  // another account now: start over for it
+    startApp(body, response, false);
+    throw new SignedOut("another account signed in");
+  }
+  state.session = { ...state.session, ...body };
+  return true;
+}
+
+// The server's idle clock restarts at every request of the session, from any tab of this browser: the tabs
+// share the time of the last one (localStorage), so that an idle tab never keeps the session alive by checking it.
+const TOUCH_KEY = "clawbot.lastTouch";
+
+function touched() {
+  state.lastTouch = Date.now();
+  try { localStorage.setItem(TOUCH_KEY, String(state.lastTouch)); } catch (_) { /* storage off: this tab only */ }
+}
+
+function lastTouch() {
+  let shared = 0;
+  try { shared = Number(localStorage.getItem(TOUCH_KEY)) || 0; } catch (_) { /* storage off */ }
+  return Math.max(state.lastTouch, shared);
+}
+
+async function apiError(response) {
+  let message = `${response.status} ${response.statusText}`;
+  try {
+    const body = await response.json();
+    const error = typeof body.error === "string" ? body.error : body.error && body.error.message;
+    if (error) message = error;
+  } catch (_) { /* not JSON */ }
+  const err = new Error(message);
+  err.status = response.status;
+  err.retryAfter = Number(response.headers.get("Retry-After")) || null;
+  return err;
+}
+
+async function api(path, options = {}) {
+  const response = await request(path, options);
+  if (!response.ok) throw await apiError(response);
   return response.status === 204 ? null : response.json();
 }
 
@@ -46,6 +123,20 @@ function when(seconds) {
     : date.toLocaleDateString([], { month: "short", day: "numeric" });
 }
 
+function stamp(seconds) {
+  if (seconds == null) return "never";
+  return new Date(seconds * 1000).toLocaleString([], { dateStyle: "medium", timeStyle: "short" });
+}
+
+function number(n) { return Number(n || 0).toLocaleString(); }
+
+function duration(seconds) {
+  const s = Math.max(1, Math.ceil(seconds));
+  if (s < 120) return `${s} s`;
+  if (s < 7200) return `${Math.ceil(s / 60)} min`;
+  return `${Math.floor(s / 3600)} h ${Math.ceil((s % 3600) / 60)} min`;
+}
+
 function showBanner(text, kind = "warn") {
   const banner = $("banner");
   if (!text) { banner.hidden = true; return; }
@@ -54,13 +145,273 @@ function showBanner(text, kind = "warn") {
   banner.hidden = false;
 }
 
+function say(id, text, kind = "ok") {
+  const node = $(id);
+  node.textContent = text || "";
+  node.dataset.kind = kind;
+}
+
+function ignoreSignedOut(handler) {
+  return (err) => { if (!(err instanceof SignedOut)) handler(err); };
+}
+
+// ---------------------------------------------------------------------------- sign-in, session, sign-out
+
+async function loadAuthConfig() {
+  try {
+    const config = await api("/api/auth/config", { allow401: true });
+    const oidc = config.oidc || {};
+    $("sso").hidden = !oidc.enabled;
+    if (oidc.login_url) $("sso-login").href = oidc.login_url;
+  } catch (_) {
+    $("sso").hidden = true;
+  }
+}
+
+function showLogin(notice, kind = "info") {
+  document.body.classList.add("signed-out");
+  document.body.classList.remove("signed-in", "nav-open");
+  $("app").hidden = true;
+  $("status").hidden = true;
+  $("menu").hidden = true;
+  $("login-view").hidden = false;
+  const box = $("login-notice");
+  box.textContent = notice || "";
+  box.dataset.kind = kind;
+  box.hidden = !notice;
+  $("login-error").hidden = true;
+  $("login-submit").disabled = false;
+  ($("login-username").value ? $("login-password") : $("login-username")).focus();
+}
+
+function serverNow(response) {
+  const date = Date.parse(response.headers.get("Date") || "");
+  return Number.isFinite(date) ? date / 1000 : Date.now() / 1000;
+}
+
+/** Take a session from POST /api/login (`fresh`: its idle clock starts now) or GET /api/session. */
+function adoptSession(body, response, fresh) {
+  const now = serverNow(response);  // whole seconds, never later than the server's clock
+  state.skewS = now - Date.now() / 1000;
+  if (body.idle_expires_at) {
+    // GET /api/session may report a last-seen time up to min(30 s, timeout/10) old: round the timeout up, since
+    // checking too early would itself be a request that keeps an idle session alive
+    const left = body.idle_expires_at - now;
+    const timeout = fresh ? left : (left < 270 ? left / 0.9 : left + 30);
+    state.idleTimeoutS = Math.max(10, Math.ceil(timeout), fresh ? 0 : state.session ? state.idleTimeoutS : 0);
+  }
+  state.session = body;
+  touched();
+  scheduleExpiryCheck();
+}
+
+async function submitLogin(event) {
+  event.preventDefault();
+  const username = $("login-username").value.trim();
+  const password = $("login-password").value;
+  clearTimeout(state.timers.retry);
+  $("login-retry").hidden = true;
+  if (!username || !password) { loginError("Enter your user name and password."); return; }
+  $("login-submit").disabled = true;
+  let response;
+  try {
+    response = await fetch("/api/login", {
+      method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", Accept: "application/json" },
+      body: JSON.stringify({ username, password }),
+    });
+  } catch (err) {
+    loginError(`The chat node cannot be reached: ${err.message}`);
+    $("login-submit").disabled = false;
+    return;
+  }
+  $("login-submit").disabled = false;
+  if (response.ok) {
+    const body = await response.json();
+    $("login-password").value = "";
+    $("login-error").hidden = true;
+    startApp(body, response, true);
+    return;
+  }
+  const err = await apiError(response);
+  $("login-password").value = "";
+  loginError(err.message);
+  if (response.status === 429 && err.retryAfter) retryCountdown(err.retryAfter);
+  $("login-password").focus();
+}
+
+function loginError(text) {
+  const box = $("login-error");
+  box.textContent = text;
+  box.hidden = false;
+}
+
+function retryCountdown(seconds) {
+  const until = Date.now() + seconds * 1000;
+  const box = $("login-retry");
+  const tick = () => {
+    const left = (until - Date.now()) / 1000;
+      if (left <= 0) { box.textContent = "You can sign in again now."; return; }
+    box.textContent = `Retry-After: ${Math.ceil(left)} s left.`;
+    state.timers.retry = setTimeout(tick, 1000);
+  };
+  box.hidden = false;
+  tick();
+}
+
+/** After a sign-in (or a session found at load): show the app for this user. */
+function startApp(session, response, fresh) {
+  state.epoch += 1;
+  state.session = null;
+  adoptSession(session, response, fresh);
+  const user = session.user;
+  document.body.classList.remove("signed-out");
+  document.body.classList.add("signed-in");
+  $("login-view").hidden = true;
+  $("login-notice").hidden = true;
+  $("app").hidden = false;
+  $("status").hidden = false;
+  $("menu").hidden = false;
+  $("who-name").textContent = user.name;
+  $("who-role").textContent = user.role;
+  $("open-admin").hidden = user.role !== "admin";
+  $("password-section").hidden = user.password === false;  // an SSO-only account has no password here
+  state.lastActivity = Date.now();
+  refreshStatus();
+  clearInterval(state.timers.status);
+  state.timers.status = setInterval(pollStatus, STATUS_EVERY_MS);
+  loadUsage();
+  route(true);
+}
+
+/** Forget everything shown for the last session; back to the sign-in view. */
+function signOutLocally(notice, kind) {
+  state.epoch += 1;
+  state.session = null;
+  state.current = null;
+  state.conversations = [];
+  state.sending = false;
+  clearInterval(state.timers.status);
+  clearTimeout(state.timers.expiry);
+  $("conversations").replaceChildren();
+  renderMessages([]);
+  $("input").value = "";
+  $("send").disabled = false;
+  $("keys").replaceChildren();
+  $("new-key").hidden = true;
+  $("new-key-value").textContent = "";
+  $("users").replaceChildren();
+  $("usage").replaceChildren();
+  $("usage-line").textContent = "";
+  for (const id of ["keys-message", "password-message", "admin-message"]) say(id, "");
+  for (const form of document.querySelectorAll("#app form")) form.reset();
+  showBanner(null);
+  showView("chat", false);
+  showLogin(notice, kind);
+}
+
+function sessionLost() {
+  if (state.session) signOutLocally("Your session expired: sign in again.", "warn");
+  else if ($("login-view").hidden) showLogin();
+}
+
+async function logout() {
+  try {
+    await api("/api/logout", { method: "POST" });
+  } catch (err) {
+    if (err instanceof SignedOut) return;
+    showBanner(`Could not log out: ${err.message}`, "error");
+    return;
+  }
+  history.replaceState(null, "", location.pathname);
+  $("login-username").value = "";
+  try { localStorage.setItem(SIGNED_OUT_KEY, String(Date.now())); } catch (_) { /* this tab only */ }
+  signOutLocally("You are signed out.");
+}
+
+// a logout in one tab clears the others at once (they would get 401 at their next request anyway)
+const SIGNED_OUT_KEY = "clawbot.signedOut";
+window.addEventListener("storage", (event) => {
+  if (event.key === SIGNED_OUT_KEY && state.session) signOutLocally("You signed out in another tab.");
+});
+
+/** The server ends an idle session after auth.session_idle_timeout_s; notice it when it happens. */
+function scheduleExpiryCheck() {
+  clearTimeout(state.timers.expiry);
+  if (!state.session) return;
+  const idleDeadline = lastTouch() + state.idleTimeoutS * 1000;
+  const hardDeadline = state.session.expires_at ? (state.session.expires_at - state.skewS) * 1000 : Infinity;
+  const wait = Math.min(idleDeadline, hardDeadline) - Date.now() + 1000;
+  state.timers.expiry = setTimeout(checkExpiry, Math.max(1000, Math.min(wait, 2 ** 31 - 1)));
+}
+
+async function checkExpiry() {
+  if (!state.session) return;
+  const idleDeadline = lastTouch() + state.idleTimeoutS * 1000;
+  const hardDeadline = state.session.expires_at ? (state.session.expires_at - state.skewS) * 1000 : Infinity;
+  if (Date.now() < Math.min(idleDeadline, hardDeadline)) { scheduleExpiryCheck(); return; }
+  try {
+    const response = await request("/api/session");
+    if (response.ok) adoptSession(await response.json(), response, false);
+    else scheduleExpiryCheck();
+  } catch (err) {
+    if (!(err instanceof SignedOut)) scheduleExpiryCheck();
+  }
+}
+
+// ---------------------------------------------------------------------------- views and routing
+
+function showView(name, updateHash = true) {
+  state.view = name;
+  $("chat-view").hidden = name !== "chat";
+  $("account-view").hidden = name !== "account";
+  $("admin-view").hidden = name !== "admin";
+  document.body.classList.remove("nav-open");
+  $("menu").setAttribute("aria-expanded", "false");
+  if (updateHash) {
+    const hash = name === "chat" ? (state.current ? `c=${state.current}` : "") : name;
+    if (location.hash.slice(1) !== hash) {
+      if (hash) location.hash = hash;
+      else history.pushState(null, "", location.pathname);
+    }
+  }
+}
+
+function conversationInHash() {
+  const match = location.hash.slice(1).match(/^(?:c=)?([0-9a-f]{32})$/);
+  return match ? match[1] : null;
+}
+
+/** Show what the address names: #c=<id> (or #<id>), #account, #admin, or a new conversation. */
+function route(fresh = false) {
+  if (!state.session) return;
+  const hash = location.hash.slice(1);
+  const id = conversationInHash();
+  if (fresh && !id) loadConversations().catch(ignoreSignedOut((err) => showBanner(`Could not load conversations: ${err.message}`, "error")));
+  if (hash === "account") { showView("account", false); loadAccount(); return; }
+  if (hash === "admin") {
+    if (state.session.user.role === "admin") { showView("admin", false); loadAdmin(); return; }
+    history.replaceState(null, "", location.pathname);
+  }
+  showView("chat", false);
+  if (id) {
+    if (id !== state.current || fresh) selectConversation(id);
+  } else if (state.current) {
+    state.current = null;
+    renderMessages([]);
+    loadConversations().catch(ignoreSignedOut(() => {}));
+  }
+}
+
 // ---------------------------------------------------------------------------- status strip
 
 async function refreshStatus() {
+  if (!state.session) return;
   let status;
   try {
     status = await api("/api/status");
   } catch (err) {
+    if (err instanceof SignedOut) return;
     setNode("status-chat", "down", "Chat node", "the chat node does not answer: " + err.message);
     setNode("status-model", "unknown", "Model", "unknown while the chat node is down");
     showBanner("The chat node cannot be reached. Check that the clawbot chat agent is running; this page retries every 10 s.", "error");
@@ -83,6 +434,21 @@ async function refreshStatus() {
   }
 }
 
+/** How long without input the page stops asking for the status: its requests must not keep an idle session alive. */
+function activeWindowMs() { return Math.min(60, state.idleTimeoutS / 2) * 1000; }
+
+function pollStatus() {
+  if (document.hidden || Date.now() - state.lastActivity > activeWindowMs()) return;
+  refreshStatus();
+}
+
+function noteActivity() {
+  const now = Date.now();
+  const wasIdle = now - state.lastActivity > activeWindowMs();
+  state.lastActivity = now;
+  if (wasIdle && state.session) refreshStatus();  // back after a pause: the strip is stale (or the session gone)
+}
+
 function setNode(id, nodeState, label, detail) {
   const node = $(id);
   node.dataset.state = nodeState;
@@ -90,10 +456,290 @@ function setNode(id, nodeState, label, detail) {
   node.lastChild.textContent = `${label}: ${{ up: "ok", down: "down", degraded: "not ready", unknown: "…" }[nodeState]}`;
 }
 
+// ---------------------------------------------------------------------------- usage
+
+function usageLine(usage) {
+  const { today, limits } = usage;
+  const tokens = limits.tokens_per_day
+    ? `${number(today.tokens)} of ${number(limits.tokens_per_day)} tokens today`
+    : `${number(today.tokens)} tokens today (no daily limit)`;
+  const rpm = limits.requests_per_minute ? `limit ${number(limits.requests_per_minute)} requests/min` : "no requests/min limit";
+  return `${tokens} · ${rpm}`;
+}
+
+async function loadUsage() {
+  try {
+    const usage = await api("/api/usage");
+    $("usage-line").textContent = usageLine(usage);
+    renderUsage(usage);
+    return usage;
+  } catch (err) {
+    if (!(err instanceof SignedOut)) $("usage-line").textContent = `usage unavailable: ${err.message}`;
+    return null;
+  }
+}
+
+function renderUsage(usage) {
+  const { today, limits, minute } = usage;
+  const box = $("usage");
+  const rows = el("dl", { class: "facts" },
+    el("dt", { text: "Tokens today" }),
+    el("dd", { "data-field": "tokens", text: limits.tokens_per_day
+      ? `${number(today.tokens)} of ${number(limits.tokens_per_day)} (prompt ${number(today.prompt_tokens)}, reply ${number(today.completion_tokens)})`
+      : `${number(today.tokens)} (prompt ${number(today.prompt_tokens)}, reply ${number(today.completion_tokens)}); no daily limit` }),
+    el("dt", { text: "Requests today" }),
+    el("dd", { "data-field": "requests", text: number(today.requests) }),
+    el("dt", { text: "Requests in the last minute" }),
+    el("dd", { "data-field": "minute", text: limits.requests_per_minute
+      ? `${number(minute.requests)} of ${number(limits.requests_per_minute)} allowed per minute`
+      : `${number(minute.requests)} (no per-minute limit)` }));
+  box.replaceChildren(rows);
+  if (limits.tokens_per_day) {
+    const bar = el("progress", { max: limits.tokens_per_day, value: Math.min(today.tokens, limits.tokens_per_day) });
+    bar.setAttribute("aria-label", "Share of today's tokens used");
+    box.append(bar);
+  }
+  box.append(el("p", { class: "hint", text: "Days are counted in UTC; the web UI and your API keys share these limits." }));
+}
+
+// ---------------------------------------------------------------------------- account: keys and password
+
+async function loadAccount() {
+  loadUsage();
+  try {
+    renderKeys(await api("/api/keys"));
+  } catch (err) {
+    if (!(err instanceof SignedOut)) say("keys-message", `Could not list your keys: ${err.message}`, "error");
+  }
+}
+
+function renderKeys(keys) {
+  const body = $("keys");
+  body.replaceChildren();
+  if (!keys.length) {
+    body.append(el("tr", {}, el("td", { colSpan: 5, class: "muted", text: "No API keys yet." })));
+    return;
+  }
+  for (const key of keys) {
+    const revoke = el("button", { class: "danger small", type: "button", text: "Revoke" });
+    revoke.setAttribute("aria-label", `Revoke key ${key.name} (${key.prefix})`);
+    revoke.addEventListener("click", () => revokeKey(key));
+    body.append(el("tr", { "data-key-id": String(key.id) },
+      el("td", { text: key.name }),
+      el("td", {}, el("code", { text: `${key.prefix}_…` })),
+      el("td", { text: stamp(key.created_at) }),
+      el("td", { text: stamp(key.last_used_at) }),
+      el("td", {}, revoke)));
+  }
+}
+
+async function createKey(event) {
+  event.preventDefault();
+  const name = $("key-name").value.trim();
+  try {
+    const key = await api("/api/keys", { method: "POST", json: { name } });
+    $("key-name").value = "";
+    $("new-key-value").textContent = key.key;
+    $("copy-result").textContent = "";
+    $("new-key").hidden = false;
+    say("keys-message", `Key “${key.name}” created.`);
+    renderKeys(await api("/api/keys"));
+    $("copy-key").focus();
+  } catch (err) {
+    if (!(err instanceof SignedOut)) say("keys-message", `Could not create the key: ${err.message}`, "error");
+  }
+}
+
+async function copyKey() {
+  const value = $("new-key-value").textContent;
+  try {
+    await navigator.clipboard.writeText(value);
+    $("copy-result").textContent = "Copied to the clipboard.";
+  } catch (_) {
+    const range = document.createRange();
+    range.selectNodeContents($("new-key-value"));
+    const selection = getSelection();
+    selection.removeAllRanges();
+    selection.addRange(range);
+    $("copy-result").textContent = "The browser did not allow copying: the key is selected, copy it with Ctrl+C.";
+  }
+}
+
+async function revokeKey(key) {
+  if (!confirm(`Revoke the key “${key.name}” (${key.prefix})? Apps using it stop working at once.`)) return;
+  try {
+    await api(`/api/keys/${key.id}`, { method: "DELETE" });
+    say("keys-message", `Key “${key.name}” revoked.`);
+    renderKeys(await api("/api/keys"));
+  } catch (err) {
+    if (!(err instanceof SignedOut)) say("keys-message", `Could not revoke the key: ${err.message}`, "error");
+  }
+}
+
+async function changePassword(event) {
+  event.preventDefault();
+  const current = $("current-password").value, next = $("new-password").value;
+  if (next.length < 8) { say("password-message", "The new password needs at least 8 characters.", "error"); return; }
+  if (next !== $("repeat-password").value) { say("password-message", "The two new passwords differ.", "error"); return; }
+  try {
+    await api("/api/password", { method: "POST", json: { current_password: current, new_password: next } });
+  } catch (err) {
+    if (!(err instanceof SignedOut)) say("password-message", `Password not changed: ${err.message}`, "error");
+    return;
+  }
+  $("password-form").reset();
+  // the server may end every session of the account when its password changes
+  const check = await request("/api/session", { allow401: true }).catch(() => null);
+  if (check && check.status === 401) signOutLocally("Your password was changed: sign in with the new one.");
+  else say("password-message", "Password changed.");
+}
+
+// ---------------------------------------------------------------------------- admin: users
+
+async function loadAdmin() {
+  try {
+    const [users, usage] = await Promise.all([api("/api/admin/users"), api("/api/admin/usage")]);
+    renderUsers(users, usage);
+  } catch (err) {
+    if (!(err instanceof SignedOut)) say("admin-message", `Could not list the users: ${err.message}`, "error");
+  }
+}
+
+function renderUsers(users, usage) {
+  const byName = Object.fromEntries(usage.map((u) => [u.user, u]));
+  const focused = document.activeElement && document.activeElement.closest("#users [data-user]")
+    ? [document.activeElement.closest("[data-user]").dataset.user, document.activeElement.dataset.action] : null;
+  const list = $("users");
+  list.replaceChildren();
+  users.forEach((user, i) => list.append(userCard(user, byName[user.name], `u${i}`)));
+  if (focused) {
+    const again = list.querySelector(`[data-user="${CSS.escape(focused[0])}"] [data-action="${CSS.escape(focused[1] || "")}"]`);
+    if (again) again.focus();
+  }
+}
+
+function userCard(user, usage, uid) {
+  const me = state.session && user.name === state.session.user.name;
+  const labels = el("span", { class: "labels" },
+    el("span", { class: `label role-${user.role}`, text: user.role }),
+    user.disabled ? el("span", { class: "label warn", text: "disabled" }) : null,
+    user.sso ? el("span", { class: "label", text: "SSO" }) : null,
+    me ? el("span", { class: "label", text: "you" }) : null);
+  const head = el("div", { class: "user-head" }, el("h3", { text: user.name }), labels);
+  const override = user.limits_override || {};
+  const limitText = (name, unit) => {
+    const value = user.limits[name];
+    const text = value ? `${number(value)} ${unit}` : `no ${unit} limit`;
+    return override[name] != null ? `${text} (override)` : text;
+  };
+  const facts = el("dl", { class: "facts" },
+    el("dt", { text: "Last login" }), el("dd", { "data-field": "last-login", text: stamp(user.last_login_at) }),
+    el("dt", { text: "Limits" }), el("dd", { "data-field": "limits",
+      text: `${limitText("requests_per_minute", "requests/min")}, ${limitText("tokens_per_day", "tokens/day")}` }),
+    el("dt", { text: "Today" }), el("dd", { "data-field": "usage", text: usage
+      ? `${number(usage.today.tokens)} tokens, ${number(usage.today.requests)} requests (${number(usage.minute.requests)} in the last minute)`
+      : "no usage" }));
+
+  // role and enabled/disabled
+  const role = el("select", { id: `${uid}-role`, "data-action": "role", disabled: me },
+    el("option", { value: "user", text: "user" }), el("option", { value: "admin", text: "admin" }));
+  role.value = user.role;
+  role.addEventListener("change", () => changeUser(user, { role: role.value }, `role set to ${role.value}`));
+  const toggle = el("button", { class: "secondary small", type: "button", "data-action": "disable", disabled: me,
+    text: user.disabled ? "Enable" : "Disable" });
+  toggle.setAttribute("aria-label", `${user.disabled ? "Enable" : "Disable"} ${user.name}`);
+  toggle.addEventListener("click", () => changeUser(user, { disabled: !user.disabled }, user.disabled ? "enabled" : "disabled"));
+  const remove = el("button", { class: "danger small", type: "button", "data-action": "remove", disabled: me, text: "Remove" });
+  remove.setAttribute("aria-label", `Remove ${user.name}`);
+  remove.addEventListener("click", () => removeUser(user));
+  const controls = el("div", { class: "user-controls" },
+    el("label", { for: `${uid}-role`, text: "Role" }), role, toggle, remove);
+
+  // password reset
+  const password = el("input", { id: `${uid}-password`, type: "password", autocomplete: "new-password", minLength: 8, required: true });
+  const reset = el("form", { class: "inline-form", "data-action": "password-form" },
+    el("label", { for: `${uid}-password`, text: `New password for ${user.name}` }), password,
+    el("button", { class: "secondary small", type: "submit", "data-action": "password", text: "Reset password" }));
+  reset.addEventListener("submit", (e) => {
+    e.preventDefault();
+    if (password.value.length < 8) { say("admin-message", "A password needs at least 8 characters.", "error"); return; }
+    changeUser(user, { password: password.value }, "password reset (their sessions ended)");
+  });
+
+  // limit overrides
+  const rpm = el("input", { id: `${uid}-rpm`, type: "number", min: 0, step: 1, inputMode: "numeric",
+    value: override.requests_per_minute ?? "", placeholder: "default" });
+  const tpd = el("input", { id: `${uid}-tpd`, type: "number", min: 0, step: 1, inputMode: "numeric",
+    value: override.tokens_per_day ?? "", placeholder: "default" });
+  const limits = el("form", { class: "inline-form limits-form" },
+    el("label", { for: `${uid}-rpm`, text: "Requests per minute" }), rpm,
+    el("label", { for: `${uid}-tpd`, text: "Tokens per day" }), tpd,
+    el("button", { class: "secondary small", type: "submit", "data-action": "limits", text: "Save limits" }));
+  const clear = el("button", { class: "secondary small", type: "button", "data-action": "clear-limits",
+    disabled: !user.limits_override, text: "Clear override" });
+  clear.setAttribute("aria-label", `Clear the limit override of ${user.name}`);
+  clear.addEventListener("click", () => changeUser(user, { limits: null }, "limit override cleared"));
+  limits.append(clear);
+  limits.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const value = (input) => (input.value.trim() === "" ? null : Number(input.value));
+    const body = { requests_per_minute: value(rpm), tokens_per_day: value(tpd) };
+    for (const v of Object.values(body)) {
+      if (v != null && (!Number.isInteger(v) || v < 0)) { say("admin-message", "A limit is a whole number ≥ 0 (0: unlimited), or empty for the default.", "error"); return; }
+    }
+    changeUser(user, { limits: body }, "limits saved");
+  });
+  const limitsHint = el("p", { class: "hint", text: "Empty: the node's default (auth.limits). 0: unlimited." });
+
+  return el("li", { class: "card user-card", "data-user": user.name, "data-disabled": String(user.disabled) },
+    head, facts, controls, reset, limits, limitsHint);
+}
+
+async function changeUser(user, change, done) {
+  try {
+    await api(`/api/admin/users/${encodeURIComponent(user.name)}`, { method: "PATCH", json: change });
+    say("admin-message", `${user.name}: ${done}.`);
+  } catch (err) {
+    if (err instanceof SignedOut) return;
+    say("admin-message", `${user.name}: ${err.message}`, "error");
+  }
+  await loadAdmin();
+}
+
+async function removeUser(user) {
+  if (!confirm(`Remove ${user.name} with their conversations, keys and usage? This cannot be undone.`)) return;
+  try {
+    await api(`/api/admin/users/${encodeURIComponent(user.name)}`, { method: "DELETE" });
+    say("admin-message", `${user.name}: removed.`);
+  } catch (err) {
+    if (err instanceof SignedOut) return;
+    say("admin-message", `${user.name}: ${err.message}`, "error");
+  }
+  await loadAdmin();
+}
+
+async function addUser(event) {
+  event.preventDefault();
+  const name = $("new-user-name").value.trim(), password = $("new-user-password").value, role = $("new-user-role").value;
+  if (!name) { say("admin-message", "Give the new user a name.", "error"); return; }
+  if (password.length < 8) { say("admin-message", "A password needs at least 8 characters.", "error"); return; }
+  try {
+    await api("/api/admin/users", { method: "POST", json: { name, password, role } });
+    $("add-user-form").reset();
+    say("admin-message", `${name}: added (role ${role}).`);
+  } catch (err) {
+    if (err instanceof SignedOut) return;
+    say("admin-message", `Could not add ${name}: ${err.message}`, "error");
+  }
+  await loadAdmin();
+}
+
 // ---------------------------------------------------------------------------- conversation list
 
 async function loadConversations() {
-  state.conversations = await api("/api/conversations");
+  if (!state.session) return;
+  const conversations = await api("/api/conversations");
+  state.conversations = conversations;
   const list = $("conversations");
   list.replaceChildren();
   for (const conv of state.conversations) {
@@ -104,30 +750,38 @@ async function loadConversations() {
     const remove = el("button", { class: "delete icon-button", type: "button", title: "Delete conversation", text: "✕" });
     remove.setAttribute("aria-label", `Delete conversation ${conv.title}`);
     remove.addEventListener("click", () => deleteConversation(conv));
-    list.append(el("li", { class: conv.id === state.current ? "active" : "" }, open, remove));
+    list.append(el("li", { class: conv.id === state.current ? "active" : "", "data-id": conv.id }, open, remove));
   }
 }
 
 async function deleteConversation(conv) {
   if (!confirm(`Delete “${conv.title}”? This cannot be undone.`)) return;
-  await api(`/api/conversations/${conv.id}`, { method: "DELETE" });
-  if (state.current === conv.id) { state.current = null; location.hash = ""; renderMessages([]); }
-  await loadConversations();
+  try {
+    await api(`/api/conversations/${conv.id}`, { method: "DELETE" });
+    if (state.current === conv.id) { state.current = null; history.pushState(null, "", location.pathname); renderMessages([]); }
+    await loadConversations();
+  } catch (err) {
+    if (!(err instanceof SignedOut)) showBanner(`Could not delete the conversation: ${err.message}`, "error");
+  }
 }
 
 async function selectConversation(id) {
   state.current = id;
-  location.hash = `c=${id}`;
-  document.body.classList.remove("nav-open");
-  $("menu").setAttribute("aria-expanded", "false");
+  showView("chat", false);
+  if (location.hash.slice(1) !== `c=${id}`) location.hash = `c=${id}`;
   try {
     const conv = await api(`/api/conversations/${id}`);
-    renderMessages(conv.messages);
+    if (state.current === id) renderMessages(conv.messages);
   } catch (err) {
-    state.current = null;
+    if (err instanceof SignedOut) return;
+    if (state.current === id) {
+      state.current = null;
+      history.replaceState(null, "", location.pathname);
+      renderMessages([]);
+    }
     showBanner(`Could not open the conversation: ${err.message}`, "error");
   }
-  await loadConversations();
+  await loadConversations().catch(ignoreSignedOut(() => {}));
 }
 
 // ---------------------------------------------------------------------------- messages
@@ -191,45 +845,58 @@ function renderSummary(m, all) {
   return details;
 }
 
+/** A refusal shown in the conversation itself (a limit reached): it says which limit, and when to try again. */
+function limitNotice(err) {
+  const retry = err.retryAfter ? ` Try again in ${duration(err.retryAfter)}.` : "";
+  return el("p", { class: "limit-notice", role: "alert", text: `Not sent: ${err.message}.${retry}` });
+}
+
 // ---------------------------------------------------------------------------- sending (SSE over fetch)
 
 async function send(content) {
-  if (state.sending) return;
+  if (state.sending || !state.session) return;
   state.sending = true;
+  const epoch = state.epoch;
   $("send").disabled = true;
+  let notice = null;
   try {
     if (!state.current) {
-      const conv = await api("/api/conversations", { method: "POST", body: JSON.stringify({}) });
+      const conv = await api("/api/conversations", { method: "POST", json: {} });
       state.current = conv.id;
       location.hash = `c=${conv.id}`;
       $("messages").replaceChildren();
     }
-    const response = await fetch(`/api/conversations/${state.current}/messages`, {
+    const response = await request(`/api/conversations/${state.current}/messages`, {
       method: "POST",
-      headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
-      body: JSON.stringify({ content }),
+      headers: { Accept: "text/event-stream" },
+      json: { content },
     });
-    if (!response.ok) {
-      let message = `${response.status}`;
-      try { message = (await response.json()).error || message; } catch (_) { /* not JSON */ }
-      throw new Error(message);
-    }
+    if (!response.ok) throw await apiError(response);
     $("input").value = "";
     autoGrow();
-    await readEvents(response);
+    await readEvents(response, epoch);
   } catch (err) {
-    showBanner(`Message not sent: ${err.message}`, "error");
+    if (err instanceof SignedOut) return;
+    if (err.status === 429) notice = limitNotice(err);
+    else showBanner(`Message not sent: ${err.message}`, "error");
   } finally {
-    state.sending = false;
-    $("send").disabled = false;
-    if (state.current) {
-      try { renderMessages((await api(`/api/conversations/${state.current}`)).messages); } catch (_) { /* banner shown */ }
+    if (epoch === state.epoch) {
+      state.sending = false;
+      $("send").disabled = false;
     }
+  }
+  if (epoch !== state.epoch) return;
+  try {
+    if (state.current) renderMessages((await api(`/api/conversations/${state.current}`)).messages);
+    if (notice) { $("messages").querySelector(".empty")?.remove(); $("messages").append(notice); notice.scrollIntoView({ block: "nearest" }); }
     await loadConversations();
+    loadUsage();
+  } catch (err) {
+    if (!(err instanceof SignedOut)) showBanner(`Could not reload the conversation: ${err.message}`, "error");
   }
 }
 
-async function readEvents(response) {
+async function readEvents(response, epoch) {
   const box = $("messages");
   box.querySelector(".empty")?.remove();
   let live = null;
@@ -239,6 +906,7 @@ async function readEvents(response) {
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
+    if (epoch !== state.epoch) { reader.cancel(); return; }  // signed out meanwhile: show nothing more
     buffer += decoder.decode(value, { stream: true });
     let cut;
     while ((cut = buffer.indexOf("\n\n")) >= 0) {
@@ -278,7 +946,23 @@ function autoGrow() {
   input.style.height = Math.min(input.scrollHeight, 200) + "px";
 }
 
-document.addEventListener("DOMContentLoaded", async () => {
+async function boot() {
+  loadAuthConfig();
+  let response;
+  try {
+    response = await request("/api/session", { allow401: true });
+  } catch (err) {
+    showLogin();
+    loginError(`The chat node cannot be reached (${err.message}); reload the page to try again.`);
+    return;
+  }
+  if (response.ok) startApp(await response.json(), response, false);
+  else showLogin();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("login-form").addEventListener("submit", submitLogin);
+  $("logout").addEventListener("click", logout);
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();
     const content = $("input").value;
@@ -290,23 +974,28 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("input").addEventListener("input", autoGrow);
   $("new-conversation").addEventListener("click", () => {
     state.current = null;
-    location.hash = "";
+    showView("chat");
     renderMessages([]);
-    document.body.classList.remove("nav-open");
-    loadConversations();
+    loadConversations().catch(ignoreSignedOut(() => {}));
     $("input").focus();
   });
   $("menu").addEventListener("click", () => {
     const open = document.body.classList.toggle("nav-open");
     $("menu").setAttribute("aria-expanded", String(open));
   });
-  refreshStatus();
-  setInterval(refreshStatus, 10000);
-  const match = location.hash.match(/c=([0-9a-f]{32})/);
-  try {
-    if (match) await selectConversation(match[1]);
-    else await loadConversations();
-  } catch (err) {
-    showBanner(`Could not load conversations: ${err.message}`, "error");
+  $("open-account").addEventListener("click", () => { showView("account"); loadAccount(); });
+  $("open-admin").addEventListener("click", () => { showView("admin"); loadAdmin(); });
+  for (const back of document.querySelectorAll(".panel-view .back")) {
+    back.addEventListener("click", () => { showView("chat"); if (state.current) selectConversation(state.current); });
   }
+  $("key-form").addEventListener("submit", createKey);
+  $("copy-key").addEventListener("click", copyKey);
+  $("password-form").addEventListener("submit", changePassword);
+  $("add-user-form").addEventListener("submit", addUser);
+  window.addEventListener("hashchange", () => route());
+  for (const kind of ["keydown", "pointerdown", "pointermove", "wheel", "touchstart"]) {
+    document.addEventListener(kind, noteActivity, { passive: true, capture: true });
+  }
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) noteActivity(); });
+  boot();
 });
