@@ -85,21 +85,29 @@ def test_passwords_are_argon2id_and_one_message_for_every_failure(accounts):
 
 
 def test_failed_logins_are_throttled_per_account_and_per_address(tmp_path):
+    """Guesses at an account from one address throttle that address for that account (and the address as a whole
+    after more names), but never lock the account's owner out from elsewhere."""
     store = Store(tmp_path / "db.sqlite3")
     accounts = Accounts(store, settings(login_throttle={"max_failures": 3, "max_failures_per_address": 5, "window_s": 60}))
     accounts.add_user("bob", "bob-password", "user")
     for _ in range(3):
         with pytest.raises(LoginFailed):
-            accounts.login("bob", "nope-nope", "192.0.2.1")
-    with pytest.raises(Throttled) as caught:  # even the right password waits: the account is throttled
-        accounts.login("bob", "bob-password", "192.0.2.9")
-    assert "for user 'bob'" in str(caught.value) and 1 <= caught.value.retry_after_s <= 61
+            accounts.login("BOB", "nope-nope", "192.0.2.1")  # names are case-insensitive, so is the counter
+    with pytest.raises(Throttled) as caught:  # even the right password waits at that address
+        accounts.login("bob", "bob-password", "192.0.2.1")
+    assert "for user 'bob' from 192.0.2.1" in str(caught.value) and 1 <= caught.value.retry_after_s <= 61
+    assert accounts.login("bob", "bob-password", "192.0.2.9")[0]["name"] == "bob"  # not locked out elsewhere
     for n in range(2):  # the address has 3 failures; 2 more on other names reach its limit of 5
         with pytest.raises(LoginFailed):
             accounts.login(f"other{n}", "nope-nope", "192.0.2.1")
     with pytest.raises(Throttled) as caught:
         accounts.login("somebody", "whatever1", "192.0.2.1")
     assert "from 192.0.2.1" in str(caught.value)
+    row, key = accounts.create_key(accounts.user("bob"), "k")
+    assert accounts.key_principal(key, "192.0.2.1") is None  # that address is throttled for keys too
+    assert accounts.key_principal(key, "192.0.2.9").user["name"] == "bob"
+    with pytest.raises(AccountError, match="not valid"):
+        accounts.add_user("bob\n", "another-password")
     store.close()
 
 

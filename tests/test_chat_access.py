@@ -237,3 +237,32 @@ def test_password_change_keeps_this_session_and_ends_the_others(agent):
     with agent.anonymous() as anon:
         assert anon.post("/api/login", json={"username": "gina", "password": "gina-password"}).status_code == 401
         assert anon.post("/api/login", json={"username": "gina", "password": "gina-new-pass"}).status_code == 200
+
+
+def test_an_api_key_cannot_manage_keys_passwords_or_accounts(agent):
+    """A leaked key is contained by revoking it: it can neither mint a successor nor guess its owner's password."""
+    key = agent.api_key("admin", "leaked")
+    with agent.anonymous(headers={"Authorization": f"Bearer {key}"}) as app:
+        for method, path, body in (("POST", "/api/keys", {"name": "successor"}), ("DELETE", "/api/keys/1", None),
+                                   ("POST", "/api/password", {"current_password": "guess-guess",
+                                                              "new_password": "whatever-1"}),
+                                   ("POST", "/api/admin/users", {"name": "mallory", "password": "mallory-pass"}),
+                                   ("PATCH", "/api/admin/users/admin", {"disabled": True}),
+                                   ("DELETE", "/api/admin/users/admin", None), ("POST", "/api/logout", None)):
+            response = app.request(method, path, json=body)
+            assert response.status_code == 403 and "API key cannot" in response.json()["error"], (method, path)
+        assert app.get("/api/keys").status_code == 200  # reading is fine
+        assert app.get("/api/admin/users").status_code == 200
+        assert app.get("/metrics").status_code == 200  # what a Prometheus scrape needs
+
+
+def test_odd_input_is_refused_not_a_server_error(agent):
+    with agent.client() as c:
+        c.headers["X-CSRF-Token"] = "\u00e9" * 43
+        assert c.post("/api/conversations", json={}).status_code == 403
+    with agent.anonymous(follow_redirects=False) as anon:
+        for path in ("/metrics/", "/openapi.json/", "/API/conversations", "//api/conversations", "/nothing-here"):
+            assert anon.get(path).status_code == 401, path
+        assert anon.get("/static/app.js").status_code == 200
+        made = agent.users("add", "bob\n", "--password-stdin", stdin="bob-password\n")
+        assert made.returncode != 0

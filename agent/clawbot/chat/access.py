@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,12 +41,18 @@ def client_address(request: Request) -> str:
 
 
 NOT_SIGNED_IN = "not signed in: log in, or send an API key as 'Authorization: Bearer cb-…'"
-PUBLIC_API = ("/api/login", "/api/auth/config")
+# Everything else needs a credential before it is even routed (so not even a 404 tells which routes exist).
+PUBLIC_PATHS = frozenset({"/", "/healthz", "/favicon.ico", "/api/login", "/api/auth/config",
+                          "/auth/oidc/login", "/auth/oidc/callback"})
+PUBLIC_PREFIXES = ("/static/",)
+# What an API key may not do: manage keys, passwords, sessions or accounts. A leaked key is contained by revoking
+# it; a key that could mint keys or guess its owner's password would not be.
+KEY_REFUSED_PREFIXES = ("/api/keys", "/api/password", "/api/logout", "/api/admin/")
 
 
 def needs_credential(request: Request) -> bool:
-    path = request.url.path
-    return path.startswith(("/api/", "/v1/")) and path not in PUBLIC_API or path in ("/metrics", "/openapi.json")
+    path = request.scope["path"]  # what the router matches, not a URL rebuilt from the Host header
+    return path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES)
 
 
 def principal_of(request: Request) -> Principal | None:
@@ -55,7 +62,7 @@ def principal_of(request: Request) -> Principal | None:
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
             return None
-        return accounts.key_principal(value.strip())
+        return accounts.key_principal(value.strip(), client_address(request))
     return accounts.session(request.cookies.get(COOKIE))
 
 
@@ -65,9 +72,12 @@ def authenticated(request: Request) -> Principal:
     if principal is None:
         raise HTTPException(401, NOT_SIGNED_IN, headers={"WWW-Authenticate": "Bearer"})
     if principal.via == "session" and request.method not in SAFE_METHODS:
-        sent = request.headers.get(CSRF_HEADER, "")
-        if not sent or not secrets.compare_digest(sent, principal.session["csrf_token"]):
+        sent = request.headers.get(CSRF_HEADER, "").encode("utf-8", "replace")
+        if not sent or not secrets.compare_digest(sent, principal.session["csrf_token"].encode()):
             raise HTTPException(403, f"missing or wrong CSRF token: send the session's csrf_token as {CSRF_HEADER}")
+    if principal.via == "key" and request.method not in SAFE_METHODS and request.scope["path"].startswith(
+            KEY_REFUSED_PREFIXES):
+        raise HTTPException(403, "an API key cannot manage keys, passwords or accounts: sign in to do that")
     request.state.principal = principal
     return principal
 
@@ -148,7 +158,8 @@ def routes() -> APIRouter:
         rt = runtime(request)
         accounts = rt.accounts
         try:
-            user, token, session = accounts.login(body.username, body.password, client_address(request))
+            user, token, session = await run_in_threadpool(accounts.login, body.username, body.password,
+                                                           client_address(request))
         except Throttled as exc:
             rt.metrics.login("throttled")
             raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
@@ -187,8 +198,10 @@ def routes() -> APIRouter:
     @router.post("/api/password", status_code=204, tags=["session"])
     async def change_password(body: PasswordChange, request: Request, principal: Caller) -> Response:
         try:
-            runtime(request).accounts.change_own_password(principal.user, body.current_password, body.new_password,
-                                                          principal.session)
+            await run_in_threadpool(runtime(request).accounts.change_own_password, principal.user,
+                                    body.current_password, body.new_password, principal.session)
+        except Throttled as exc:
+            raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
         except AccountError as exc:
             raise HTTPException(400, str(exc)) from None
         log.info("password changed by user %s (the account's other sessions ended)", principal.user["name"])

@@ -11,7 +11,11 @@ API, the OpenAI API and `clawbot users`:
 - An API key reads `cb-<prefix>_<secret>`: the prefix finds the row (and is shown in lists), the secret is
   verified against its argon2id hash. A verified key is remembered in memory by its SHA-256 so that apps do not
   pay an argon2 verification per request; the row is still read every time, so a revoked key stops at once.
-- Failed logins are counted per account and per client address in memory (a restart forgets them).
+- Failed logins are counted in memory (a restart forgets them) per account *at* a client address and per client
+  address: somebody guessing elsewhere cannot lock a person (or the admin) out, and one address cannot try many
+  names. An attempt is counted before its password is checked, so parallel guesses cannot overrun the limit.
+  Failed API-key checks count against the address too. Password and key verification (argon2id, ~0.1 s) is
+  called from worker threads by the web layer, never on the event loop.
 - Limits: requests per minute (sliding window, in memory) and tokens per UTC day (the usage table), from
   clawbot.json's auth.limits or the account's own override.
 """
@@ -86,7 +90,7 @@ def verify_secret(stored_hash: str | None, secret: str) -> bool:
 
 
 def check_name(name: str) -> str:
-    if not NAME_PATTERN.match(name or ""):
+    if not NAME_PATTERN.fullmatch(name or ""):
         raise AccountError(f"user name {name!r} is not valid: 1-64 characters, letters, digits and . _ @ + -, "
                            "starting with a letter or digit")
     return name
@@ -172,8 +176,12 @@ class Accounts:
 
     def change_own_password(self, user: dict, current: str, new: str, session: dict | None = None) -> dict:
         """A new password ends every other session of the account; the one that changed it stays."""
+        throttle = self.settings["login_throttle"]
+        attempt = self._reserve_attempt([(f"user:{user['name'].lower()}@password", throttle["max_failures"],
+                                          f"for user {user['name']!r}")])
         if not verify_secret(user.get("password_hash"), current):
             raise AccountError("the current password is wrong")
+        self._release_attempt(attempt)
         return self.store.update_user(user["id"], keep_session=session["token_hash"] if session else None,
                                       password_hash=hash_secret(check_password(new)))
 
@@ -225,6 +233,10 @@ class Accounts:
             log.error("%s is not usable, no admin created from it: %s", path, exc)
             return None
         user = self.store.find_user(name)
+        if user is not None and user.get("sso_subject") is not None:
+            log.error("%s names %s, which is an SSO account: no admin created from it (choose another "
+                      "clawbot_admin_user)", path, name)
+            return None
         if user is None:
             user = self.store.create_user(name, "admin", password_hash)
             log.info("admin %s created from %s", name, path)
@@ -239,30 +251,35 @@ class Accounts:
         user = self.store.find_sso_user(issuer, subject)
         role = "admin" if is_admin else "user"
         if user is None:
-            name = username if NAME_PATTERN.match(username or "") else "sso-" + _sha256(issuer + subject)[:12]
+            name = username if NAME_PATTERN.fullmatch(username or "") else "sso-" + _sha256(issuer + subject)[:12]
             if self.store.find_user(name) is not None:  # a local account of that name: never take it over
                 name = f"{name[:50]}-{_sha256(issuer + subject)[:8]}"
             user = self.store.create_user(name, role, None, sso=(issuer, subject))
             log.info("account %s created on first SSO login (role %s)", name, role)
         elif user["role"] != role:
-            user = self.store.update_user(user["id"], role=role)
+            try:
+                if role != "admin":
+                    self._keep_an_admin(user, "demote")
+                user = self.store.update_user(user["id"], role=role)
+            except AccountError as exc:
+                log.error("SSO login of %s: %s; the role stays admin", user["name"], exc)
         return user
 
     # ------------------------------------------------------------------ login and sessions
 
     def login(self, name: str, password: str, address: str) -> tuple[dict, str, dict]:
         """(user, session token, session row); LoginFailed or Throttled otherwise. Logs every outcome."""
-        account_key, address_key = "user:" + (name or "").lower(), "addr:" + address
-        self._check_throttle(account_key, address_key, name, address)
-        user = self.store.find_user(name) if isinstance(name, str) and NAME_PATTERN.match(name) else None
+        account_key, address_key = f"user:{(name or '').lower()}@{address}", "addr:" + address
+        throttle = self.settings["login_throttle"]
+        attempt = self._reserve_attempt([(account_key, throttle["max_failures"], f"for user {name!r} from {address}"),
+                                         (address_key, throttle["max_failures_per_address"], f"from {address}")])
+        user = self.store.find_user(name) if isinstance(name, str) and NAME_PATTERN.fullmatch(name) else None
         ok = verify_secret(user.get("password_hash") if user else None, password if isinstance(password, str) else "")
         if not ok or user["disabled"]:
-            self._record_failure(account_key, address_key)
             log.warning("login failed for user %r from %s%s", name, address,
                         " (account disabled)" if ok and user and user["disabled"] else "")
             raise LoginFailed(LoginFailed.MESSAGE)
-        with self._lock:
-            self._failures.pop(account_key, None)
+        self._release_attempt(attempt, forget=[account_key])
         log.info("login: user %s from %s", user["name"], address)
         return self.start_session(user, address)
 
@@ -309,12 +326,12 @@ class Accounts:
         return self.store.delete_sessions_before(now - self.settings["session_max_age_s"],
                                                  now - self.settings["session_idle_timeout_s"])
 
-    def _check_throttle(self, account_key: str, address_key: str, name: str, address: str) -> None:
-        throttle = self.settings["login_throttle"]
-        window, now = throttle["window_s"], time.time()
-        for key, limit, what in ((account_key, throttle["max_failures"], f"for user {name!r}"),
-                                 (address_key, throttle["max_failures_per_address"], f"from {address}")):
-            with self._lock:
+    def _reserve_attempt(self, limits: list[tuple[str, int, str]]) -> tuple[float, list[str]]:
+        """Count one attempt against every (key, limit) as a failure in advance (released on success), or raise
+        Throttled naming the first limit reached. Check and count are one step, so parallel tries cannot slip by."""
+        window, now = self.settings["login_throttle"]["window_s"], time.time()
+        with self._lock:
+            for key, limit, what in limits:
                 failures = self._failures.get(key)
                 while failures and failures[0] <= now - window:
                     failures.popleft()
@@ -322,12 +339,20 @@ class Accounts:
                     retry = failures[0] + window - now
                     log.warning("login throttled %s (%d failures in %d s)", what, len(failures), window)
                     raise Throttled(f"too many failed logins {what}; try again in {int(retry) + 1} s", retry + 1)
+            for key, _, _ in limits:
+                self._failures.setdefault(key, deque(maxlen=100000)).append(now)
+        return now, [key for key, _, _ in limits]
 
-    def _record_failure(self, *keys: str) -> None:
-        now = time.time()
+    def _release_attempt(self, attempt: tuple[float, list[str]], forget: list[str] = ()) -> None:
+        """The attempt succeeded: it was no failure (and `forget` keys start over)."""
+        when, keys = attempt
         with self._lock:
             for key in keys:
-                self._failures.setdefault(key, deque(maxlen=100000)).append(now)
+                failures = self._failures.get(key)
+                if failures is not None and when in failures:
+                    failures.remove(when)
+            for key in forget:
+                self._failures.pop(key, None)
 
     # ------------------------------------------------------------------ API keys
 
@@ -341,7 +366,9 @@ class Accounts:
         log.info("API key %s%s created for %s", KEY_PREFIX, prefix, user["name"])
         return row, f"{KEY_PREFIX}{prefix}_{secret}"
 
-    def key_principal(self, presented: str) -> Principal | None:
+    def key_principal(self, presented: str, address: str = "unknown") -> Principal | None:
+        """The key's owner, or None. A key not yet verified in this process costs an argon2id check; failed checks
+        count against the address like failed logins, so wrong secrets cannot keep the node busy."""
         match = re.fullmatch(re.escape(KEY_PREFIX) + r"([0-9a-f]{8})_([A-Za-z0-9_-]{20,100})", presented or "")
         if not match:
             return None
@@ -350,8 +377,15 @@ class Accounts:
             return None
         digest = _sha256(presented)
         if self._verified_keys.get(digest) != row["id"]:
-            if not verify_secret(row["secret_hash"], match.group(2)):
+            limit = self.settings["login_throttle"]["max_failures_per_address"]
+            try:
+                attempt = self._reserve_attempt([("addr:" + address, limit, f"from {address}")])
+            except Throttled:
                 return None
+            if not verify_secret(row["secret_hash"], match.group(2)):
+                log.warning("API key %s%s: wrong secret from %s", KEY_PREFIX, row["prefix"], address)
+                return None
+            self._release_attempt(attempt)
             with self._lock:
                 if len(self._verified_keys) > 10000:
                     self._verified_keys.clear()

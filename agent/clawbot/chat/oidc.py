@@ -299,7 +299,7 @@ class OidcLogin:
         if pending is None or self.clock() - pending.created >= self.STATE_TTL_S:
             self._pending.pop(state, None)
             raise OidcError("this sign-in has expired or was already used; start the sign-in again")
-        if not hmac.compare_digest(request.cookies.get(COOKIE, ""), pending.browser):
+        if not hmac.compare_digest(request.cookies.get(COOKIE, "").encode("utf-8", "replace"), pending.browser.encode()):
             # left in place: whoever replays a stolen state must not be able to spoil the real browser's sign-in
             log.warning("SSO callback with a known state but without its browser cookie from %s",
                         request.client.host if request.client else "unknown")
@@ -388,7 +388,8 @@ class OidcLogin:
             raise OidcError("the ID token was issued for another client (aud), not this one")
         if ("azp" in claims or len(audience) > 1) and claims.get("azp") != self.client_id:
             raise OidcError("the ID token was issued for another client (azp), not this one")
-        if not isinstance(claims.get("nonce"), str) or not hmac.compare_digest(claims["nonce"], nonce):
+        if not isinstance(claims.get("nonce"), str) or not hmac.compare_digest(claims["nonce"].encode("utf-8", "replace"),
+                                                                               nonce.encode()):
             raise OidcError("the ID token's nonce does not match this sign-in; start the sign-in again")
         return claims
 

@@ -74,7 +74,7 @@ async def _complete(request: Request, principal: Principal, path: str, body) -> 
         return _passthrough(upstream)
 
     async def relay():
-        usage = None
+        usage, chunks = None, 0
         try:
             async for line in upstream.aiter_lines():
                 if not line.startswith("data:"):
@@ -85,6 +85,8 @@ async def _complete(request: Request, principal: Principal, path: str, body) -> 
                         event = json.loads(data)
                     except ValueError:
                         event = {}
+                    if isinstance(event, dict) and event.get("choices"):
+                        chunks += 1
                     if isinstance(event, dict) and event.get("usage"):
                         usage = event["usage"]
                         if not wants_usage and not event.get("choices"):
@@ -95,7 +97,8 @@ async def _complete(request: Request, principal: Principal, path: str, body) -> 
                 yield f"data: {data}\n\n".encode()
         finally:
             await upstream.aclose()
-            _record(rt, principal, usage)
+            # an app that hangs up before the usage chunk still pays for what it received (about a token a chunk)
+            _record(rt, principal, usage or {"prompt_tokens": 0, "completion_tokens": chunks})
 
     return StreamingResponse(relay(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -27,6 +27,7 @@ from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -201,7 +202,7 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
             problems.append(f"{where}: {err.get('msg', 'invalid')}")
         detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
-        if request.url.path.startswith("/v1/"):
+        if request.scope["path"].startswith("/v1/"):
             return openai_api.openai_error(400, "invalid request: " + "; ".join(problems), "invalid_request_error")
         return JSONResponse({"error": "invalid request: " + "; ".join(problems), "detail": detail}, status_code=422)
 
@@ -209,7 +210,7 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         headers = getattr(exc, "headers", None)
-        if request.url.path.startswith("/v1/"):
+        if request.scope["path"].startswith("/v1/"):
             return openai_api.openai_error(exc.status_code, message, openai_api.ERROR_TYPES.get(exc.status_code, "error"),
                                            headers=headers)
         return JSONResponse({"error": message}, status_code=exc.status_code, headers=headers)
@@ -217,7 +218,7 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
         if access.needs_credential(request):  # before routing: no credential, no answer (not even a 404 or 422)
-            principal = access.principal_of(request)
+            principal = await run_in_threadpool(access.principal_of, request)  # argon2id stays off the event loop
             if principal is None:
                 return await http_error(request, StarletteHTTPException(
                     401, access.NOT_SIGNED_IN, headers={"WWW-Authenticate": "Bearer"}))
@@ -227,7 +228,7 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
                                     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'")
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
-        if request.url.path.startswith(("/api/", "/v1/")):
+        if request.scope["path"].startswith(("/api/", "/v1/")):
             response.headers.setdefault("Cache-Control", "no-store")
         return response
 
@@ -466,6 +467,7 @@ async def _reply(runtime: Runtime, lock: asyncio.Lock, conv_id: str, user: dict,
             if reply is not None and not finished:  # client went away or the task was cancelled mid-reply
                 meta = dict(reply["meta"], error="reply cut short: the connection was closed")
                 store.update_message(reply["id"], content="".join(parts), status="incomplete", meta=meta)
+                runtime.accounts.record_tokens(account, prompt.tokens, len(parts))  # hanging up is not free
                 if request_id is not None:
                     store.finish_request(request_id, "cancelled")
 

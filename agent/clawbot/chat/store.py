@@ -345,7 +345,8 @@ class Store:
         """Set the given columns (role, password_hash, disabled, requests_per_minute, tokens_per_day, last_login_at).
         A new password or disabling ends the account's sessions (but `keep_session`, a token hash)."""
         allowed = {"role", "password_hash", "disabled", "requests_per_minute", "tokens_per_day", "last_login_at"}
-        assert columns and set(columns) <= allowed, columns
+        if not columns or not set(columns) <= allowed:  # column names go into the SQL text: never from input
+            raise ValueError(f"update_user: not updatable: {sorted(set(columns) - allowed) or 'nothing'}")
 
         def run(db):
             db.execute(f"UPDATE users SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",

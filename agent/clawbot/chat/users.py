@@ -112,6 +112,7 @@ def _as_database_owner(database: str) -> None:
         return
     st = owner.stat()
     if st.st_uid != 0:
+        os.setgroups([])
         os.setgid(st.st_gid)
         os.setuid(st.st_uid)
 
