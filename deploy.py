@@ -124,9 +124,10 @@ def prepare(hosts, base: Path, cache: Path) -> planning.Prepared:
 
 def issue_certificates(inventory, hosts, state_dir: Path, rotate: bool):
     """The cluster CA (created once; refused, before any host is touched, when it does not permit the inventory's
-    names) and each selected node's leaves, plus the control machine's own client certificate for `clawbot status`."""
+    names) and each selected node's leaves, plus the control machine's own client certificate for `clawbot status`
+    and Prometheus's for `clawbot monitoring`."""
     from clawbot.control import certificates
-    from clawbot.control.state import CONTROL_NAME
+    from clawbot.control.state import CONTROL_NAME, MONITORING_NAME
 
     try:
         domain = planning.cluster_var(inventory.hosts.values(), "clawbot_cluster_domain")
@@ -134,7 +135,8 @@ def issue_certificates(inventory, hosts, state_dir: Path, rotate: bool):
                                      rotate=rotate, log=say)
     except (ValueError, certificates.CAError) as exc:
         raise fail(f"{exc}\n(no host was touched)")
-    certificates.ensure_node_material(ca, CONTROL_NAME, [CONTROL_NAME])
+    for name in (CONTROL_NAME, MONITORING_NAME):
+        certificates.ensure_node_material(ca, name, [name])
     materials = {}
     for h in hosts:
         materials[h.name] = certificates.ensure_node_material(ca, h.name, h.names)

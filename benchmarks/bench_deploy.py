@@ -52,7 +52,8 @@ def main() -> int:
             shutil.copytree(cluster.nodes[0].inventory_dir, inventory)
             config = json.loads(json.dumps(CONFIG))
             config["model_gateway"]["endpoint"] = f"https://{cluster.nodes[1].address}:5000"
-            (inventory / "clawbot.json").write_text(json.dumps(config))
+            (inventory / ".clawbot").mkdir()
+            (inventory / ".clawbot" / "clawbot.json").write_text(json.dumps(config))
             (inventory / "group_vars").mkdir(exist_ok=True)
             (inventory / "group_vars" / "all.yml").write_text(f"clawbot_state_dir: {Path(tmp) / 'state'}\n")
             first, _ = timed_deploy(inventory)

@@ -27,7 +27,8 @@ def sample_files(directory: Path) -> list[str]:
     article = directory / "article.json"
     article.write_text('{"model_gateway": {"endpoint": "https://192.168.1.100:5000","max_tokens": 4096,'
                        '"temperature": 0.7},"context_window": 32768,"fallback_strategies": ["web_search","knowledge_base"]}')
-    return [str(article), str(ROOT / "inventory" / "clawbot.json"), str(ROOT / "docs/examples/two-node/clawbot.json")]
+    return [str(article), str(ROOT / "inventory" / ".clawbot" / "clawbot.json"),
+            str(ROOT / "docs/examples/two-node/.clawbot/clawbot.json")]
 
 
 def timed(argv: list[str]) -> float:

@@ -17,7 +17,7 @@ from clawbot.common.config import check_bytes
 from clawbot.control import certificates, nodeconfig, status
 from clawbot.control.certificates import CAError, cluster_ca, ensure_node_material, record_rollout
 from clawbot.control.inventory import Host, Inventory
-from clawbot.control.state import CONTROL_NAME
+from clawbot.control.state import CONTROL_NAME, MONITORING_NAME
 from tests.fixtures_agent import Agent, agent_config, free_port, llama_server_binary, wait_for  # noqa: F401
 from tests.fixtures_models import models_dir, tiny_gguf  # noqa: F401  (fixtures)
 from tests.test_pki import handshake
@@ -269,7 +269,7 @@ def test_rendered_config_fills_allowed_clients_with_the_chat_nodes_and_keeps_a_u
     out = nodeconfig.render(source, _inventory(tmp_path), state)
     rendered = json.loads(out.read_text())
     assert out == state / "clawbot.json"
-    assert rendered["model_gateway"]["allowed_clients"] == ["chat-a", "chat-b", CONTROL_NAME]
+    assert rendered["model_gateway"]["allowed_clients"] == ["chat-a", "chat-b", CONTROL_NAME, MONITORING_NAME]
     assert rendered["context_window"] == 4096
     assert check_bytes(out.read_bytes(), str(out)).ok
     first = out.read_bytes(), out.stat().st_mtime_ns

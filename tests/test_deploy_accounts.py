@@ -35,7 +35,8 @@ def inventory(tmp_path: Path, group_vars: str) -> Path:
         "all:\n  children:\n    chat_nodes:\n      hosts:\n        chat-a:\n          ansible_host: 10.1.0.2\n"
         "    model_nodes:\n      hosts:\n        model-a:\n          ansible_host: 10.1.0.3\n")
     (directory / "group_vars" / "all.yml").write_text(group_vars)
-    (directory / "clawbot.json").write_text(json.dumps({"model_gateway": {"endpoint": "https://model-a:5000"}}))
+    (directory / ".clawbot").mkdir()
+    (directory / ".clawbot" / "clawbot.json").write_text(json.dumps({"model_gateway": {"endpoint": "https://model-a:5000"}}))
     return directory
 
 
@@ -96,6 +97,6 @@ def test_default_inventory_generates_its_admin_password_once(tmp_path):
     shutil.copytree(ROOT / "inventory", copy, ignore=shutil.ignore_patterns("state"))
     first = list(load_inventory(str(copy)).hosts.values())[0].vars["clawbot_admin_password"]
     second = list(load_inventory(str(copy)).hosts.values())[0].vars["clawbot_admin_password"]
-    stored = copy / "state" / "admin-password"
+    stored = copy / ".clawbot" / "state" / "admin-password"
     assert len(first) >= 20 and first == second == stored.read_text().split()[0]
     assert stored.stat().st_mode & 0o777 == 0o600

@@ -32,8 +32,17 @@ CONFIG = {
 }
 
 
+def config_file(inventory: Path) -> Path:
+    """clawbot.json where clawbot_config_file's default puts it: in .clawbot/, which Ansible's own tools skip."""
+    return inventory / ".clawbot" / "clawbot.json"
+
+
+def state_dir(inventory: Path) -> Path:
+    return inventory / ".clawbot" / "state"
+
+
 def deploy(inventory: Path, *extra: str, timeout: float = 1500) -> tuple[subprocess.CompletedProcess, dict | None]:
-    out = inventory / f"result-{time.monotonic_ns()}.json"
+    out = inventory.parent / f"{inventory.name}-result-{time.monotonic_ns()}.json"  # not in the inventory: Ansible would read it
     proc = subprocess.run([sys.executable, str(ROOT / "deploy.py"), "-i", str(inventory), "--json", str(out), *extra],
                           capture_output=True, text=True, timeout=timeout)
     print(proc.stdout[-6000:], proc.stderr[-6000:], sep="\n")
@@ -80,10 +89,11 @@ def cluster_inventory(nodes, kernel_settings, tmp_path_factory):
     shutil.copytree(nodes[0].inventory_dir, inventory, dirs_exist_ok=True)
     config = json.loads(json.dumps(CONFIG))
     config["model_gateway"]["endpoint"] = f"https://{nodes[1].address}:5000"
-    (inventory / "clawbot.json").write_text(json.dumps(config, indent=2))
+    config_file(inventory).parent.mkdir()
+    config_file(inventory).write_text(json.dumps(config, indent=2))
     (inventory / "group_vars").mkdir(exist_ok=True)
     (inventory / "group_vars" / "all.yml").write_text(
-        f"clawbot_state_dir: {inventory / 'state'}\nclawbot_admin_password: {vaulted(ADMIN_PASSWORD)}\n")
+        f"clawbot_state_dir: {state_dir(inventory)}\nclawbot_admin_password: {vaulted(ADMIN_PASSWORD)}\n")
     vault_file = tmp_path_factory.mktemp("vault") / "vault-pass"
     vault_file.write_text(VAULT_PASSWORD + "\n")
     vault_file.chmod(0o600)
@@ -142,7 +152,7 @@ def test_first_run_converges_both_nodes(first_run, nodes, cluster_inventory):
     # The gateway serves only its chat nodes: deploy filled allowed_clients in (clawbot.json leaves it empty), so
     # the model node's own client certificate, from the same CA, gets 403 with a JSON reason; probes stay open.
     installed = json.loads(ssh(model, "cat /etc/clawbot/clawbot.json"))
-    assert installed["model_gateway"]["allowed_clients"] == [chat.name, "clawbot-control"]
+    assert installed["model_gateway"]["allowed_clients"] == [chat.name, "clawbot-control", "monitoring.clawbot-control"]
     code = (
         "import httpx,json,ssl\n"
         "c=ssl.create_default_context(cafile='/etc/clawbot/tls/ca.pem')\n"
@@ -172,7 +182,7 @@ def test_chat_node_needs_a_credential_and_serves_apps_with_keys(first_run, nodes
     import openai
 
     chat, _ = nodes
-    ca = ssl.create_default_context(cafile=str(cluster_inventory / "state" / "ca" / "ca.pem"))
+    ca = ssl.create_default_context(cafile=str(state_dir(cluster_inventory) / "ca" / "ca.pem"))
     base = f"https://{chat.address}:8443"
     with httpx.Client(base_url=base, verify=ca, timeout=30) as admin:
         assert admin.post("/api/login", json={"username": "admin", "password": ADMIN_PASSWORD}).status_code == 200
@@ -237,6 +247,40 @@ def test_status_reads_every_node_over_mtls(first_run, nodes, cluster_inventory):
     assert rows["chat"]["host"] == nodes[0].name and rows["chat"]["http"] == 200
     for row in rows.values():
         assert row["certificate"]["days_left"] > 300 and not row["renewal_due"]
+
+
+def test_ansible_and_prometheus_work_with_the_rolled_out_inventory(first_run, nodes, cluster_inventory, tmp_path):
+    """The inventory deploy used stays an Ansible inventory: Ansible's own `ansible all -m ping`, run as a user runs
+    it, reaches exactly the two nodes with the SSH settings deploy uses. `clawbot monitoring --chat-keys` gives a
+    real Prometheus (Debian's package, on this machine) every target up: the gateway over mTLS with the monitoring
+    certificate deploy issued, the chat node with the admin API key it made there."""
+    from tests.fixtures_prometheus import Prometheus, targets_up
+
+    chat, model = nodes
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_") or k == "ANSIBLE_VAULT_PASSWORD_FILE"}
+    ping = subprocess.run(["ansible", "all", "-i", str(cluster_inventory), "-m", "ansible.builtin.ping", "-o"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+    assert sorted(line.split(" | ")[0] for line in ping.stdout.splitlines()) == sorted([chat.name, model.name])
+    assert all(" | SUCCESS => " in line and '"pong"' in line for line in ping.stdout.splitlines()), ping.stdout
+    assert "inventory source" not in ping.stderr and "Skipping" not in ping.stderr, ping.stderr
+    out = tmp_path / "monitoring"
+    made = subprocess.run([sys.executable, "-m", "clawbot", "monitoring", "-i", str(cluster_inventory), "--out",
+                           str(out), "--scrape-interval", "1s", "--chat-keys"], capture_output=True, text=True,
+                          timeout=300)
+    assert made.returncode == 0, made.stdout + made.stderr
+    prometheus = Prometheus(out / "prometheus.yml", tmp_path / "prometheus-data")
+    try:
+        active = prometheus.wait("every target up", lambda: targets_up(prometheus))
+        assert sorted((t["labels"]["job"], t["labels"]["node"]) for t in active) == [
+            ("clawbot-chat", chat.name), ("clawbot-model", model.name)]
+        ready = prometheus.wait("holding the model's state", lambda: prometheus.api(
+            "query", query='clawbot_model_state{clawbot_model_state="ready"}')["result"])
+        assert [(r["metric"]["node"], r["value"][1]) for r in ready] == [(model.name, "1")]
+        assert prometheus.wait("holding the chat node's usage",
+                               lambda: prometheus.api("query", query="clawbot_chat_user_requests_today")["result"])
+    finally:
+        prometheus.stop()
 
 
 def test_second_run_changes_nothing(first_run, cluster_inventory):
@@ -304,17 +348,17 @@ def test_check_plans_an_engine_build_on_a_node_that_has_an_nvidia_gpu(first_run,
 def test_bad_config_refused_before_any_host_is_touched(first_run, nodes, cluster_inventory):
     model = nodes[1]
     before = ssh(model, "sha256sum /etc/clawbot/clawbot.json")
-    good = (cluster_inventory / "clawbot.json").read_text()
+    good = config_file(cluster_inventory).read_text()
     try:
-        (cluster_inventory / "clawbot.json").write_text(good.replace('"context_window": 1024', '"context_window": "big"'))
+        config_file(cluster_inventory).write_text(good.replace('"context_window": 1024', '"context_window": "big"'))
         proc = subprocess.run([sys.executable, str(ROOT / "deploy.py"), "-i", str(cluster_inventory)],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 1
-        assert f"{cluster_inventory / 'clawbot.json'}:" in proc.stderr and "/context_window" in proc.stderr
+        assert f"{config_file(cluster_inventory)}:" in proc.stderr and "/context_window" in proc.stderr
         assert "no host was touched" in proc.stderr
         assert "connecting" not in proc.stdout
     finally:
-        (cluster_inventory / "clawbot.json").write_text(good)
+        config_file(cluster_inventory).write_text(good)
     assert ssh(model, "sha256sum /etc/clawbot/clawbot.json") == before
 
 
@@ -347,7 +391,7 @@ def test_a_name_under_the_cluster_domain_keeps_the_ca(first_run, nodes, cluster_
     browsers and apps that imported it keep working), only the model node's leaves are reissued, and the chat
     node reaches the gateway by the new name with the CA it already held."""
     chat, model = nodes
-    ca = cluster_inventory / "state" / "ca" / "ca.pem"
+    ca = state_dir(cluster_inventory) / "ca" / "ca.pem"
     before = ca.read_bytes()
     chat_leaves = ssh(chat, "sha256sum /etc/clawbot/tls/*.pem")
     name = f"{model.name}.clawbot.internal"
@@ -380,9 +424,9 @@ def test_llama_cpp_python_engine_rolls_out_with_its_wheel(first_run, nodes, clus
     wheel = next(wheels.glob("llama_cpp_python-0.3.36-*.whl"))
     inventory = tmp_path / "inventory"
     shutil.copytree(cluster_inventory, inventory, ignore=shutil.ignore_patterns("result-*.json"))
-    config = json.loads((inventory / "clawbot.json").read_text())
+    config = json.loads(config_file(inventory).read_text())
     config["model_server"]["engine"] = "llama-cpp-python"
-    (inventory / "clawbot.json").write_text(json.dumps(config, indent=2))
+    config_file(inventory).write_text(json.dumps(config, indent=2))
     (inventory / "group_vars" / "model_nodes.yml").write_text(f"clawbot_llama_cpp_python_wheel: {wheel}\n")
     try:
         proc, result = deploy(inventory)

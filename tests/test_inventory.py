@@ -45,7 +45,8 @@ def inventory_dir(tmp_path):
     (root / "group_vars" / "all.yml").write_text(
         "clawbot_state_dir: " + secret + "\nclawbot_user: \"{{ 'claw' + 'bot' }}\"\n")
     (root / "host_vars" / "model-a.yml").write_text("clawbot_names: [llm.lab.internal]\n")
-    (root / "clawbot.json").write_text('{"model_gateway": {"endpoint": "https://10.9.0.20:5000"}}')
+    (root / ".clawbot").mkdir()
+    (root / ".clawbot" / "clawbot.json").write_text('{"model_gateway": {"endpoint": "https://10.9.0.20:5000"}}')
     return root
 
 
@@ -67,7 +68,7 @@ def test_vault_values_decrypt_with_password_file(inventory_dir, tmp_path):
 
 def test_vaulted_inventory_validates_without_password(inventory_dir):
     proc = subprocess.run([sys.executable, "-m", "clawbot", "validate", "--inventory", str(inventory_dir),
-                           str(inventory_dir / "clawbot.json")], capture_output=True, text=True, timeout=120)
+                           str(inventory_dir / ".clawbot" / "clawbot.json")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -101,11 +102,11 @@ def test_missing_group_and_duplicate_address(tmp_path):
 
 
 def test_endpoint_must_be_a_model_node(inventory_dir):
-    (inventory_dir / "clawbot.json").write_text('{"model_gateway": {"endpoint": "https://10.9.0.10:5000"}}')
+    (inventory_dir / ".clawbot" / "clawbot.json").write_text('{"model_gateway": {"endpoint": "https://10.9.0.10:5000"}}')
     proc = subprocess.run([sys.executable, "-m", "clawbot", "validate", "--inventory", str(inventory_dir),
-                           str(inventory_dir / "clawbot.json")], capture_output=True, text=True, timeout=120)
+                           str(inventory_dir / ".clawbot" / "clawbot.json")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    assert f"{inventory_dir / 'clawbot.json'}:1:32: error: /model_gateway/endpoint: endpoint host '10.9.0.10' is not" \
+    assert f"{inventory_dir / '.clawbot' / 'clawbot.json'}:1:32: error: /model_gateway/endpoint: endpoint host '10.9.0.10' is not" \
         in proc.stdout
 
 
@@ -125,7 +126,7 @@ def test_static_fit_against_declared_memory(inventory_dir, tiny_gguf):
     hosts = (inventory_dir / "hosts.yml").read_text()
     (inventory_dir / "hosts.yml").write_text(hosts.replace("clawbot_memory_mib: 65536", "clawbot_memory_mib: 1")
                                              + "  vars:\n    clawbot_model_file: tiny.gguf\n")
-    argv = [sys.executable, "-m", "clawbot", "validate", "--inventory", str(inventory_dir), str(inventory_dir / "clawbot.json")]
+    argv = [sys.executable, "-m", "clawbot", "validate", "--inventory", str(inventory_dir), str(inventory_dir / ".clawbot" / "clawbot.json")]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     [line] = [l for l in proc.stdout.splitlines() if "preflight" in l or "needs" in l]

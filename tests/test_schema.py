@@ -69,5 +69,5 @@ def test_reference_docs_are_generated_from_schema(name):
 def test_shipped_configs_validate_against_their_inventories():
     for inventory in (ROOT / "inventory", ROOT / "docs" / "examples" / "two-node"):
         proc = subprocess.run([sys.executable, "-m", "clawbot", "validate", "--inventory", str(inventory),
-                               str(inventory / "clawbot.json")], capture_output=True, text=True, timeout=120)
+                               str(inventory / ".clawbot" / "clawbot.json")], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clawbot.common import pki
-from clawbot.control.state import CONTROL_NAME
+from clawbot.control.state import CONTROL_NAME, MONITORING_NAME
 
 LOCAL_NAMES = ("localhost",)
 LOCAL_IPS = ("127.0.0.1", "::1")
@@ -222,7 +222,7 @@ def cluster_ca(state_dir: Path, hosts: dict[str, list[str]], domain: str, *, rot
     during a rotation, or when half of a CA pair is missing.
     """
     ca_dir = state_dir / "ca"
-    every = {**hosts, CONTROL_NAME: [CONTROL_NAME]}
+    every = {**hosts, CONTROL_NAME: [CONTROL_NAME], MONITORING_NAME: [MONITORING_NAME]}
     current = _load_pair(ca_dir, "ca")
     previous = _load_pair(ca_dir, "previous")
     progress_path = ca_dir / "rotation.json"

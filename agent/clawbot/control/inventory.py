@@ -11,12 +11,25 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from clawbot.common.config import CheckResult, Diagnostic, InventoryFacts, load_schema
 
 INVENTORY_SCHEMA = "inventory.schema.json"
 GROUPS = ("chat_nodes", "model_nodes")
+# clawbot's own files inside an inventory directory (clawbot.json, the default inventory's generated admin password,
+# a state directory) live under this folder: Ansible skips every name that starts with a dot, whatever its
+# configuration says, so `ansible -i DIR` and `ansible-inventory -i DIR` see only what the user wrote.
+CLAWBOT_DIR = ".clawbot"
+# What clawbot's own reading skips as well, for inventories laid out before CLAWBOT_DIR (load_inventory); Ansible's
+# own tools read them, so `foreign_files` tells the user to move them.
+NOT_INVENTORY = r"^(clawbot.*\.json|.*\.gguf|models|state|result.*\.json)$"
+# ansible-core 2.19's own rules for a directory source: names it always skips, and its default
+# INVENTORY_IGNORE_EXTS (a user's ansible.cfg may change the extensions, never the dot rule).
+ANSIBLE_ALWAYS_SKIPS = r"^(\..*|host_vars|group_vars|vars_plugins)$"
+ANSIBLE_DEFAULT_IGNORE_EXTS = (".pyc", ".pyo", ".swp", ".bak", "~", ".rpm", ".md", ".txt", ".rst", ".orig", ".cfg",
+                               ".retry")
 
 
 @functools.cache
@@ -74,6 +87,7 @@ class Host:
 class Inventory:
     source: str
     hosts: dict[str, Host]
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (path, what to do): foreign_files
 
     def group(self, name: str) -> list[Host]:
         return [h for h in self.hosts.values() if name in h.groups]
@@ -115,6 +129,37 @@ def _plain(value, templar, decrypt: bool):
     return json.loads(json.dumps(value))
 
 
+def foreign_files(path: str) -> list[tuple[str, str]]:
+    """(path, what to do) for each file or folder in an inventory directory that Ansible's own tools would parse
+    as an inventory source although it is clawbot's (clawbot.json, a state directory, model files, deploy results):
+    `ansible-inventory -i DIR` turns clawbot.json's objects into groups and a password file into a host name."""
+    if not os.path.isdir(path):
+        return []
+    mine, skipped = re.compile(NOT_INVENTORY), re.compile(ANSIBLE_ALWAYS_SKIPS)
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not skipped.match(d))
+        for name in dirs + sorted(files):
+            if mine.match(name) and not name.endswith(ANSIBLE_DEFAULT_IGNORE_EXTS):
+                where = os.path.join(root, name)
+                target = os.path.join(path, CLAWBOT_DIR, os.path.relpath(where, path))
+                found.append((where, f"Ansible's own tools (ansible, ansible-inventory) parse every file in an "
+                                     f"inventory directory as an inventory source, this one included: move it to "
+                                     f"{target} (Ansible skips names that start with a dot) and point the variable "
+                                     f"that names it there, if one does (clawbot_config_file, clawbot_state_dir, "
+                                     f"clawbot_model_file)"))
+        dirs[:] = [d for d in dirs if not mine.match(d)]
+    return found
+
+
+def warn_foreign_files(inventory: Inventory, prog: str) -> None:
+    """Print foreign_files' advice to stderr, for commands that read an inventory but do not check it."""
+    import sys
+
+    for where, message in inventory.notes:
+        print(f"{prog}: warning: {where}: {message}", file=sys.stderr)
+
+
 _PLUGINS_READY: list = []
 
 
@@ -124,8 +169,8 @@ def load_inventory(path: str, vault_password_file: str | None = None, decrypt: b
         raise InventoryError(f"{path}: no such inventory file or directory")
     os.environ.setdefault("ANSIBLE_INVENTORY_UNPARSED_WARNING", "False")
     os.environ.setdefault("ANSIBLE_LOCALHOST_WARNING", "False")
-    # clawbot.json, model files and the CA state dir often sit beside hosts.yml: not inventory sources.
-    os.environ.setdefault("ANSIBLE_INVENTORY_IGNORE_REGEX", r"^(clawbot.*\.json|.*\.gguf|models|state|result.*\.json)$")
+    notes = foreign_files(path)
+    from ansible.inventory import manager as ansible_manager
     from ansible.inventory.manager import InventoryManager
     from ansible.parsing.dataloader import DataLoader
     from ansible.plugins.loader import init_plugin_loader
@@ -134,6 +179,11 @@ def load_inventory(path: str, vault_password_file: str | None = None, decrypt: b
 
     if not _PLUGINS_READY:  # lookups in templates (e.g. the default inventory's ansible.builtin.password) need it
         init_plugin_loader()
+        # Inventories laid out before CLAWBOT_DIR keep working here (foreign_files tells the user what to move):
+        # NOT_INVENTORY joins the names ansible-core skips in a directory source. Set on its compiled pattern, not
+        # through ANSIBLE_INVENTORY_IGNORE_REGEX, which counts only if set before ansible is first imported and
+        # would leak into the Ansible tools this process starts.
+        ansible_manager.IGNORED = re.compile(ansible_manager.IGNORED.pattern + b"|" + NOT_INVENTORY.encode())
         _PLUGINS_READY.append(True)
     loader = DataLoader()
     vault_password_file = vault_password_file or os.environ.get("ANSIBLE_VAULT_PASSWORD_FILE")  # as Ansible does
@@ -172,9 +222,10 @@ def load_inventory(path: str, vault_password_file: str | None = None, decrypt: b
                 prefix = f"{where[0]}:{where[1]}:{where[2]}: " if where else ""
                 raise InventoryError(f"{prefix}{key}: {exc}") from None
         origins = {k: o for k, v in own.items() if (o := _origin(v))}
-        groups = sorted(g.name for g in host.get_groups() if g.name != "all")
-        hosts[host.name] = Host(host.name, groups, plain, origins)
-    return Inventory(os.path.abspath(path), hosts)
+        groups = sorted(str(g.name) for g in host.get_groups() if g.name != "all")
+        name = str(host.name)  # a plain str, not ansible's tagged one (it reaches YAML and JSON writers)
+        hosts[name] = Host(name, groups, plain, origins)
+    return Inventory(os.path.abspath(path), hosts, notes)
 
 
 def _hosts_file(path: str) -> str:
@@ -209,6 +260,8 @@ def check_inventory(path: str, vault_password_file: str | None = None,
             seen.add(key)
             result.diagnostics.append(Diagnostic(file, line, col, "error", pointer, message, hint, rule))
 
+    for where, message in inventory.notes:
+        result.diagnostics.append(Diagnostic(where, 1, 1, "warning", "", message, rule="inventory-layout"))
     for group in GROUPS:
         if not inventory.group(group):
             add(None, "", f"inventory has no hosts in group '{group}'",

@@ -3,7 +3,8 @@ directory (<state>/clawbot.json) so the roles copy a file whose bytes change onl
 
 Deploy fills in one thing: an empty `model_gateway.allowed_clients` becomes the inventory names of the chat_nodes
 group plus the control machine's certificate name (`clawbot status` reads the gateway's /status with it; the
-control machine holds the CA key, so admitting it grants nothing it could not mint). Each chat node's client
+control machine holds the CA key, so admitting it grants nothing it could not mint) and Prometheus's
+(`clawbot monitoring`: it scrapes /metrics; whoever holds that key may also use the API). Each chat node's client
 certificate carries its inventory name (clawbot.control.certificates), so chat nodes are served and every other
 certificate of the cluster CA, the model nodes' own included, gets 403. A list the user wrote is kept as it is.
 """
@@ -15,17 +16,17 @@ from pathlib import Path
 
 from clawbot.common import pki
 from clawbot.control.planning import CHAT_GROUP
-from clawbot.control.state import CONTROL_NAME
+from clawbot.control.state import CONTROL_NAME, MONITORING_NAME
 
 NODE_CONFIG = "clawbot.json"
 
 
 def gateway_clients(inventory, configured: list[str]) -> list[str]:
     """model_gateway.allowed_clients as nodes get it: the user's list when set, else the chat nodes' inventory
-    names (inventory order) and the control machine's."""
+    names (inventory order), the control machine's and Prometheus's."""
     if configured:
         return list(configured)
-    return list(dict.fromkeys([h.name for h in inventory.group(CHAT_GROUP)] + [CONTROL_NAME]))
+    return list(dict.fromkeys([h.name for h in inventory.group(CHAT_GROUP)] + [CONTROL_NAME, MONITORING_NAME]))
 
 
 def render(config_path: Path, inventory, state_dir: Path) -> Path:

@@ -35,9 +35,19 @@ def inventory_base(inventory_path: str) -> Path:
     return Path(inventory_path) if os.path.isdir(inventory_path) else Path(inventory_path).parent
 
 
+LEGACY_CONFIG_FILE = "clawbot.json"  # where clawbot.json sat before .clawbot/ (Ansible parses it there)
+
+
 def config_path(inventory, base: Path) -> Path:
-    """The cluster's clawbot.json: clawbot_config_file, relative to the inventory directory."""
-    return (base / cluster_var(inventory.hosts.values(), "clawbot_config_file")).resolve()
+    """The cluster's clawbot.json: clawbot_config_file, relative to the inventory directory. Left unset, an
+    inventory that still has clawbot.json beside hosts.yml (the old layout) keeps working; loading it already
+    said to move it (clawbot.control.inventory.foreign_files)."""
+    hosts = inventory.hosts.values()
+    path = (base / cluster_var(hosts, "clawbot_config_file")).resolve()
+    unset = not any(h.vars.get("clawbot_config_file") for h in hosts)
+    if unset and not path.exists() and (base / LEGACY_CONFIG_FILE).is_file():
+        return (base / LEGACY_CONFIG_FILE).resolve()
+    return path
 
 
 def control_file(hosts, variable: str, base: Path) -> Path | None:

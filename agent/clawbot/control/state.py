@@ -8,6 +8,9 @@ import os
 from pathlib import Path
 
 CONTROL_NAME = "clawbot-control"  # the control machine's client certificate (deploy issues it, `clawbot status` uses it)
+# Prometheus's client certificate (deploy issues it, `clawbot monitoring` hands it out). A name under CONTROL_NAME:
+# every cluster CA permits that subtree since it was created, so adding this name needs no CA rotation.
+MONITORING_NAME = f"monitoring.{CONTROL_NAME}"
 
 
 def state_directory(configured: str, base: Path) -> Path:

@@ -124,7 +124,7 @@ def _describe(row: dict) -> tuple[str, str, str, str]:
 def run(args) -> int:
     from clawbot.common.config import check_file
     from clawbot.control import planning
-    from clawbot.control.inventory import InventoryError, load_inventory
+    from clawbot.control.inventory import InventoryError, load_inventory, warn_foreign_files
     from clawbot.control.state import state_directory
 
     try:
@@ -132,6 +132,7 @@ def run(args) -> int:
     except InventoryError as exc:
         print(f"clawbot status: {exc}", file=sys.stderr)
         return 2
+    warn_foreign_files(inventory, "clawbot status")
     base = planning.inventory_base(args.inventory)
     try:
         result = check_file(str(planning.config_path(inventory, base)))

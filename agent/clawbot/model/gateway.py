@@ -10,8 +10,13 @@ streams the answer through chunk by chunk, and cancels generation upstream when 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
+import os
+import re
+import secrets
+import shutil
 import time
 from typing import Annotated, Literal, Union
 
@@ -28,6 +33,11 @@ from clawbot.model.engines import Refused
 from clawbot.common.mtls import peer_cert_der
 
 log = logging.getLogger("clawbot.model.gateway")
+# One JSON line per API request (AuthorizeAndCount writes it, the handlers fill in what they learn), for the journal.
+request_log = logging.getLogger("clawbot.model.requests")
+# A caller's X-Request-Id is kept (the chat node can tie its own log line to the gateway's); anything else is replaced.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+LOGGED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})  # not /v1/tokenize: the chat node counts often
 
 # Only these paths reach the app; everything llama-server has besides (/slots, /props, ...) stays private.
 UPSTREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=30.0)
@@ -163,9 +173,94 @@ class Metrics:
         self.tokens_per_second = Histogram("clawbot_gateway_tokens_per_second",
                                            "Output tokens per second of generation, per request", registry=r,
                                            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+        self.inter_token = Histogram("clawbot_gateway_inter_token_seconds",
+                                     "Time between two generated tokens of a stream, as the gateway relays them",
+                                     registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                                                          2.5))
         self.output_tokens = Counter("clawbot_gateway_output_tokens", "Tokens generated", registry=r)
         self.model_state = Enum("clawbot_model_state", "State of the supervised model server", registry=r,
                                 states=["stopped", "loading", "ready", "restarting", "failed"])
+
+
+class NodeCollector:
+    """What /status knows, as metrics read at scrape time (so never stale), for alerting: restarts, limits,
+    certificate lifetimes, room on the model's disk, whether huge pages really back the weights, memory.
+
+    Every value comes from Gateway.status() (the supervisor's snapshot, the certificate watcher): /status and
+    /metrics cannot disagree."""
+
+    def __init__(self, gateway: "Gateway"):
+        self.gateway = gateway
+
+    def describe(self):
+        return []  # collected only at scrape time: nothing to check for clashes at registration
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        status = self.gateway.status()
+        model, limits = status["model"], status["gateway"]
+
+        def gauge(name: str, doc: str, value):
+            family = GaugeMetricFamily(name, doc)
+            if value is not None:
+                family.add_metric([], float(value))
+            return family
+
+        yield CounterMetricFamily("clawbot_model_server_restarts", "Times the model server exited or failed to start "
+                                  "and the agent started it again (since the agent started)", value=model["restarts"])
+        yield gauge("clawbot_gateway_max_concurrency", "Requests the gateway passes to the model server at once",
+                    limits["max_concurrency"])
+        yield gauge("clawbot_gateway_queue_capacity", "Requests that may wait for a slot (model_gateway.queue_length)",
+                    limits["queue_length"])
+        expiry = GaugeMetricFamily("clawbot_certificate_expiry_timestamp_seconds",
+                                   "Unix time a certificate of this node stops being valid", labels=["certificate"])
+        issued = GaugeMetricFamily("clawbot_certificate_not_before_timestamp_seconds",
+                                   "Unix time a certificate of this node became valid", labels=["certificate"])
+        for label, summary in (("server", status["tls"].get("server_cert")), ("ca", status["tls"].get("ca_cert"))):
+            if summary and "not_after" in summary:
+                expiry.add_metric([label], _timestamp(summary["not_after"]))
+                issued.add_metric([label], _timestamp(summary["not_before"]))
+        yield expiry
+        yield issued
+        disk = _disk(model["model_path"])
+        yield gauge("clawbot_model_disk_free_bytes", "Free bytes (for the agent's user) on the filesystem that holds "
+                    "model_server.model_path, where deploy stages the model", disk and disk.free)
+        yield gauge("clawbot_model_disk_size_bytes", "Size of the filesystem that holds model_server.model_path",
+                    disk and disk.total)
+        yield gauge("clawbot_model_file_bytes", "Size of the model file at model_server.model_path",
+                    _size(model["model_path"]))
+        pages, memory = model["hugepages"], model["memory"] or {}
+        yield gauge("clawbot_model_hugepages_wanted", "1 when the run plan stages the weights into huge pages "
+                    "(model_server.hugepages)", int(bool(pages.get("wanted"))))
+        backed = pages.get("hugepages_effective")
+        yield gauge("clawbot_model_hugepages_backed", "1 when the running model server's mapping of the weights sits in "
+                    "huge pages (/proc/PID/smaps), 0 when not; absent while no model server runs",
+                    None if backed is None else int(bool(backed)))
+        rss = memory.get("vm_rss_kib")
+        yield gauge("clawbot_model_server_resident_bytes", "Resident memory of the model server (VmRSS; huge pages "
+                    "are not in it)", None if rss is None else rss * 1024)
+        huge = memory.get("model_hugetlb_rss_kib")
+        yield gauge("clawbot_model_weights_hugetlb_bytes", "Bytes of the weights' mapping held in huge pages",
+                    None if huge is None else huge * 1024)
+
+
+def _timestamp(iso: str) -> float:
+    return dt.datetime.fromisoformat(iso).timestamp()
+
+
+def _disk(path: str):
+    try:
+        return shutil.disk_usage(os.path.dirname(path) or ".")
+    except OSError:
+        return None
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
 
 
 # --------------------------------------------------------------------------- SSE observation
@@ -178,6 +273,8 @@ class StreamObserver:
         self._buffer = b""
         self.tokens = 0
         self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.gaps: list[float] = []  # seconds between consecutive tokens (observed after the stream, off its path)
         self.usage_tokens: int | None = None
 
     def feed(self, chunk: bytes) -> None:
@@ -200,8 +297,12 @@ class StreamObserver:
                     text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
                     if text:
                         self.tokens += 1
+                        now = time.monotonic()
                         if self.first_token_at is None:
-                            self.first_token_at = time.monotonic()
+                            self.first_token_at = now
+                        else:
+                            self.gaps.append(now - self.last_token_at)
+                        self.last_token_at = now
 
     @property
     def output_tokens(self) -> int:
@@ -227,6 +328,7 @@ class Gateway:
         # read at scrape time, so the gauges are never stale
         self.metrics.queue_depth.set_function(lambda: self.admission.queued)
         self.metrics.in_flight.set_function(lambda: self.admission.active)
+        self.metrics.registry.register(NodeCollector(self))
         self.agent_info = agent_info or {}
         self.started = time.time()
         self.client = self._upstream_client()
@@ -340,9 +442,11 @@ class Gateway:
     # -- proxying ------------------------------------------------------------------------------
 
     async def proxy(self, request: Request, path: str, payload: dict) -> Response:
+        record = request_record(request)
+        record["model"] = self.config["model_server"]["model_name"]
         self._require_ready()
         deadline = time.monotonic() + self.gw["request_timeout_s"]
-        await self._admit()
+        record["queue_wait_s"] = round(await self._admit(), 4)
         admitted = time.monotonic()
         released = False
 
@@ -387,6 +491,8 @@ class Gateway:
                 try:
                     usage = resp.json().get("usage") or {}
                     tokens = int(usage.get("completion_tokens") or 0)
+                    request_record(request).update(prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                                                   completion_tokens=tokens)
                 except (ValueError, AttributeError, TypeError):
                     tokens = 0
                 elapsed = time.monotonic() - admitted
@@ -425,6 +531,7 @@ class Gateway:
 
         metrics = self.metrics
         timeout_s = self.gw["request_timeout_s"]
+        record = request_record(request)
 
         async def relay():
             observer = StreamObserver()
@@ -454,13 +561,17 @@ class Gateway:
             finally:
                 await resp.aclose()  # on client disconnect too: llama-server sees the close and stops
                 release()
+                record["completion_tokens"] = observer.output_tokens
                 if observer.first_token_at is not None:
                     metrics.first_token.observe(observer.first_token_at - admitted)
+                    record["first_token_s"] = round(observer.first_token_at - admitted, 4)
                     tokens = observer.output_tokens
                     metrics.output_tokens.inc(tokens)
                     gen_time = time.monotonic() - observer.first_token_at
                     if tokens > 1 and gen_time > 0:
                         metrics.tokens_per_second.observe((tokens - 1) / gen_time)
+                    for gap in observer.gaps:
+                        metrics.inter_token.observe(gap)
 
         async def cleanup() -> None:
             await resp.aclose()
@@ -521,6 +632,20 @@ class _Relay(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._cleanup()
+
+
+def request_record(request: Request) -> dict:
+    """The fields of this request's log line (AuthorizeAndCount writes it when the answer is complete)."""
+    return request.scope.setdefault("state", {}).setdefault("clawbot_request", {})
+
+
+def _request_id(scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            if REQUEST_ID.fullmatch(text):
+                return text
+    return secrets.token_hex(8)
 
 
 def _raise_upstream(r: httpx.Response) -> None:
@@ -631,7 +756,8 @@ KNOWN_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/tok
 
 class AuthorizeAndCount:
     """Pure ASGI middleware (BaseHTTPMiddleware would buffer streams and hide client disconnects):
-    refuse clients the allowlist does not name, count every answer by path and status."""
+    refuse clients the allowlist does not name, count every answer by path and status, answer with X-Request-Id
+    and write one JSON line per API request (request_log) once its answer is complete."""
 
     def __init__(self, app, gateway: Gateway):
         self.app = app
@@ -645,10 +771,14 @@ class AuthorizeAndCount:
         path = scope.get("path", "")
         label = path if path in KNOWN_PATHS else "other"
         status_seen = {"code": 500}
+        request_id = _request_id(scope)
+        record = scope.setdefault("state", {}).setdefault("clawbot_request", {})
+        started = time.monotonic()
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
                 status_seen["code"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
             await send(message)
 
         problem = self.gateway.authorize(scope)
@@ -660,3 +790,10 @@ class AuthorizeAndCount:
                 await self.app(scope, receive, counting_send)
         finally:
             self.gateway.metrics.requests.labels(label, str(status_seen["code"])).inc()
+            if path in LOGGED_PATHS:
+                der = peer_cert_der(scope)
+                client = pki.peer_identities(der).describe() if der else "none"
+                request_log.info(json.dumps({"event": "request", "request_id": request_id, "client": client,
+                                             "method": scope.get("method"), "path": path,
+                                             "status": status_seen["code"], **record,
+                                             "duration_s": round(time.monotonic() - started, 4)}))
