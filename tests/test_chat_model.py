@@ -8,6 +8,7 @@ prompt size llama-server itself reports for the request (usage.prompt_tokens).
 from __future__ import annotations
 
 import signal
+import time
 import ssl
 
 import httpx
@@ -224,3 +225,40 @@ def test_schemathesis_on_the_openai_api_never_5xx(chat_pki, model_node, tmp_path
         assert done.returncode == 0, output[-6000:]
         summary = re.search(r"(\d+) generated, (\d+) passed", output)
         assert summary and int(summary.group(1)) >= 50 and "failed" not in summary.group(0), output[-3000:]
+
+
+def test_one_request_id_in_the_chat_node_and_gateway_logs(chat_pki, model_node, tmp_path):
+    """A model request leaves one JSON line in the chat node's journal and one in the gateway's, with one id: the
+    app's own X-Request-Id when it sends one, a fresh one for a web UI message."""
+    import json
+    import re
+
+    with running(small_chat(chat_pki, tmp_path, model_node.endpoint)) as chat:
+        key = chat.api_key("admin", "tracing")
+        with chat.anonymous(headers={"Authorization": f"Bearer {key}", "X-Request-Id": "app-trace-0042"}) as app:
+            response = app.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                               "max_tokens": 4})
+            assert response.status_code == 200 and response.headers["x-request-id"] == "app-trace-0042"
+        with chat.client() as c:
+            conv = c.post("/api/conversations", json={}).json()
+            send(c, conv["id"], "Hello there")
+
+        def lines(text: str) -> list[dict]:
+            found = []
+            for match in re.finditer(r'(\{"event": "(?:model_request|request)".*\})\s*$', text, re.M):
+                found.append(json.loads(match.group(1)))
+            return found
+
+        def both_logged():
+            mine = [l for l in lines(chat.log_tail(200000)) if l["event"] == "model_request"]
+            theirs = {l["request_id"] for l in lines(model_node.log_tail(400000)) if l["event"] == "request"}
+            return mine if len(mine) == 2 and all(l["request_id"] in theirs for l in mine) else None
+        deadline = time.monotonic() + 20
+        while not both_logged() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        mine = both_logged()
+        assert mine, (chat.log_tail(3000), model_node.log_tail(3000))
+        api, web = sorted(mine, key=lambda l: l["via"])
+        assert (api["via"], api["request_id"], api["user"], api["key"]) == ("api", "app-trace-0042", "admin",
+                                                                            key.split("_")[0])
+        assert web["via"] == "web" and web["outcome"] == "complete" and web["completion_tokens"] > 0

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -19,9 +21,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from clawbot.chat.access import Caller, runtime
 from clawbot.chat.accounts import LimitReached, Principal
 from clawbot.common.modelclient import ModelUnavailable
-from clawbot.model.gateway import ChatCompletionRequest, CompletionRequest
+from clawbot.model.gateway import REQUEST_ID, ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("clawbot.chat.openai")
+request_log = logging.getLogger("clawbot.chat.requests")
 
 
 def openai_error(status: int, message: str, type_: str, code: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -51,6 +54,22 @@ def routes() -> APIRouter:
     return router
 
 
+def request_id_of(request: Request) -> str:
+    """The app's own X-Request-Id when it is a plain token (so its logs, ours and the gateway's line up), else new."""
+    given = request.headers.get("x-request-id", "")
+    return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def _log(principal: Principal, request_id: str, path: str, status: int, started: float, usage: dict | None) -> None:
+    """One journal line per model request of an app, with the id the gateway logs for it too."""
+    line = {"event": "model_request", "request_id": request_id, "via": "api", "user": principal.user["name"],
+            "key": f"cb-{principal.key['prefix']}" if principal.key else None, "path": path, "status": status,
+            "duration_s": round(time.monotonic() - started, 3)}
+    if isinstance(usage, dict):
+        line.update(prompt_tokens=usage.get("prompt_tokens"), completion_tokens=usage.get("completion_tokens"))
+    request_log.info(json.dumps(line))
+
+
 async def _complete(request: Request, principal: Principal, path: str, body) -> Response:
     rt = runtime(request)
     try:
@@ -60,18 +79,23 @@ async def _complete(request: Request, principal: Principal, path: str, body) -> 
         return openai_error(429, str(exc), "rate_limit_exceeded", "user_limit",
                             headers={"Retry-After": str(exc.retry_after_s)})
     payload = body.model_dump(exclude_none=True)
+    request_id, started = request_id_of(request), time.monotonic()
     if not body.stream:
-        return await _forward_plain(request, "POST", path, payload, principal)
+        return await _forward_plain(request, "POST", path, payload, principal, request_id, started)
     wants_usage = bool(body.stream_options and body.stream_options.include_usage)
     payload["stream_options"] = {"include_usage": True}
     try:
-        upstream = await rt.client.forward("POST", path, payload, stream=True, timeout_s=_timeout(rt))
+        upstream = await rt.client.forward("POST", path, payload, stream=True, timeout_s=_timeout(rt),
+                                           request_id=request_id)
     except ModelUnavailable as exc:
-        return openai_error(503, f"the model is unavailable: {exc.reason}", "server_error", "model_unavailable")
+        _log(principal, request_id, path, 503, started, None)
+        return openai_error(503, f"the model is unavailable: {exc.reason}", "server_error", "model_unavailable",
+                            headers={"X-Request-Id": request_id})
     if upstream.status_code != 200:
         await upstream.aread()
         await upstream.aclose()
-        return _passthrough(upstream)
+        _log(principal, request_id, path, upstream.status_code, started, None)
+        return _passthrough(upstream, request_id)
 
     async def relay():
         usage, chunks = None, 0
@@ -98,25 +122,35 @@ async def _complete(request: Request, principal: Principal, path: str, body) -> 
         finally:
             await upstream.aclose()
             # an app that hangs up before the usage chunk still pays for what it received (about a token a chunk)
-            _record(rt, principal, usage or {"prompt_tokens": 0, "completion_tokens": chunks})
+            usage = usage or {"prompt_tokens": 0, "completion_tokens": chunks}
+            _record(rt, principal, usage)
+            _log(principal, request_id, path, 200, started, usage)
 
     return StreamingResponse(relay(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": request_id})
 
 
 async def _forward_plain(request: Request, method: str, path: str, payload: dict | None,
-                         principal: Principal | None) -> Response:
+                         principal: Principal | None, request_id: str | None = None, started: float = 0.0) -> Response:
     rt = runtime(request)
+    request_id = request_id or request_id_of(request)
     try:
-        upstream = await rt.client.forward(method, path, payload, timeout_s=_timeout(rt))
+        upstream = await rt.client.forward(method, path, payload, timeout_s=_timeout(rt), request_id=request_id)
     except ModelUnavailable as exc:
-        return openai_error(503, f"the model is unavailable: {exc.reason}", "server_error", "model_unavailable")
-    if principal is not None and upstream.status_code == 200:
-        try:
-            _record(rt, principal, upstream.json().get("usage"))
-        except ValueError:
-            pass
-    return _passthrough(upstream)
+        if principal is not None:
+            _log(principal, request_id, path, 503, started, None)
+        return openai_error(503, f"the model is unavailable: {exc.reason}", "server_error", "model_unavailable",
+                            headers={"X-Request-Id": request_id})
+    if principal is not None:
+        usage = None
+        if upstream.status_code == 200:
+            try:
+                usage = upstream.json().get("usage")
+            except ValueError:
+                pass
+            _record(rt, principal, usage)
+        _log(principal, request_id, path, upstream.status_code, started, usage)
+    return _passthrough(upstream, request_id)
 
 
 def _timeout(rt) -> float:
@@ -125,8 +159,9 @@ def _timeout(rt) -> float:
     return rt.config["model_gateway"]["request_timeout_s"] + 5
 
 
-def _passthrough(upstream) -> Response:
+def _passthrough(upstream, request_id: str) -> Response:
     headers = {k: v for k, v in upstream.headers.items() if k.lower() in ("retry-after", "content-type")}
+    headers["X-Request-Id"] = request_id
     return Response(upstream.content, status_code=upstream.status_code, headers=headers)
 
 

@@ -20,6 +20,7 @@ import json
 import logging
 import signal
 import time
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from clawbot.common.modelclient import ModelClient, ModelUnavailable, StreamBrok
 from clawbot.chat.store import NotFound, Store
 
 log = logging.getLogger("clawbot.chat.service")
+request_log = logging.getLogger("clawbot.chat.requests")
 
 WEB_DIR = Path(__file__).parent / "web"
 MAX_MESSAGE_CHARS = 32000
@@ -402,6 +404,9 @@ async def _reply(runtime: Runtime, lock: asyncio.Lock, conv_id: str, user: dict,
         parts: list[str] = []
         finished = False
         request_id = None
+        trace = {"event": "model_request", "request_id": uuid.uuid4().hex, "via": "web", "user": account["name"],
+                 "conversation": conv_id, "outcome": "cancelled"}
+        started = time.monotonic()
         try:
             try:
                 prompt = await runtime.keeper.build(conv_id)
@@ -429,16 +434,19 @@ async def _reply(runtime: Runtime, lock: asyncio.Lock, conv_id: str, user: dict,
             usage = None
             saved_at = time.monotonic()
             try:
-                async for chunk in runtime.client.stream(prompt.messages, gateway["max_tokens"], gateway["temperature"]):
+                async for chunk in runtime.client.stream(prompt.messages, gateway["max_tokens"], gateway["temperature"],
+                                                         request_id=trace["request_id"]):
                     if chunk.usage:
                         usage = chunk.usage
                     if chunk.text:
+                        trace.setdefault("first_token_s", round(time.monotonic() - started, 3))
                         parts.append(chunk.text)
                         yield sse("token", {"text": chunk.text})
                         if time.monotonic() - saved_at > SAVE_PARTIAL_EVERY_S:
                             store.update_message(reply["id"], content="".join(parts))
                             saved_at = time.monotonic()
             except ModelUnavailable as exc:
+                trace["outcome"] = f"unavailable: {exc.reason}"
                 store.finish_request(request_id, f"unavailable: {exc.reason}")
                 reply = await _fallback(runtime, conv_id, user, exc, reply)
                 finished = True
@@ -446,6 +454,7 @@ async def _reply(runtime: Runtime, lock: asyncio.Lock, conv_id: str, user: dict,
                 yield sse("done", {"message": reply})
                 return
             except StreamBroken as exc:
+                trace["outcome"] = f"broken: {exc}"
                 meta = dict(reply["meta"], error=f"reply cut short: {exc}")
                 reply = store.update_message(reply["id"], content="".join(parts), status="incomplete", meta=meta)
                 store.finish_request(request_id, f"broken: {exc}")
@@ -461,6 +470,8 @@ async def _reply(runtime: Runtime, lock: asyncio.Lock, conv_id: str, user: dict,
             completion = usage.get("completion_tokens") if isinstance(usage, dict) else None
             runtime.accounts.record_tokens(account, reported if reported is not None else prompt.tokens,
                                            completion if completion is not None else len(parts))
+            trace.update(outcome="complete", prompt_tokens=reported if reported is not None else prompt.tokens,
+                         completion_tokens=completion if completion is not None else len(parts))
             finished = True
             yield sse("done", {"message": reply})
         finally:
@@ -470,6 +481,9 @@ async def _reply(runtime: Runtime, lock: asyncio.Lock, conv_id: str, user: dict,
                 runtime.accounts.record_tokens(account, prompt.tokens, len(parts))  # hanging up is not free
                 if request_id is not None:
                     store.finish_request(request_id, "cancelled")
+            if request_id is not None:  # one line per model request, with the id the gateway logs too
+                trace["duration_s"] = round(time.monotonic() - started, 3)
+                request_log.info(json.dumps(trace, ensure_ascii=False))
 
 
 async def _fallback(runtime: Runtime, conv_id: str, user: dict, exc: ModelUnavailable, reply: dict | None) -> dict:

@@ -97,12 +97,13 @@ class ModelClient:
         return response
 
     async def forward(self, method: str, path: str, body: dict | None = None, stream: bool = False,
-                      timeout_s: float | None = None) -> httpx.Response:
+                      timeout_s: float | None = None, request_id: str | None = None) -> httpx.Response:
         """A request passed through as it is (the chat node's OpenAI API): any status comes back to the caller;
         ModelUnavailable only when the gateway cannot be reached. With stream=True the caller closes the response.
         timeout_s: the longest wait for the gateway (an app's long completion may take the gateway's own limit)."""
         timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)) if timeout_s else httpx.USE_CLIENT_DEFAULT
-        request = self._http.build_request(method, path, json=body, timeout=timeout)
+        request = self._http.build_request(method, path, json=body, timeout=timeout,
+                                           headers={"X-Request-Id": request_id} if request_id else None)
         try:
             return await self._http.send(request, stream=stream)
         except httpx.HTTPError as exc:
@@ -128,15 +129,18 @@ class ModelClient:
         data = response.json()
         return data["choices"][0]["message"].get("content") or "", data.get("usage")
 
-    async def stream(self, messages: list[dict], max_tokens: int, temperature: float) -> AsyncIterator[Chunk]:
-        """Stream a chat completion. ModelUnavailable before the first chunk; StreamBroken after it."""
+    async def stream(self, messages: list[dict], max_tokens: int, temperature: float,
+                     request_id: str | None = None) -> AsyncIterator[Chunk]:
+        """Stream a chat completion. ModelUnavailable before the first chunk; StreamBroken after it. request_id goes
+        to the gateway as X-Request-Id, so its log line and the chat node's carry the same id."""
         body = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature, "stream": True,
                 "stream_options": {"include_usage": True}}
         if self.model:
             body["model"] = self.model
         started = False
         try:
-            async with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
+            async with self._http.stream("POST", "/v1/chat/completions", json=body,
+                                         headers={"X-Request-Id": request_id} if request_id else None) as response:
                 if response.status_code == 429 or response.status_code >= 500 or response.status_code != 200:
                     await response.aread()
                     if response.status_code == 429:
