@@ -318,3 +318,11 @@ def test_validate_imports_no_agent_server_pyinfra_or_ansible(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip().splitlines()[-1] == "0 []"
+
+
+def test_unbalanced_brackets_in_urls_get_a_diagnostic_not_a_crash():
+    """urlsplit raises on an unbalanced "[" (found by test_validate_fuzz): the checker must answer, not crash."""
+    for document in (b'{"model_gateway": {"endpoint": "https://[::1:5000/x"}}',
+                     b'{"auth": {"oidc": {"enabled": true, "issuer": "http://[x", "client_id": "c"}}}'):
+        result = check_bytes(document, "c.json")
+        assert not result.ok and result.diagnostics

@@ -253,7 +253,10 @@ def _schema_diagnostics(document: Document, filename: str) -> list[Diagnostic]:
 def _endpoint_hint(value) -> str:
     if not isinstance(value, str):
         return ""
-    parts = urlsplit(value.strip())
+    try:
+        parts = urlsplit(value.strip())
+    except ValueError:  # e.g. an unbalanced "[" in the host: no hint beyond the example
+        return "e.g. \"https://192.168.1.100:5000\""
     if parts.netloc:
         return f"write \"https://{parts.netloc}\""
     return "e.g. \"https://192.168.1.100:5000\""
@@ -351,7 +354,12 @@ def _rule_auth(config, document, filename, inventory, out):
             if not oidc[key]:
                 add(f"/auth/oidc/{key}", f"auth.oidc.enabled is true but auth.oidc.{key} is empty",
                     "set it to what the identity provider registered for clawbot (docs/sso.md)")
-        if oidc["issuer"].startswith("http://") and urlsplit(oidc["issuer"]).hostname not in ("127.0.0.1", "localhost", "::1"):
+        try:
+            host = urlsplit(oidc["issuer"]).hostname
+        except ValueError:
+            host = None
+            add("/auth/oidc/issuer", f"auth.oidc.issuer {oidc['issuer']!r} is not a URL")
+        if host is not None and oidc["issuer"].startswith("http://") and host not in ("127.0.0.1", "localhost", "::1"):
             add("/auth/oidc/issuer", "auth.oidc.issuer must be https:// (plain http only on loopback, for tests)")
         if "openid" not in oidc["scopes"]:
             add("/auth/oidc/scopes", "auth.oidc.scopes must include openid", 'add "openid"')
