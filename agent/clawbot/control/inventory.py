@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 from clawbot.common.config import CheckResult, Diagnostic, InventoryFacts, load_schema
@@ -152,10 +153,20 @@ def foreign_files(path: str) -> list[tuple[str, str]]:
     return found
 
 
+def load_for_command(path: str, vault_password_file: str | None, command: str) -> "Inventory":
+    """The inventory for a control-side command (`clawbot status|users|monitoring -i`): unreadable, it says why and
+    exits 2; readable, files Ansible would misread are warned about."""
+    try:
+        inventory = load_inventory(path, vault_password_file)
+    except InventoryError as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    warn_foreign_files(inventory, command)
+    return inventory
+
+
 def warn_foreign_files(inventory: Inventory, prog: str) -> None:
     """Print foreign_files' advice to stderr, for commands that read an inventory but do not check it."""
-    import sys
-
     for where, message in inventory.notes:
         print(f"{prog}: warning: {where}: {message}", file=sys.stderr)
 

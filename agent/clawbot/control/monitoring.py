@@ -278,15 +278,10 @@ def create_chat_keys(args, inventory, out: Path) -> list[str]:
 def run(args) -> int:
     from clawbot.common.config import check_file
     from clawbot.control import planning
-    from clawbot.control.inventory import InventoryError, load_inventory, warn_foreign_files
+    from clawbot.control.inventory import load_for_command
     from clawbot.control.state import state_directory
 
-    try:
-        inventory = load_inventory(args.inventory, args.vault_password_file)
-    except InventoryError as exc:
-        print(f"clawbot monitoring: {exc}", file=sys.stderr)
-        return 2
-    warn_foreign_files(inventory, "clawbot monitoring")
+    inventory = load_for_command(args.inventory, args.vault_password_file, "clawbot monitoring")
     base = planning.inventory_base(args.inventory)
     try:
         result = check_file(str(planning.config_path(inventory, base)))

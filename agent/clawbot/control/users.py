@@ -19,15 +19,10 @@ def run_on_chat_nodes(args, argv: list[str], stdin: str | None) -> int:
     from pyinfra.api.exceptions import PyinfraError
 
     from clawbot.control import rollout
-    from clawbot.control.inventory import InventoryError, inventory_var, load_inventory, warn_foreign_files
+    from clawbot.control.inventory import inventory_var, load_for_command
     from clawbot.control.planning import CHAT_GROUP
 
-    try:
-        inventory = load_inventory(args.inventory, args.vault_password_file)
-    except InventoryError as exc:
-        print(f"clawbot users: {exc}", file=sys.stderr)
-        return 2
-    warn_foreign_files(inventory, "clawbot users")
+    inventory = load_for_command(args.inventory, args.vault_password_file, "clawbot users")
     hosts = [h for h in inventory.group(CHAT_GROUP) if not args.limit or h.name in args.limit]
     if not hosts:
         print(f"clawbot users: {args.inventory} has no chat node"
