@@ -8,14 +8,12 @@ the same cookie a password login gets, and a disabled account or a failed sign-i
 from __future__ import annotations
 
 import contextlib
-import json
-import sys
 
 import httpx
 import pytest
 
 from fixtures_chat import ChatAgent, chat_config, chat_pki, free_port, running  # noqa: F401
-from test_oidc import register, running_provider
+from test_oidc import provider_command, register, running_provider
 
 PEOPLE = [{"sub": "u-1001", "preferred_username": "ingrid", "email": "ingrid@lab.example", "groups": ["staff"]},
           {"sub": "u-1002", "preferred_username": "olaf", "email": "olaf@lab.example", "groups": ["clawbot-admins"]}]
@@ -23,13 +21,7 @@ PEOPLE = [{"sub": "u-1001", "preferred_username": "ingrid", "email": "ingrid@lab
 
 @pytest.fixture(scope="module")
 def provider(tmp_path_factory):
-    def command(port):
-        args = [sys.executable, "-m", "oidc_provider_mock", "--host", "127.0.0.1", "--port", str(port),
-                "--require-registration", "true", "--require-nonce", "true"]
-        for person in PEOPLE:
-            args += ["--user-claims", json.dumps(person)]
-        return args
-    with running_provider(tmp_path_factory.mktemp("idp") / "provider.log", command) as base:
+    with running_provider(tmp_path_factory.mktemp("idp") / "provider.log", provider_command(PEOPLE)) as base:
         yield base
 
 

@@ -98,16 +98,21 @@ def running_provider(log_path, command, scheme: str = "http", verify=True):
     raise AssertionError(f"oidc-provider-mock did not start; its log:\n{log_path.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def provider(tmp_path_factory):
-    """Base URL of oidc-provider-mock run by its CLI (registration and nonce required), on plain http."""
+def provider_command(users: list[dict]):
+    """oidc-provider-mock's CLI (registration and nonce required) on a port, knowing these users' claims."""
     def command(port):
         args = [sys.executable, "-m", "oidc_provider_mock", "--host", "127.0.0.1", "--port", str(port),
                 "--require-registration", "true", "--require-nonce", "true"]
-        for user in USERS:
+        for user in users:
             args += ["--user-claims", json.dumps(user)]
         return args
-    with running_provider(tmp_path_factory.mktemp("oidc") / "provider.log", command) as base:
+    return command
+
+
+@pytest.fixture(scope="module")
+def provider(tmp_path_factory):
+    """Base URL of oidc-provider-mock run by its CLI (registration and nonce required), on plain http."""
+    with running_provider(tmp_path_factory.mktemp("oidc") / "provider.log", provider_command(USERS)) as base:
         yield base
 
 
