@@ -76,7 +76,7 @@ def test_admission_queue_timeout_and_rate_limit():
         await adm.acquire()
         with pytest.raises(Rejected) as err:
             await adm.acquire()
-        assert err.value.reason == "queue_timeout"
+        assert err.value.reason == "queue_timeout" and err.value.status == 503  # slow, not "too many requests"
         clock = [0.0]
         limited = Admission(requests_per_second=2, burst=1, max_concurrency=5, queue_length=5, queue_timeout_s=1,
                             clock=lambda: clock[0])
@@ -86,6 +86,34 @@ def test_admission_queue_timeout_and_rate_limit():
         assert err.value.reason == "rate_limited" and err.value.retry_after == pytest.approx(0.5)
         clock[0] = 0.5
         await limited.acquire()  # refilled
+
+    asyncio.run(scenario())
+
+
+def test_admission_retry_after_from_measured_service_times():
+    """Retry-After comes from the median measured slot time: queue_full says when the oldest running request
+    should end (a place in the queue frees), a queue timeout when a request queued now would be served."""
+    async def scenario():
+        clock = [100.0]
+        adm = Admission(requests_per_second=1000, burst=1000, max_concurrency=2, queue_length=1, queue_timeout_s=1,
+                        clock=lambda: clock[0])
+        assert adm.service_s == 5.0 and adm.measured == 0  # the prior, until something was measured
+        for service in (8.0, 12.0, 10.0):
+            await adm.acquire()
+            clock[0] += service
+            adm.release(service)
+        assert adm.service_s == 10.0 and adm.measured == 3
+        await adm.acquire()
+        clock[0] += 4.0
+        await adm.acquire()
+        queued = asyncio.create_task(adm.acquire())
+        await asyncio.sleep(0)
+        with pytest.raises(Rejected) as err:
+            await adm.acquire()
+        assert (err.value.reason, err.value.status) == ("queue_full", 429)
+        assert err.value.retry_after == pytest.approx(6.0)  # 10 s median, the oldest has run 4 s
+        assert err.value.retry_after_header == "6"
+        queued.cancel()
 
     asyncio.run(scenario())
 

@@ -1,7 +1,9 @@
 """The OpenAI-compatible API of the chat node, for apps: /v1/models, /v1/chat/completions, /v1/completions.
 
 An app authenticates with a per-user API key (`Authorization: Bearer cb-…`) and trusts the cluster CA; the chat
-node checks the user's limits, then forwards the request to the model gateway over mutual TLS with its own client
+node checks the user's limits, waits for the user's turn in the fair line (clawbot.chat.queueing: the same line
+as the web chat, so one app's loop cannot starve people; past chat.queue.max_wait_s it answers 429 with
+Retry-After), then forwards the request to the model gateway over mutual TLS with its own client
 certificate (apps never hold a cluster certificate). Requests are checked with the gateway's own request models,
 so both refuse the same things. Tokens are counted from the usage the model server reports: streams ask for
 it upstream (`stream_options.include_usage`), and the usage-only chunk is passed on only if the app asked for it.
@@ -10,6 +12,7 @@ Errors have OpenAI's shape, `{"error": {"message", "type", "code"}}`, so officia
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -20,7 +23,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from clawbot.chat.access import Caller, runtime
 from clawbot.chat.accounts import LimitReached, Principal
-from clawbot.common.modelclient import ModelUnavailable
+from clawbot.chat.queueing import LineClosed, Ticket
+from clawbot.chat.replies import DEFAULT_RETRY_S, is_down
+from clawbot.common.modelclient import ModelUnavailable, refusal
 from clawbot.model.gateway import REQUEST_ID, ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("clawbot.chat.openai")
@@ -80,22 +85,37 @@ async def _complete(request: Request, principal: Principal, path: str, body) -> 
                             headers={"Retry-After": str(exc.retry_after_s)})
     payload = body.model_dump(exclude_none=True)
     request_id, started = request_id_of(request), time.monotonic()
-    if not body.stream:
-        return await _forward_plain(request, "POST", path, payload, principal, request_id, started)
-    wants_usage = bool(body.stream_options and body.stream_options.include_usage)
-    payload["stream_options"] = {"include_usage": True}
     try:
-        upstream = await rt.client.forward("POST", path, payload, stream=True, timeout_s=_timeout(rt),
-                                           request_id=request_id)
-    except ModelUnavailable as exc:
-        _log(principal, request_id, path, 503, started, None)
-        return openai_error(503, f"the model is unavailable: {exc.reason}", "server_error", "model_unavailable",
-                            headers={"X-Request-Id": request_id})
-    if upstream.status_code != 200:
-        await upstream.aread()
-        await upstream.aclose()
-        _log(principal, request_id, path, upstream.status_code, started, None)
-        return _passthrough(upstream, request_id)
+        ticket = await _wait_turn(rt, principal)
+    except LineClosed as closed:
+        _log(principal, request_id, path, 503 if closed.kind == "down" else 429, started, None)
+        if closed.kind == "down":
+            return openai_error(503, f"the model is unavailable: {closed.reason}", "server_error", "model_unavailable",
+                                headers={"X-Request-Id": request_id})
+        retry = rt.queue.service_s or DEFAULT_RETRY_S
+        return openai_error(429, f"the model is busy: {closed.reason}", "rate_limit_exceeded", "queue_timeout",
+                            headers={"Retry-After": str(max(1, round(retry))), "X-Request-Id": request_id})
+    holding = True
+    try:
+        if not body.stream:
+            return await _forward_plain(request, "POST", path, payload, principal, request_id, started, ticket)
+        wants_usage = bool(body.stream_options and body.stream_options.include_usage)
+        payload["stream_options"] = {"include_usage": True}
+        try:
+            upstream = await _forward_in_turn(rt, ticket, path, payload, True, request_id)
+        except ModelUnavailable as exc:
+            _log(principal, request_id, path, 503, started, None)
+            return openai_error(503, f"the model is unavailable: {exc.reason}", "server_error", "model_unavailable",
+                                headers={"X-Request-Id": request_id})
+        if upstream.status_code != 200:
+            await upstream.aread()
+            await upstream.aclose()
+            _log(principal, request_id, path, upstream.status_code, started, None)
+            return _passthrough(upstream, request_id)
+        holding = False  # the relay holds the turn now, to its last chunk
+    finally:
+        if holding:
+            rt.queue.leave(ticket)
 
     async def relay():
         usage, chunks = None, 0
@@ -121,6 +141,7 @@ async def _complete(request: Request, principal: Principal, path: str, body) -> 
                 yield f"data: {data}\n\n".encode()
         finally:
             await upstream.aclose()
+            rt.queue.leave(ticket)
             # an app that hangs up before the usage chunk still pays for what it received (about a token a chunk)
             usage = usage or {"prompt_tokens": 0, "completion_tokens": chunks}
             _record(rt, principal, usage)
@@ -130,12 +151,57 @@ async def _complete(request: Request, principal: Principal, path: str, body) -> 
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": request_id})
 
 
+async def _wait_turn(rt, principal: Principal) -> Ticket:
+    """The app's turn in the fair line (its user's line), within chat.queue.max_wait_s. Raises LineClosed."""
+    queue, max_wait = rt.queue, rt.config["chat"]["queue"]["max_wait_s"]
+    ticket = queue.join(str(principal.user["id"]))
+    try:
+        if not ticket.admitted and rt.watch.down:
+            raise LineClosed(rt.watch.down, "down")
+        while not ticket.admitted:
+            left = max_wait - ticket.waited_s
+            if left <= 0:
+                raise LineClosed(f"waited {max_wait:g} s for a model slot (chat.queue.max_wait_s)", "timeout")
+            await queue.wait(ticket, left)
+    except BaseException:
+        queue.leave(ticket)
+        raise
+    return ticket
+
+
+async def _forward_in_turn(rt, ticket: Ticket, path: str, payload: dict, stream: bool, request_id: str):
+    """Forward while holding a turn; a gateway that answers busy is waited for as it asks (Retry-After) until the
+    turn's max_wait_s is spent, then its refusal goes to the app as it is."""
+    max_wait = rt.config["chat"]["queue"]["max_wait_s"]
+    while True:
+        try:
+            upstream = await rt.client.forward("POST", path, payload, stream=stream, timeout_s=_timeout(rt),
+                                               request_id=request_id)
+        except ModelUnavailable as exc:
+            if is_down(exc):
+                rt.watch.saw_down(exc.reason)
+            raise
+        if upstream.status_code in (429, 503):
+            await upstream.aread()
+            refused = refusal(upstream)
+            left = max_wait - (time.monotonic() - ticket.joined)
+            if refused.busy and left > 0:
+                await upstream.aclose()
+                await asyncio.sleep(min(left, refused.retry_after or DEFAULT_RETRY_S))
+                continue
+        return upstream
+
+
 async def _forward_plain(request: Request, method: str, path: str, payload: dict | None,
-                         principal: Principal | None, request_id: str | None = None, started: float = 0.0) -> Response:
+                         principal: Principal | None, request_id: str | None = None, started: float = 0.0,
+                         ticket: Ticket | None = None) -> Response:
     rt = runtime(request)
     request_id = request_id or request_id_of(request)
     try:
-        upstream = await rt.client.forward(method, path, payload, timeout_s=_timeout(rt), request_id=request_id)
+        if ticket is not None:
+            upstream = await _forward_in_turn(rt, ticket, path, payload, False, request_id)
+        else:
+            upstream = await rt.client.forward(method, path, payload, timeout_s=_timeout(rt), request_id=request_id)
     except ModelUnavailable as exc:
         if principal is not None:
             _log(principal, request_id, path, 503, started, None)

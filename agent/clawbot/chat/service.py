@@ -5,11 +5,10 @@ the config file is read and checked again (a bad file is logged and the running 
 gateway client is rebuilt with the current client certificate, and a rotated server certificate is
 swapped into the live TLS context. bind_address and port changes need a restart (logged).
 
-Sending a message: the user message is committed before the reply stream starts (so an acknowledged
-message survives a crash); the reply row is created when streaming starts, its text saved every
-couple of seconds and when the stream ends — complete, or `incomplete` when it broke or the client left.
-When the gateway is unreachable, overloaded (429), failing (5xx) or too slow, the configured fallbacks
-answer instead; every reply records its source (model, knowledge_base, web_search, none).
+Sending a message: clawbot.chat.replies streams the reply; while every model slot is busy the message waits
+in the chat node's fair line (clawbot.chat.queueing) with its place shown. When the gateway is down (unreachable,
+not ready, failing) or the wait passes chat.queue.max_wait_s, the configured fallbacks answer instead; every
+reply records its source (model, knowledge_base, web_search, none).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import json
 import logging
 import signal
 import time
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,17 +39,17 @@ from clawbot.chat.access import Admin, Caller
 from clawbot.chat.accounts import Accounts, LimitReached
 from clawbot.chat.metrics import ChatMetrics
 from clawbot.common import pki
-from clawbot.chat.context import ContextKeeper, ContextTooLong, Settings
+from clawbot.chat.context import ContextKeeper, Settings
 from clawbot.chat.fallbacks import Fallbacks
-from clawbot.common.modelclient import ModelClient, ModelUnavailable, StreamBroken
+from clawbot.chat.queueing import FairQueue
+from clawbot.chat.replies import GatewayWatch, apply_health, queue_capacity, reply_stream, watch_gateway
+from clawbot.common.modelclient import ModelClient
 from clawbot.chat.store import NotFound, Store
 
 log = logging.getLogger("clawbot.chat.service")
-request_log = logging.getLogger("clawbot.chat.requests")
 
 WEB_DIR = Path(__file__).parent / "web"
 MAX_MESSAGE_CHARS = 32000
-SAVE_PARTIAL_EVERY_S = 2.0
 ConversationId = Annotated[str, PathParam(pattern="^[0-9a-f]{32}$", description="conversation id (32 hex digits)")]
 
 
@@ -100,6 +98,8 @@ class Runtime:
     fallbacks: Fallbacks
     accounts: Accounts
     metrics: ChatMetrics
+    queue: FairQueue  # kept across reloads: messages in line and in flight hold places in it
+    watch: GatewayWatch
 
     @classmethod
     def build(cls, config: dict, store: Store | None = None, previous: "Runtime | None" = None) -> "Runtime":
@@ -111,22 +111,17 @@ class Runtime:
         if previous is not None and previous.store is store:
             accounts.carry_over(previous.accounts)
         metrics = previous.metrics if previous is not None else ChatMetrics(lambda: store)
-        return cls(config, store, client, keeper, Fallbacks.from_config(config, store), accounts, metrics)
-
-
-def sse(event: str, data: dict) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
-
-
-def _falls_back(exc: ModelUnavailable) -> bool:
-    return exc.status is None or exc.status == 429 or exc.status >= 500
+        watch = previous.watch if previous is not None else GatewayWatch()
+        queue = previous.queue if previous is not None else FairQueue(queue_capacity(config, watch))
+        queue.capacity = queue_capacity(config, watch)
+        return cls(config, store, client, keeper, Fallbacks.from_config(config, store), accounts, metrics, queue, watch)
 
 
 # ------------------------------------------------------------------------------------------- app
 
 
 def create_app(config: dict, config_path: str | None = None) -> FastAPI:
-    state: dict = {"runtime": Runtime.build(config), "locks": {}, "ssl_context": None,
+    state: dict = {"runtime": Runtime.build(config), "locks": {}, "running": {}, "ssl_context": None,
                    "started": time.time(), "reloads": 0, "last_reload_error": ""}
 
     def rt() -> Runtime:
@@ -180,7 +175,9 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
             rt().fallbacks.knowledge_base.refresh(force=True)
         except Exception as exc:  # a broken KB must not stop the chat node
             log.warning("knowledge base not indexed at start: %s", exc)
+        watcher = asyncio.ensure_future(watch_gateway(rt))
         yield
+        watcher.cancel()
         try:
             loop.remove_signal_handler(signal.SIGHUP)
         except (NotImplementedError, RuntimeError, ValueError):
@@ -330,7 +327,9 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
         if state["last_reload_error"]:
             chat["last_reload_error"] = state["last_reload_error"]
         gateway = await runtime.client.health()
-        return {"chat": chat, "gateway": gateway, "fallback_strategies": runtime.config["fallback_strategies"],
+        apply_health(runtime, gateway)
+        return {"chat": chat, "gateway": gateway, "queue": runtime.queue.snapshot(),
+                "fallback_strategies": runtime.config["fallback_strategies"],
                 "context_window": runtime.config["context_window"]}
 
     # ------------------------------------------------------------------ conversations
@@ -380,10 +379,49 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
         if conversation["title"] == "New conversation":
             title = " ".join(body.content.split())
             runtime.store.rename_conversation(conversation_id, title[:60] + ("…" if len(title) > 60 else ""))
+        return reply_response(runtime, conversation_id, user, principal.user)
+
+    def reply_response(runtime: Runtime, conversation_id: str, user: dict, account: dict,
+                       first: dict | None = None) -> StreamingResponse:
         lock = state["locks"].setdefault(conversation_id, asyncio.Lock())
-        return StreamingResponse(_reply(runtime, lock, conversation_id, user, principal.user),
+        return StreamingResponse(reply_stream(runtime, state["running"], lock, conversation_id, user, account, first),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/api/conversations/{conversation_id}/regenerate", tags=["conversations"],
+              responses={**ERRORS, 409: {"model": ErrorBody, "description": "nothing to regenerate"},
+                         200: {"description": "a new reply to the last message, as Server-Sent Events (the first, "
+                                              "`user`, names the replies it removed)",
+                               "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+    async def regenerate(conversation_id: ConversationId, principal: Caller) -> StreamingResponse:
+        """Answer the conversation's last message again: the replies after it are removed, a new one streams."""
+        runtime = rt()
+        conversation_or_404(conversation_id, principal)
+        if conversation_id in state["running"]:
+            raise HTTPException(409, "a reply is still being written; stop it first")
+        users = [m for m in runtime.store.messages(conversation_id) if m["role"] == "user"]
+        if not users or users[-1]["status"] != "complete":
+            raise HTTPException(409, "nothing to regenerate: the last message was not sent to the model")
+        try:
+            runtime.accounts.admit(principal.user)
+        except LimitReached as exc:
+            runtime.metrics.limited(principal.user["name"], exc.limit)
+            raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
+        runtime.metrics.request(principal.user["name"], "web")
+        removed = runtime.store.remove_replies_after(conversation_id, users[-1]["id"])
+        return reply_response(runtime, conversation_id, users[-1], principal.user,
+                              {"regenerated": True, "removed": removed})
+
+    @app.post("/api/conversations/{conversation_id}/stop", tags=["conversations"], responses=ERRORS)
+    async def stop(conversation_id: ConversationId, principal: Caller) -> dict:
+        """Stop the conversation's reply: a message still waiting in line is cancelled (never sent), a reply being
+        written ends where it is (the model stops generating it) and is kept, marked stopped."""
+        conversation_or_404(conversation_id, principal)
+        run = state["running"].get(conversation_id)
+        if run is None:
+            return {"stopped": False, "phase": None}
+        run.stop.set()
+        return {"stopped": True, "phase": run.phase}
 
     # ------------------------------------------------------------------ web UI
 
@@ -393,121 +431,6 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
     return app
-
-
-async def _reply(runtime: Runtime, lock: asyncio.Lock, conv_id: str, user: dict, account: dict):
-    """The reply stream: one conversation answers one message at a time (summaries must not race)."""
-    store = runtime.store
-    yield sse("user", {"message": user})
-    async with lock:
-        reply: dict | None = None
-        parts: list[str] = []
-        finished = False
-        request_id = None
-        trace = {"event": "model_request", "request_id": uuid.uuid4().hex, "via": "web", "user": account["name"],
-                 "conversation": conv_id, "outcome": "cancelled"}
-        started = time.monotonic()
-        try:
-            try:
-                prompt = await runtime.keeper.build(conv_id)
-            except ContextTooLong as exc:
-                store.update_message(user["id"], status="rejected")
-                reply = store.add_message(conv_id, "assistant", str(exc), status="error", source="none",
-                                          meta={"error": "context_too_long"})
-                finished = True
-                yield sse("done", {"message": reply, "user_status": "rejected"})
-                return
-            except ModelUnavailable as exc:
-                reply = await _fallback(runtime, conv_id, user, exc, None)
-                finished = True
-                yield sse("token", {"text": reply["content"]})
-                yield sse("done", {"message": reply})
-                return
-            if prompt.new_summary is not None:
-                yield sse("summary", {"message": prompt.new_summary})
-            request_id = store.record_request(conv_id, "reply", prompt.tokens, prompt.budget)
-            reply = store.add_message(conv_id, "assistant", "", status="incomplete", source="model",
-                                      meta={"prompt_tokens": prompt.tokens, "budget": prompt.budget})
-            store.finish_request(request_id, "streaming", message_id=reply["id"])
-            yield sse("start", {"message": reply})
-            gateway = runtime.config["model_gateway"]
-            usage = None
-            saved_at = time.monotonic()
-            try:
-                async for chunk in runtime.client.stream(prompt.messages, gateway["max_tokens"], gateway["temperature"],
-                                                         request_id=trace["request_id"]):
-                    if chunk.usage:
-                        usage = chunk.usage
-                    if chunk.text:
-                        trace.setdefault("first_token_s", round(time.monotonic() - started, 3))
-                        parts.append(chunk.text)
-                        yield sse("token", {"text": chunk.text})
-                        if time.monotonic() - saved_at > SAVE_PARTIAL_EVERY_S:
-                            store.update_message(reply["id"], content="".join(parts))
-                            saved_at = time.monotonic()
-            except ModelUnavailable as exc:
-                trace["outcome"] = f"unavailable: {exc.reason}"
-                store.finish_request(request_id, f"unavailable: {exc.reason}")
-                reply = await _fallback(runtime, conv_id, user, exc, reply)
-                finished = True
-                yield sse("token", {"text": reply["content"]})
-                yield sse("done", {"message": reply})
-                return
-            except StreamBroken as exc:
-                trace["outcome"] = f"broken: {exc}"
-                meta = dict(reply["meta"], error=f"reply cut short: {exc}")
-                reply = store.update_message(reply["id"], content="".join(parts), status="incomplete", meta=meta)
-                store.finish_request(request_id, f"broken: {exc}")
-                finished = True
-                yield sse("done", {"message": reply})
-                return
-            meta = dict(reply["meta"])
-            reported = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-            if reported is not None:
-                meta["reported_prompt_tokens"] = reported
-            reply = store.update_message(reply["id"], content="".join(parts), status="complete", meta=meta)
-            store.finish_request(request_id, "complete", reported)
-            completion = usage.get("completion_tokens") if isinstance(usage, dict) else None
-            runtime.accounts.record_tokens(account, reported if reported is not None else prompt.tokens,
-                                           completion if completion is not None else len(parts))
-            trace.update(outcome="complete", prompt_tokens=reported if reported is not None else prompt.tokens,
-                         completion_tokens=completion if completion is not None else len(parts))
-            finished = True
-            yield sse("done", {"message": reply})
-        finally:
-            if reply is not None and not finished:  # client went away or the task was cancelled mid-reply
-                meta = dict(reply["meta"], error="reply cut short: the connection was closed")
-                store.update_message(reply["id"], content="".join(parts), status="incomplete", meta=meta)
-                runtime.accounts.record_tokens(account, prompt.tokens, len(parts))  # hanging up is not free
-                if request_id is not None:
-                    store.finish_request(request_id, "cancelled")
-            if request_id is not None:  # one line per model request, with the id the gateway logs too
-                trace["duration_s"] = round(time.monotonic() - started, 3)
-                request_log.info(json.dumps(trace, ensure_ascii=False))
-
-
-async def _fallback(runtime: Runtime, conv_id: str, user: dict, exc: ModelUnavailable, reply: dict | None) -> dict:
-    """Answer from the fallbacks (or say clearly that nothing could), into `reply` or a new message."""
-    store = runtime.store
-    reason = exc.reason
-    if not _falls_back(exc):
-        content, source, status, meta = f"The model refused the request: {reason}", "none", "error", {"model_error": reason}
-    else:
-        log.warning("conversation %s: model unavailable (%s); trying fallbacks %s",
-                    conv_id, reason, runtime.fallbacks.strategies)
-        outcome = await runtime.fallbacks.answer(user["content"])
-        meta = {"model_error": reason, "fallbacks_tried": outcome.tried}
-        if outcome.answer is not None:
-            content, source, status = outcome.answer.text, outcome.answer.source, "complete"
-            meta["citations"] = outcome.answer.citations
-        else:
-            tried = "; ".join(outcome.tried)
-            content = f"The model is unavailable ({reason}) and no fallback could answer ({tried})."
-            source, status = "none", "error"
-    if reply is None:
-        return store.add_message(conv_id, "assistant", content, status=status, source=source, meta=meta)
-    return store.update_message(reply["id"], content=content, status=status, source=source,
-                                meta=dict(reply["meta"], **meta))
 
 
 # ------------------------------------------------------------------------------------------- entry point

@@ -20,10 +20,11 @@ import time
 import uuid
 from pathlib import Path
 
-# Message status: complete, incomplete (a reply cut short: stream broke or client left),
-# error (a reply that could not be produced: the text says why), rejected (a user message that can
-# never fit the context; kept and shown, but not sent to the model again).
-STATUSES = ("complete", "incomplete", "error", "rejected")
+# Message status: complete, incomplete (a reply cut short: stream broke, the client left or the person
+# stopped it), error (a reply that could not be produced: the text says why), rejected (a user message that
+# can never fit the context; kept and shown, but not sent to the model again), cancelled (a user message
+# whose wait in line was cancelled before it reached the model; kept and shown, never sent).
+STATUSES = ("complete", "incomplete", "error", "rejected", "cancelled")
 ROLES = ("user", "assistant", "summary")
 
 MIGRATIONS: list[str] = [
@@ -269,6 +270,16 @@ class Store:
         """Every message of a conversation, oldest first (summarised ones included, with summary_id set)."""
         return [_message(r) for r in self._query(
             "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conv_id,))]
+
+    def remove_replies_after(self, conv_id: str, message_id: int) -> list[int]:
+        """Delete the assistant messages after `message_id` (a regenerated answer replaces them); their ids."""
+        def run(db):
+            ids = [r["id"] for r in db.execute(
+                "SELECT id FROM messages WHERE conversation_id = ? AND id > ? AND role = 'assistant' "
+                "AND summary_id IS NULL ORDER BY id", (conv_id, message_id))]
+            db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in ids])
+            return ids
+        return self._tx(run)
 
     def active_messages(self, conv_id: str) -> list[dict]:
         """What the model sees: messages not covered by a summary, summaries in place of what they cover."""

@@ -34,13 +34,44 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[dict]:
         yield json.loads(payload)
 
 
-class ModelUnavailable(Exception):
-    """The gateway could not serve the request; `reason` says why (shown to the user, logged)."""
+BUSY_CODES = frozenset({"rate_limited", "queue_full", "queue_timeout"})  # the gateway's admission refusals
 
-    def __init__(self, reason: str, status: int | None = None):
+
+class ModelUnavailable(Exception):
+    """The gateway could not serve the request; `reason` says why (shown to the user, logged).
+
+    `busy`: the gateway is up and refused for load (its admission's 429, or 503 queue_timeout), so waiting
+    `retry_after` seconds and trying again is the answer, not a fallback."""
+
+    def __init__(self, reason: str, status: int | None = None, code: str | None = None,
+                 retry_after: float | None = None):
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.code = code
+        self.retry_after = retry_after
+
+    @property
+    def busy(self) -> bool:
+        return self.status == 429 or (self.status == 503 and self.code in BUSY_CODES)
+
+
+def refusal(response: httpx.Response) -> ModelUnavailable:
+    """The ModelUnavailable for a gateway answer that is not 200 (the body must have been read)."""
+    code = _error_code(response)
+    retry = response.headers.get("retry-after")
+    try:
+        retry_after = float(retry) if retry is not None else None
+    except ValueError:
+        retry_after = None
+    if response.status_code == 429 or code in BUSY_CODES:
+        why = _error_text(response)
+        reason = f"gateway is busy ({response.status_code} {code or ''}{', retry after ' + retry + ' s' if retry else ''}: {why})"
+    elif response.status_code >= 500:
+        reason = f"gateway answered {response.status_code}: {_error_text(response)}"
+    else:
+        reason = f"gateway refused the request ({response.status_code}: {_error_text(response)})"
+    return ModelUnavailable(reason, response.status_code, code, retry_after)
 
 
 class StreamBroken(Exception):
@@ -52,6 +83,7 @@ class Chunk:
     text: str = ""
     finish_reason: str | None = None
     usage: dict | None = None
+    model: str | None = None
 
 
 def _describe(exc: Exception) -> str:
@@ -89,11 +121,8 @@ class ModelClient:
             response = await self._http.request(method, path, timeout=timeout or httpx.USE_CLIENT_DEFAULT, **kwargs)
         except httpx.HTTPError as exc:
             raise ModelUnavailable(_describe(exc)) from exc
-        if response.status_code == 429:
-            retry = response.headers.get("retry-after")
-            raise ModelUnavailable(f"gateway is overloaded (429{', retry after ' + retry + ' s' if retry else ''})", 429)
-        if response.status_code >= 500:
-            raise ModelUnavailable(f"gateway answered {response.status_code}: {_error_text(response)}", response.status_code)
+        if response.status_code == 429 or response.status_code >= 500:
+            raise refusal(response)
         return response
 
     async def forward(self, method: str, path: str, body: dict | None = None, stream: bool = False,
@@ -113,8 +142,7 @@ class ModelClient:
         """Tokens of the chat-templated prompt, counted by the model's own tokenizer on the model node."""
         response = await self._request("POST", "/v1/tokenize", json={"messages": messages})
         if response.status_code != 200:
-            raise ModelUnavailable(f"token count refused ({response.status_code}: {_error_text(response)})",
-                                   response.status_code)
+            raise refusal(response)
         return int(response.json()["count"])
 
     async def complete(self, messages: list[dict], max_tokens: int, temperature: float) -> tuple[str, dict | None]:
@@ -124,8 +152,7 @@ class ModelClient:
             body["model"] = self.model
         response = await self._request("POST", "/v1/chat/completions", json=body)
         if response.status_code != 200:
-            raise ModelUnavailable(f"gateway refused the request ({response.status_code}: {_error_text(response)})",
-                                   response.status_code)
+            raise refusal(response)
         data = response.json()
         return data["choices"][0]["message"].get("content") or "", data.get("usage")
 
@@ -141,20 +168,15 @@ class ModelClient:
         try:
             async with self._http.stream("POST", "/v1/chat/completions", json=body,
                                          headers={"X-Request-Id": request_id} if request_id else None) as response:
-                if response.status_code == 429 or response.status_code >= 500 or response.status_code != 200:
+                if response.status_code != 200:
                     await response.aread()
-                    if response.status_code == 429:
-                        retry = response.headers.get("retry-after")
-                        raise ModelUnavailable(
-                            f"gateway is overloaded (429{', retry after ' + retry + ' s' if retry else ''})", 429)
-                    raise ModelUnavailable(f"gateway answered {response.status_code}: {_error_text(response)}",
-                                           response.status_code)
+                    raise refusal(response)
                 async for event in sse_events(response):
                     if "error" in event:
                         raise StreamBroken(f"model error: {event['error']}")
                     started = True
                     choices = event.get("choices") or []
-                    chunk = Chunk(usage=event.get("usage"))
+                    chunk = Chunk(usage=event.get("usage"), model=event.get("model"))
                     if choices:
                         chunk.text = (choices[0].get("delta") or {}).get("content") or ""
                         chunk.finish_reason = choices[0].get("finish_reason")
@@ -177,6 +199,9 @@ class ModelClient:
                     if isinstance(data, dict):  # the model agent nests the model server's state under "model"
                         model = data.get("model") if isinstance(data.get("model"), dict) else {}
                         result["state"] = data.get("state") or model.get("state")
+                        limits = data.get("gateway") if isinstance(data.get("gateway"), dict) else {}
+                        if isinstance(limits.get("max_concurrency"), int):
+                            result["slots"] = limits["max_concurrency"]  # the chat node's line sizes itself by it
                         if model.get("reason"):
                             result["reason"] = model["reason"]
             except (httpx.HTTPError, ValueError):
@@ -186,6 +211,16 @@ class ModelClient:
         except httpx.HTTPError as exc:
             result["error"] = _describe(exc)
         return result
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    try:
+        data = response.json()
+    except ValueError:
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
 
 
 def _error_text(response: httpx.Response) -> str:

@@ -213,6 +213,8 @@ class NodeCollector:
                     limits["max_concurrency"])
         yield gauge("clawbot_gateway_queue_capacity", "Requests that may wait for a slot (model_gateway.queue_length)",
                     limits["queue_length"])
+        yield gauge("clawbot_gateway_service_seconds", "Median time a request holds a slot over the last 64 (what "
+                    "Retry-After is computed from; 5 until one was measured)", limits["service_s"])
         expiry = GaugeMetricFamily("clawbot_certificate_expiry_timestamp_seconds",
                                    "Unix time a certificate of this node stops being valid", labels=["certificate"])
         issued = GaugeMetricFamily("clawbot_certificate_not_before_timestamp_seconds",
@@ -434,7 +436,8 @@ class Gateway:
             waited = await self.admission.acquire()
         except Rejected as exc:
             self.metrics.rejections.labels(exc.reason).inc()
-            raise GatewayError(429, str(exc), "rate_limit_error", code=exc.reason,
+            raise GatewayError(exc.status, str(exc), "rate_limit_error" if exc.status == 429 else "server_error",
+                               code=exc.reason,
                                headers={"Retry-After": exc.retry_after_header}) from None
         self.metrics.queue_wait.observe(waited)
         return waited
@@ -613,6 +616,8 @@ class Gateway:
                 "queued": self.admission.queued,
                 "max_concurrency": self.admission.max_concurrency,
                 "queue_length": self.admission.queue_length,
+                "service_s": round(self.admission.service_s, 3),
+                "service_samples": self.admission.measured,
                 "max_tokens": self.gw["max_tokens"],
             },
             "tls": self.cert_watcher.summary() if self.cert_watcher else {},
@@ -696,7 +701,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     errors = {400: {"description": "invalid request"}, 403: {"description": "client not allowed"},
               429: {"description": "rate limited or queue full (see Retry-After)"},
-              503: {"description": "model not ready"}}
+              503: {"description": "model not ready, or waited queue_timeout_s in the queue (see Retry-After)"}}
 
     @app.post("/v1/chat/completions", responses=errors)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
