@@ -199,6 +199,10 @@ def test_six_people_on_one_slot_all_get_model_answers(chat_pki, one_slot_model, 
             results = [r for rs in pool.map(converse, clients.values()) for r in rs]
         for c in clients.values():
             c.close()
+        with chat.client() as admin:
+            metrics = admin.get("/metrics").text
+        assert 'clawbot_chat_queue_wait_seconds_count{outcome="admitted"} 12.0' in metrics, metrics
+        assert "clawbot_chat_queue_capacity 1.0" in metrics and "clawbot_chat_queue_waiting 0.0" in metrics
     replies = [r["reply"].message for r in results]
     assert [(m["source"], m["status"]) for m in replies] == [("model", "complete")] * 12, replies
     waited = [r for r in results if r["reply"].of("queued")]
@@ -236,6 +240,38 @@ def test_a_burst_of_twenty_does_not_delay_someone_else_by_more_than_one_answer(c
     longest = answer_times[-1]
     bob_wait = bob_result["reply"].message["meta"]["queue_wait_s"]
     assert bob_wait <= longest * 1.5 + 0.5, (bob_wait, answer_times)  # one answer in progress, with slack
+
+
+@pytest.mark.slow
+def test_apps_wait_in_the_same_line(chat_pki, slow_model, tmp_path):
+    """An app's request (official openai client, API key) waits for its turn while a person's reply holds the only
+    slot, instead of getting a 429 or 503, and is then answered."""
+    import ssl
+
+    import httpx
+    import openai
+
+    config = chat_config(chat_pki, tmp_path, slow_model.endpoint, context_window=1024, max_tokens=400)
+    with running(ChatAgent(config, tmp_path, chat_pki)) as chat:
+        clients = people(chat, ["gail"])
+        chat.add_user("app-owner", "app-owner-password-1")
+        key = chat.api_key("app-owner")
+        conv = clients["gail"].post("/api/conversations", json={}).json()["id"]
+        with ThreadPoolExecutor(1) as pool:
+            person = pool.submit(timed_send, clients["gail"], conv, "Write a long story about a lighthouse keeper.")
+            wait_for(lambda: queue_of(chat)["active"] == 1, 30, what="the person's reply holding the slot")
+            app = openai.OpenAI(base_url=chat.url + "/v1", api_key=key, max_retries=0,
+                                http_client=httpx.Client(verify=ssl.create_default_context(cafile=str(chat_pki.ca)),
+                                                         timeout=300))
+            model = app.models.list().data[0].id
+            answer = app.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+            assert person.result(timeout=120)["reply"].message["source"] == "model"
+        assert answer.choices[0].message.content is not None and answer.usage.completion_tokens >= 1
+        with chat.client() as admin:
+            metrics = admin.get("/metrics").text
+        assert 'clawbot_chat_queue_wait_seconds_count{outcome="admitted"} 2.0' in metrics
+        assert 'clawbot_chat_queue_wait_seconds_bucket{le="0.5",outcome="admitted"} 1.0' in metrics  # the app waited
+        clients["gail"].close()
 
 
 @pytest.mark.slow

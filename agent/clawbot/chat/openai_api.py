@@ -163,9 +163,15 @@ async def _wait_turn(rt, principal: Principal) -> Ticket:
             if left <= 0:
                 raise LineClosed(f"waited {max_wait:g} s for a model slot (chat.queue.max_wait_s)", "timeout")
             await queue.wait(ticket, left)
-    except BaseException:
+    except LineClosed as closed:
         queue.leave(ticket)
+        rt.metrics.waited(ticket.waited_s, closed.kind)
         raise
+    except BaseException:  # the app hung up while waiting
+        queue.leave(ticket)
+        rt.metrics.waited(ticket.waited_s, "cancelled")
+        raise
+    rt.metrics.waited(ticket.waited_s, "admitted")
     return ticket
 
 

@@ -194,6 +194,7 @@ async def _answer(runtime, run: Running, conv_id: str, user: dict, account: dict
                     raise LineClosed("cancelled by the person who sent it", "cancelled")
                 waiter.result()  # raises LineClosed when the line was closed for it
         except LineClosed as closed:
+            runtime.metrics.waited(ticket.waited_s, closed.kind)
             if closed.kind == "cancelled":
                 store.update_message(user["id"], status="cancelled")
                 finished = True
@@ -206,6 +207,7 @@ async def _answer(runtime, run: Running, conv_id: str, user: dict, account: dict
             return
         queue_wait = round(ticket.waited_s, 3)
         trace["queue_wait_s"] = queue_wait
+        runtime.metrics.waited(queue_wait, "admitted")
 
         # ---- the prompt (the token count and a summary may need the model too)
         try:
@@ -308,6 +310,7 @@ async def _answer(runtime, run: Running, conv_id: str, user: dict, account: dict
         queue.leave(ticket)
         if not finished and not ticket.admitted:  # the person left while waiting: the message was never sent
             store.update_message(user["id"], status="cancelled")
+            runtime.metrics.waited(ticket.waited_s, "cancelled")
         if reply is not None and not finished:  # client went away or the task was cancelled mid-reply
             meta = dict(reply["meta"], error="reply cut short: the connection was closed")
             store.update_message(reply["id"], content="".join(parts), status="incomplete", meta=meta)

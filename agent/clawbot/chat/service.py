@@ -113,6 +113,8 @@ class Runtime:
         metrics = previous.metrics if previous is not None else ChatMetrics(lambda: store)
         watch = previous.watch if previous is not None else GatewayWatch()
         queue = previous.queue if previous is not None else FairQueue(queue_capacity(config, watch))
+        if previous is None:
+            metrics.watch_line(queue)
         queue.capacity = queue_capacity(config, watch)
         return cls(config, store, client, keeper, Fallbacks.from_config(config, store), accounts, metrics, queue, watch)
 
