@@ -236,9 +236,32 @@ def test_build_is_skipped_when_the_binary_exists_and_runs(tmp_path: Path, monkey
     sdist = make_sdist(tmp_path / "s.tar.gz")
     prefix = tmp_path / "prefix"
     write_fake_server(prefix / "bin" / "llama-server")
+    for tool in engine.TOOL_TARGETS:
+        write_fake_server(prefix / "bin" / tool)
     assert engine.build_engine("cpu", prefix=prefix, sdist=sdist) == prefix / "bin" / "llama-server"
     assert "already built" in capsys.readouterr().out
     assert not any(cmd[0] == "cmake" for cmd in ran)
+    assert engine.find_tool("llama-quantize", root=tmp_path / "cache" / "clawbot" / "engine") is None  # other prefix
+
+
+def test_a_build_without_the_tools_is_completed(tmp_path: Path, monkeypatch) -> None:
+    """A prefix from before the tools were built beside llama-server gets them (the build tree is reused)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    sdist = make_sdist(tmp_path / "s.tar.gz")
+    prefix = tmp_path / "prefix"
+    write_fake_server(prefix / "bin" / "llama-server")
+    asked = []
+
+    def fake_build(accelerator, source_dir, build_dir, flags, prefix, wanted, jobs):
+        asked.append(wanted)
+        for target in wanted:
+            write_fake_server(prefix / "bin" / target)
+        return prefix / "bin" / "llama-server"
+
+    monkeypatch.setattr(engine, "_configure_build_install", fake_build)
+    engine.build_engine("cpu", prefix=prefix, sdist=sdist)
+    assert asked == [["llama-server", *engine.TOOL_TARGETS]]
+    assert "-DGGML_RPC=ON" in engine.cmake_flags("cpu")
 
 
 _real_run = subprocess.run
@@ -252,6 +275,8 @@ def test_concurrent_builds_of_the_same_flags_build_once(tmp_path: Path, monkeypa
     def slow_fake_build(accelerator, source_dir, build_dir, flags, prefix, wanted, jobs):
         builds.append(prefix)
         time.sleep(0.5)  # long enough for the other thread to reach the lock
+        for tool in engine.TOOL_TARGETS:
+            write_fake_server(prefix / "bin" / tool)
         return write_fake_server(prefix / "bin" / "llama-server")
 
     monkeypatch.setattr(engine, "_configure_build_install", slow_fake_build)

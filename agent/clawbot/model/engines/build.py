@@ -1,5 +1,9 @@
 """`clawbot build-engine`: build `llama-server` from the llama.cpp vendored in the pinned llama-cpp-python sdist.
 
+The same build installs the tools beside it (TOOL_TARGETS: `ggml-rpc-server` for a model split across nodes,
+`llama-quantize`, `llama-imatrix` and `llama-perplexity` for quantizing and checking models), so every tool a
+node or the control machine runs comes from one pinned source and one cache key; `find_tool` finds them.
+
 Why from that sdist: the agent already pins llama-cpp-python, so taking llama.cpp from the very same
 release keeps one pinned version for both the in-process fallback and the real model server, and it
 comes from PyPI (the only source a node is sure to reach). The binary is built on the node itself
@@ -30,6 +34,8 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 ACCELERATORS = ("cpu", "cuda", "vulkan", "rocm")
 SERVER_TARGET = "llama-server"
 BENCH_TARGET = "llama-bench"
+RPC_TARGET = "ggml-rpc-server"  # GGML_RPC: serves this node's memory to a llama-server elsewhere (never exposed)
+TOOL_TARGETS = (RPC_TARGET, "llama-quantize", "llama-imatrix", "llama-perplexity")
 VENDORED_LLAMA_CPP = "vendor/llama.cpp"
 VERSION_CHECK_TIMEOUT_S = 30
 # tool -> Debian/Ubuntu package: what compiling an engine needs, on the control machine or on a GPU node
@@ -104,6 +110,8 @@ def cmake_flags(
         "-DLLAMA_BUILD_TOOLS=ON",
         "-DLLAMA_BUILD_TESTS=OFF",
         "-DLLAMA_BUILD_EXAMPLES=OFF",
+        # The RPC backend and ggml-rpc-server: a model split across nodes (only ever reached through mTLS tunnels).
+        "-DGGML_RPC=ON",
         # Model files arrive through the deploy, never fetched by the server: no libcurl needed.
         "-DLLAMA_CURL=OFF",
         f"-DLLAMA_BUILD_COMMIT=llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}",
@@ -198,6 +206,15 @@ def find_llama_server(accelerator: str = "cpu", *, root: Path | None = None) -> 
         if binary.is_file() and os.access(binary, os.X_OK) and engine_version(binary):
             return binary
     return None
+
+
+def find_tool(name: str, accelerator: str = "cpu", *, root: Path | None = None) -> Path | None:
+    """A tool of TOOL_TARGETS from the build that find_llama_server picks (same sources, same flags), or None."""
+    if name not in TOOL_TARGETS:
+        raise ValueError(f"unknown engine tool {name!r}; the build installs {', '.join(TOOL_TARGETS)}")
+    server = find_llama_server(accelerator, root=root)
+    tool = server.with_name(name) if server is not None else None
+    return tool if tool is not None and tool.is_file() and os.access(tool, os.X_OK) else None
 
 
 # --------------------------------------------------------------------------- sources
@@ -328,9 +345,9 @@ def build_engine(
     flags = cmake_flags(accelerator, cuda_arch, declared_options=declared_cmake_options(source_dir), native=native)
     key = build_key(accelerator, flags)
     prefix = prefix or default_prefix(key)
-    wanted = [SERVER_TARGET] + ([BENCH_TARGET] if with_bench else [])
+    wanted = [SERVER_TARGET, *TOOL_TARGETS] + ([BENCH_TARGET] if with_bench else [])
     installed = prefix / "bin" / SERVER_TARGET
-    if all(engine_version(prefix / "bin" / t) for t in wanted):
+    if _installed(prefix, wanted):
         _say(f"already built: {installed}")
         return installed
 
@@ -338,10 +355,23 @@ def build_engine(
     build_dir.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(build_dir.parent / f"{key}.lock"):
         # Another process (a deploy, a test fixture) may have finished the same build while we waited.
-        if all(engine_version(prefix / "bin" / t) for t in wanted):
+        if _installed(prefix, wanted):
             _say(f"already built: {installed}")
             return installed
         return _configure_build_install(accelerator, source_dir, build_dir, flags, prefix, wanted, jobs)
+
+
+def _installed(prefix: Path, wanted: list[str]) -> bool:
+    """Every wanted binary is there; llama-server (and llama-bench) also run `--version` (the tools take no such
+    flag the same way, so they only need to be executable files)."""
+    for target in wanted:
+        binary = prefix / "bin" / target
+        if target in TOOL_TARGETS:
+            if not (binary.is_file() and os.access(binary, os.X_OK)):
+                return False
+        elif not engine_version(binary):
+            return False
+    return True
 
 
 @contextlib.contextmanager
