@@ -8,7 +8,7 @@ Today's usage per account is read from the database at scrape time, so it surviv
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from clawbot.chat.accounts import today
 
@@ -31,6 +31,33 @@ class UsageCollector:
             tokens.add_metric([user["name"], "completion"], used["completion_tokens"])
         yield requests
         yield tokens
+
+
+class UpstreamCollector:
+    """Each model node the chat node routes to, read from the pool at scrape time: up, in flight, served, errors."""
+
+    def __init__(self, pool_of):
+        self._pool_of = pool_of
+
+    def collect(self):
+        pool = self._pool_of()
+        up = GaugeMetricFamily("clawbot_chat_upstream_up", "1 when the chat node sends requests to this model node "
+                               "(ready, circuit closed)", labels=["upstream"])
+        state = GaugeMetricFamily("clawbot_chat_upstream_state", "The chat node's view of a model node (1 for its "
+                                  "current state: up, down, circuit_open, unknown)", labels=["upstream", "state"])
+        flight = GaugeMetricFamily("clawbot_chat_upstream_in_flight", "Requests the chat node has in flight at this "
+                                   "model node", labels=["upstream"])
+        served = CounterMetricFamily("clawbot_chat_upstream_served", "Requests this model node answered",
+                                     labels=["upstream"])
+        errors = CounterMetricFamily("clawbot_chat_upstream_errors", "Requests that found this model node "
+                                     "unreachable, not ready or failing", labels=["upstream"])
+        for u in pool.upstreams:
+            up.add_metric([u.url], 1 if u.available() and u.ready else 0)
+            state.add_metric([u.url, u.state], 1)
+            flight.add_metric([u.url], u.in_flight)
+            served.add_metric([u.url], u.served)
+            errors.add_metric([u.url], u.errors)
+        yield from (up, state, flight, served, errors)
 
 
 class ChatMetrics:
@@ -59,6 +86,9 @@ class ChatMetrics:
         self.line_waiting.set_function(lambda: queue.waiting)
         self.line_active.set_function(lambda: queue.active)
         self.line_capacity.set_function(lambda: queue.capacity)
+
+    def watch_upstreams(self, pool_of) -> None:
+        self.registry.register(UpstreamCollector(pool_of))
 
     def waited(self, seconds: float, outcome: str) -> None:
         self.line_waits.labels(outcome).observe(seconds)

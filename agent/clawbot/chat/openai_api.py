@@ -18,14 +18,15 @@ import logging
 import time
 import uuid
 
+import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from clawbot.chat.access import Caller, runtime
 from clawbot.chat.accounts import LimitReached, Principal
 from clawbot.chat.queueing import LineClosed, Ticket
-from clawbot.chat.replies import DEFAULT_RETRY_S, is_down
-from clawbot.common.modelclient import ModelUnavailable, refusal
+from clawbot.chat.replies import DEFAULT_RETRY_S
+from clawbot.common.modelclient import ModelUnavailable, StreamBroken, refusal
 from clawbot.model.gateway import REQUEST_ID, ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("clawbot.chat.openai")
@@ -102,7 +103,7 @@ async def _complete(request: Request, principal: Principal, path: str, body) -> 
         wants_usage = bool(body.stream_options and body.stream_options.include_usage)
         payload["stream_options"] = {"include_usage": True}
         try:
-            upstream = await _forward_in_turn(rt, ticket, path, payload, True, request_id)
+            upstream, node = await _forward_in_turn(rt, ticket, path, payload, True, request_id)
         except ModelUnavailable as exc:
             _log(principal, request_id, path, 503, started, None)
             return openai_error(503, f"the model is unavailable: {exc.reason}", "server_error", "model_unavailable",
@@ -110,6 +111,7 @@ async def _complete(request: Request, principal: Principal, path: str, body) -> 
         if upstream.status_code != 200:
             await upstream.aread()
             await upstream.aclose()
+            _release(rt, node, upstream)
             _log(principal, request_id, path, upstream.status_code, started, None)
             return _passthrough(upstream, request_id)
         holding = False  # the relay holds the turn now, to its last chunk
@@ -118,9 +120,9 @@ async def _complete(request: Request, principal: Principal, path: str, body) -> 
             rt.queue.leave(ticket)
 
     async def relay():
-        usage, chunks = None, 0
+        usage, chunks, broken = None, 0, ""
         try:
-            async for line in upstream.aiter_lines():
+            async for line in _lines(upstream):
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
@@ -139,8 +141,13 @@ async def _complete(request: Request, principal: Principal, path: str, body) -> 
                             event.pop("usage")
                             data = json.dumps(event, ensure_ascii=False)
                 yield f"data: {data}\n\n".encode()
+        except StreamBroken as exc:  # the model node went away mid-answer: say so, never start it again elsewhere
+            broken = str(exc)
+            yield ("data: " + json.dumps({"error": {"message": f"reply cut short: {exc}", "type": "server_error",
+                                                     "code": "stream_broken"}}) + "\n\n").encode()
         finally:
             await upstream.aclose()
+            rt.client.done(node, not broken, broken)
             rt.queue.leave(ticket)
             # an app that hangs up before the usage chunk still pays for what it received (about a token a chunk)
             usage = usage or {"prompt_tokens": 0, "completion_tokens": chunks}
@@ -175,16 +182,34 @@ async def _wait_turn(rt, principal: Principal) -> Ticket:
     return ticket
 
 
+async def _lines(response):
+    """The upstream's SSE lines; a connection lost mid-stream is StreamBroken."""
+    try:
+        async for line in response.aiter_lines():
+            yield line
+    except httpx.HTTPError as exc:
+        raise StreamBroken(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _release(rt, node, response) -> None:
+    """The model node answered this response (read to its end): a failing 5xx counts against it."""
+    if response.status_code < 500:
+        rt.client.done(node, True)
+        return
+    refused = refusal(response)
+    rt.client.done(node, False, "" if refused.busy else refused.reason)
+
+
 async def _forward_in_turn(rt, ticket: Ticket, path: str, payload: dict, stream: bool, request_id: str):
-    """Forward while holding a turn; a gateway that answers busy is waited for as it asks (Retry-After) until the
-    turn's max_wait_s is spent, then its refusal goes to the app as it is."""
+    """Forward while holding a turn (to the model node the pool picks); a gateway that answers busy is waited for
+    as it asks (Retry-After) until the turn's max_wait_s is spent, then its refusal goes to the app as it is."""
     max_wait = rt.config["chat"]["queue"]["max_wait_s"]
     while True:
         try:
-            upstream = await rt.client.forward("POST", path, payload, stream=stream, timeout_s=_timeout(rt),
-                                               request_id=request_id)
+            upstream, node = await rt.client.forward("POST", path, payload, stream=stream, timeout_s=_timeout(rt),
+                                                     request_id=request_id)
         except ModelUnavailable as exc:
-            if is_down(exc):
+            if exc.down:
                 rt.watch.saw_down(exc.reason)
             raise
         if upstream.status_code in (429, 503):
@@ -193,9 +218,10 @@ async def _forward_in_turn(rt, ticket: Ticket, path: str, payload: dict, stream:
             left = max_wait - (time.monotonic() - ticket.joined)
             if refused.busy and left > 0:
                 await upstream.aclose()
+                rt.client.done(node, False)
                 await asyncio.sleep(min(left, refused.retry_after or DEFAULT_RETRY_S))
                 continue
-        return upstream
+        return upstream, node
 
 
 async def _forward_plain(request: Request, method: str, path: str, payload: dict | None,
@@ -205,14 +231,16 @@ async def _forward_plain(request: Request, method: str, path: str, payload: dict
     request_id = request_id or request_id_of(request)
     try:
         if ticket is not None:
-            upstream = await _forward_in_turn(rt, ticket, path, payload, False, request_id)
+            upstream, node = await _forward_in_turn(rt, ticket, path, payload, False, request_id)
         else:
-            upstream = await rt.client.forward(method, path, payload, timeout_s=_timeout(rt), request_id=request_id)
+            upstream, node = await rt.client.forward(method, path, payload, timeout_s=_timeout(rt),
+                                                     request_id=request_id)
     except ModelUnavailable as exc:
         if principal is not None:
             _log(principal, request_id, path, 503, started, None)
         return openai_error(503, f"the model is unavailable: {exc.reason}", "server_error", "model_unavailable",
                             headers={"X-Request-Id": request_id})
+    _release(rt, node, upstream)
     if principal is not None:
         usage = None
         if upstream.status_code == 200:

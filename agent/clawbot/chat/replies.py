@@ -60,11 +60,6 @@ class GatewayWatch:
         self.down = None
 
 
-def is_down(exc: ModelUnavailable) -> bool:
-    """The model cannot answer anyone now (as opposed to: busy, or this one request was refused)."""
-    return not exc.busy and (exc.status is None or exc.status >= 500)
-
-
 def queue_capacity(config: dict, watch: GatewayWatch) -> int:
     """chat.queue.slots, else the gateway's reported slots, else model_gateway.max_concurrency (same cluster file)."""
     return config["chat"]["queue"]["slots"] or watch.slots or config["model_gateway"]["max_concurrency"]
@@ -220,7 +215,7 @@ async def _answer(runtime, run: Running, conv_id: str, user: dict, account: dict
             yield sse("done", {"message": reply, "user_status": "rejected"})
             return
         except ModelUnavailable as exc:
-            if is_down(exc):
+            if exc.down:
                 watch.saw_down(exc.reason)
             reply = await fallback(runtime, conv_id, user, exc, None)
             finished = True
@@ -245,7 +240,7 @@ async def _answer(runtime, run: Running, conv_id: str, user: dict, account: dict
             sent = time.monotonic()
             try:
                 stream = runtime.client.stream(prompt.messages, gateway["max_tokens"], gateway["temperature"],
-                                               request_id=trace["request_id"])
+                                               request_id=trace["request_id"], affinity=conv_id)
                 async for chunk in until_stopped(stream, run.stop):
                     if chunk.usage:
                         usage = chunk.usage
@@ -270,7 +265,7 @@ async def _answer(runtime, run: Running, conv_id: str, user: dict, account: dict
                     if await sleep_unless(run.stop, pause):
                         break  # stopped while waiting: nothing was generated
                     continue
-                if is_down(exc):
+                if exc.down:
                     watch.saw_down(exc.reason)
                     queue.close_all(exc.reason)
                 trace["outcome"] = f"unavailable: {exc.reason}"

@@ -43,7 +43,7 @@ from clawbot.chat.context import ContextKeeper, Settings
 from clawbot.chat.fallbacks import Fallbacks
 from clawbot.chat.queueing import FairQueue
 from clawbot.chat.replies import GatewayWatch, apply_health, queue_capacity, reply_stream, watch_gateway
-from clawbot.common.modelclient import ModelClient
+from clawbot.chat.upstreams import UpstreamPool
 from clawbot.chat.store import NotFound, Store
 
 log = logging.getLogger("clawbot.chat.service")
@@ -93,7 +93,7 @@ class Runtime:
 
     config: dict
     store: Store
-    client: ModelClient
+    client: UpstreamPool  # every model node's gateway (clawbot.chat.upstreams)
     keeper: ContextKeeper
     fallbacks: Fallbacks
     accounts: Accounts
@@ -105,7 +105,9 @@ class Runtime:
     def build(cls, config: dict, store: Store | None = None, previous: "Runtime | None" = None) -> "Runtime":
         chat = config["chat"]
         store = store or Store(chat["database"])
-        client = ModelClient(config["model_gateway"]["endpoint"], config["tls"], chat["request_timeout_s"])
+        gateway = config["model_gateway"]
+        client = UpstreamPool(gateway["upstreams"] or [gateway["endpoint"]], config["tls"], chat["request_timeout_s"],
+                              gateway["max_concurrency"], previous.client if previous is not None else None)
         keeper = ContextKeeper(store, client, Settings.from_config(config))
         accounts = Accounts(store, config["auth"])
         if previous is not None and previous.store is store:
@@ -128,6 +130,8 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
 
     def rt() -> Runtime:
         return state["runtime"]
+
+    rt().metrics.watch_upstreams(lambda: rt().client)
 
     async def reload() -> None:
         from clawbot.common.config import ConfigError, load_config

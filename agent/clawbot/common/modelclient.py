@@ -55,6 +55,12 @@ class ModelUnavailable(Exception):
     def busy(self) -> bool:
         return self.status == 429 or (self.status == 503 and self.code in BUSY_CODES)
 
+    @property
+    def down(self) -> bool:
+        """The gateway cannot answer anyone now (unreachable, not ready, failing), as opposed to: busy, or this
+        one request was refused."""
+        return not self.busy and (self.status is None or self.status >= 500)
+
 
 def refusal(response: httpx.Response) -> ModelUnavailable:
     """The ModelUnavailable for a gateway answer that is not 200 (the body must have been read)."""
@@ -187,7 +193,8 @@ class ModelClient:
             raise ModelUnavailable(_describe(exc)) from exc
 
     async def health(self, timeout_s: float = 3.0) -> dict:
-        """The gateway as the status strip shows it: reachable, ready, and its own /status if it answers."""
+        """The gateway as the status strip shows it: reachable, ready, and its own /status if it answers (with
+        `model_card`: what the model is, whether a base model; see chattemplate.model_card)."""
         result: dict = {"endpoint": self.endpoint, "reachable": False, "ready": False}
         try:
             ready = await self._http.get("/readyz", timeout=timeout_s)
@@ -204,6 +211,8 @@ class ModelClient:
                             result["slots"] = limits["max_concurrency"]  # the chat node's line sizes itself by it
                         if model.get("reason"):
                             result["reason"] = model["reason"]
+                        if isinstance(model.get("card"), dict):  # what the model is (base model or not), for the chip
+                            result["model_card"] = model["card"]
             except (httpx.HTTPError, ValueError):
                 pass
             if not result["ready"]:
