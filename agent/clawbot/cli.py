@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-engine": ("clawbot.model.engines.build", "build llama-server from the pinned llama-cpp-python sdist"),
     "make-model": ("clawbot.tools.modelgen", "write a shape-faithful random-weight GGUF for tests and benchmarks"),
     "users": ("clawbot.chat.users", "manage the chat node's accounts and API keys (here, or -i INVENTORY over SSH)"),
+    "kb": ("clawbot.chat.kb", "add, list and remove the chat node's knowledge-base documents (Markdown, text, PDF)"),
     "status": ("clawbot.control.status", "show every node's agent, model and certificate state"),
     "monitoring": ("clawbot.control.monitoring", "write a Prometheus scrape config, alert rules and a Grafana dashboard"),
     "docs": ("clawbot.common.schemadocs", "regenerate the reference pages in docs/ from the schemas and the code"),

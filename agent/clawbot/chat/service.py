@@ -321,7 +321,8 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
 
     @app.get("/api/status", tags=["status"])
     async def status(_: Caller) -> dict:
-        """Both nodes as the status strip shows them: this chat node and the model gateway's readiness."""
+        """The status strip: this chat node, the model nodes' readiness (`gateway.upstreams`: each one), the line,
+        and `fallback_problems`: each configured fallback that cannot answer now, with why."""
         runtime = rt()
         chat = {"state": "ok", "version": __version__, "uptime_s": round(time.time() - state["started"], 1),
                 "reloads": state["reloads"]}
@@ -336,6 +337,7 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
         apply_health(runtime, gateway)
         return {"chat": chat, "gateway": gateway, "queue": runtime.queue.snapshot(),
                 "fallback_strategies": runtime.config["fallback_strategies"],
+                "fallback_problems": runtime.fallbacks.problems(),
                 "context_window": runtime.config["context_window"]}
 
     # ------------------------------------------------------------------ conversations

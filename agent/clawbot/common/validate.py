@@ -49,12 +49,13 @@ def run(args) -> int:
         import jsonschema  # noqa: F401  (loaded once, here, without the unused format libraries)
     results: list[CheckResult] = []
     unreadable: list[str] = []
-    inventory_facts = None
+    inventory_facts = inventory = None
     if args.inventory:
-        from clawbot.control.inventory import InventoryError, check_inventory
+        from clawbot.control.inventory import InventoryError, check_inventory, load_inventory
 
         try:
-            inventory_result, inventory_facts = check_inventory(args.inventory)
+            inventory = load_inventory(args.inventory, decrypt=False)
+            inventory_result, inventory_facts = check_inventory(args.inventory, inventory=inventory)
         except InventoryError as exc:
             print(f"clawbot validate: {exc}", file=sys.stderr)
             return 2
@@ -68,6 +69,7 @@ def run(args) -> int:
         for result in results[1:]:
             if result.ok:
                 result.diagnostics.extend(declared_fit_diagnostics(inventory_facts, result.config, args.inventory))
+                result.diagnostics.extend(fallback_diagnostics(inventory, result))
     diagnostics = [d for r in results for d in r.diagnostics]
     emit(args.format, results, diagnostics, sys.stdout)
     for message in unreadable:
@@ -100,6 +102,69 @@ def declared_fit_diagnostics(facts, config: dict, inventory_dir: str) -> list[Di
             if finding.level == "error":
                 out.append(Diagnostic(file, line, col, "error", "/clawbot_memory_mib",
                                       f"{host.name}: {finding.message}", rule="preflight"))
+    return out
+
+
+# Where the chat agent's hardened systemd unit (roles/services.py) shows the service an empty directory of its own:
+# documents there are invisible to it (ProtectHome=yes, PrivateTmp=yes).
+_HIDDEN_FROM_SYSTEMD_UNIT = {"/home": "ProtectHome=yes", "/root": "ProtectHome=yes", "/run/user": "ProtectHome=yes",
+                             "/tmp": "PrivateTmp=yes", "/var/tmp": "PrivateTmp=yes"}
+_AGENT_CONFIG_DIR = "/etc/clawbot"  # root-owned (roles/agent.py CONFIG_DIR)
+_AGENT_STATE_DIR = "/var/lib/clawbot"  # the agent's own (roles/agent.py STATE_DIR)
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def fallback_diagnostics(inventory, result: CheckResult) -> list[Diagnostic]:
+    """Warnings for a configured fallback that cannot work on the inventory's chat nodes as written.
+
+    (web_search without an endpoint is warned about by the config's own rules, with or without an inventory.)
+    knowledge_base: a directory the chat agent's systemd unit hides from it, or one that overlaps what deploy
+    keeps owned by root (the agent's config directory, clawbot_prefix) or holds a directory of the agent's
+    (deploy makes the knowledge directory the agent user's own)."""
+    import posixpath
+
+    from clawbot.control.inventory import Vaulted, inventory_var
+
+    config = result.config
+    chat_hosts = inventory.group("chat_nodes")
+    if "knowledge_base" not in config["fallback_strategies"] or not chat_hosts:
+        return []
+    pointer = "/chat/knowledge_base/directory"
+    directory = posixpath.normpath(config["chat"]["knowledge_base"]["directory"])
+    line, col = result.document.position(pointer)
+    default = "" if pointer in result.document.value_pos else " (from the default)"
+    index = config["fallback_strategies"].index("knowledge_base")
+    out = []
+
+    def warn(hosts, message):
+        names = ", ".join(h.name for h in hosts)
+        out.append(Diagnostic(result.file, line, col, "warning", pointer,
+                              f"knowledge_base (fallback_strategies/{index}) cannot work on {names}: "
+                              f"chat.knowledge_base.directory {directory} {message}{default}",
+                              "use a directory of its own, such as /var/lib/clawbot/knowledge (the default)",
+                              rule="fallback"))
+
+    systemd_hosts = [h for h in chat_hosts if inventory_var(h.vars, "clawbot_service_manager") != "supervisor"]
+    for top, setting in _HIDDEN_FROM_SYSTEMD_UNIT.items():
+        if systemd_hosts and _under(directory, top):
+            warn(systemd_hosts, f"is under {top}, which the chat agent's systemd unit hides from it ({setting}): "
+                                "it would see no documents")
+    root_owned = {_AGENT_CONFIG_DIR: ("the agent's config directory", chat_hosts)}
+    for host in chat_hosts:
+        prefix = inventory_var(host.vars, "clawbot_prefix")
+        if not isinstance(prefix, Vaulted):
+            name, hosts = root_owned.setdefault(posixpath.normpath(str(prefix)), ("clawbot_prefix", []))
+            if host not in hosts:
+                hosts.append(host)
+    for path, (what, hosts) in sorted(root_owned.items()):
+        if _under(directory, path) or _under(path, directory):
+            warn(hosts, f"overlaps {path} ({what}), which deploy keeps owned by root: each rollout would change "
+                        "the owner back and forth")
+    if directory != _AGENT_STATE_DIR and _under(_AGENT_STATE_DIR, directory):
+        warn(chat_hosts, f"holds {_AGENT_STATE_DIR}: deploy would hand {directory} to the agent's user")
     return out
 
 
