@@ -153,6 +153,7 @@ def routes() -> APIRouter:
                  responses={401: {"description": "wrong user name or password"},
                             429: {"description": "too many failed logins (Retry-After)"}})
     async def login(body: Login, request: Request) -> JSONResponse:
+        """Sign in with name and password: sets the session cookie, returns the user and its csrf_token (throttled: 429 with Retry-After)."""
         if not same_origin(request):
             raise HTTPException(403, "login refused: the request comes from another site (Origin)")
         rt = runtime(request)
@@ -181,6 +182,7 @@ def routes() -> APIRouter:
 
     @router.post("/api/logout", status_code=204, tags=["session"])
     async def logout(request: Request, principal: Caller) -> Response:
+        """End this session (the cookie's)."""
         runtime(request).accounts.logout(request.cookies.get(COOKIE) if principal.via == "session" else None)
         log.info("logout: user %s from %s", principal.user["name"], client_address(request))
         response = Response(status_code=204)
@@ -189,6 +191,7 @@ def routes() -> APIRouter:
 
     @router.get("/api/session", tags=["session"])
     async def session(request: Request, principal: Caller) -> dict:
+        """Who is signed in, the csrf_token and when the session expires."""
         accounts = runtime(request).accounts
         body = {"user": accounts.public(principal.user), "via": principal.via}
         if principal.session:
@@ -197,6 +200,7 @@ def routes() -> APIRouter:
 
     @router.post("/api/password", status_code=204, tags=["session"])
     async def change_password(body: PasswordChange, request: Request, principal: Caller) -> Response:
+        """Change your own password (the current one is checked; other sessions end). Not with an API key."""
         try:
             await run_in_threadpool(runtime(request).accounts.change_own_password, principal.user,
                                     body.current_password, body.new_password, principal.session)
@@ -209,11 +213,13 @@ def routes() -> APIRouter:
 
     @router.get("/api/keys", tags=["keys"])
     async def list_keys(request: Request, principal: Caller) -> list[dict]:
+        """Your API keys: name, prefix, created and last used (never the secret)."""
         accounts = runtime(request).accounts
         return [accounts.public_key(row) for row in accounts.store.api_keys(principal.user["id"])]
 
     @router.post("/api/keys", status_code=201, tags=["keys"])
     async def create_key(request: Request, principal: Caller, body: NewKey | None = None) -> dict:
+        """A new API key for apps; its secret is shown once, in this answer. Not with an API key."""
         accounts = runtime(request).accounts
         try:
             row, key = accounts.create_key(principal.user, (body or NewKey()).name)
@@ -224,6 +230,7 @@ def routes() -> APIRouter:
     @router.delete("/api/keys/{key_id}", status_code=204, tags=["keys"])
     async def revoke_key(key_id: Annotated[int, PathParam(ge=1, le=2**62)], request: Request,
                          principal: Caller) -> Response:
+        """Revoke one of your API keys at once."""
         try:
             runtime(request).accounts.store.delete_api_key(principal.user["id"], key_id)
         except NotFound:
@@ -233,6 +240,7 @@ def routes() -> APIRouter:
 
     @router.get("/api/usage", tags=["usage"])
     async def usage(request: Request, principal: Caller) -> dict:
+        """Your requests and tokens today, and your limits."""
         return runtime(request).accounts.usage(principal.user)
 
     # ------------------------------------------------------------------ admin
@@ -245,11 +253,13 @@ def routes() -> APIRouter:
 
     @router.get("/api/admin/users", tags=["admin"])
     async def users(request: Request, _: Admin) -> list[dict]:
+        """Every account (admins only)."""
         accounts = runtime(request).accounts
         return [accounts.public(u) for u in accounts.store.list_users()]
 
     @router.post("/api/admin/users", status_code=201, tags=["admin"])
     async def add_user(body: NewUser, request: Request, principal: Admin) -> dict:
+        """Create an account (admins only; not with an API key)."""
         accounts = runtime(request).accounts
         try:
             user = accounts.add_user(body.name, body.password, body.role)
@@ -260,6 +270,7 @@ def routes() -> APIRouter:
 
     @router.patch("/api/admin/users/{name}", tags=["admin"])
     async def change_user(name: UserName, body: UserChange, request: Request, principal: Admin) -> dict:
+        """Disable, enable, change the role, reset the password or set the limits of an account (admins only; the last admin stays)."""
         accounts = runtime(request).accounts
         user = user_or_404(request, name)
         try:
@@ -279,6 +290,7 @@ def routes() -> APIRouter:
 
     @router.delete("/api/admin/users/{name}", status_code=204, tags=["admin"])
     async def remove_user(name: UserName, request: Request, principal: Admin) -> Response:
+        """Remove an account with its conversations and keys (admins only; the last admin stays)."""
         try:
             runtime(request).accounts.remove(user_or_404(request, name))
         except AccountError as exc:
@@ -287,6 +299,7 @@ def routes() -> APIRouter:
 
     @router.get("/api/admin/usage", tags=["admin"])
     async def all_usage(request: Request, _: Admin) -> list[dict]:
+        """Requests and tokens today per account (admins only)."""
         accounts = runtime(request).accounts
         return [accounts.usage(u) for u in accounts.store.list_users()]
 

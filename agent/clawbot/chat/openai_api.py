@@ -47,14 +47,17 @@ def routes() -> APIRouter:
 
     @router.get("/v1/models")
     async def models(request: Request, principal: Caller) -> Response:
+        """The model the model nodes serve (OpenAI's shape)."""
         return await _forward_plain(request, "GET", "/v1/models", None, None)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request, principal: Caller) -> Response:
+        """OpenAI chat completion for apps, streamed or not; waits for the user's turn in the line, then goes to a model node."""
         return await _complete(request, principal, "/v1/chat/completions", body)
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, principal: Caller) -> Response:
+        """OpenAI text completion for apps, streamed or not; as chat completions."""
         return await _complete(request, principal, "/v1/completions", body)
 
     return router

@@ -41,7 +41,26 @@ WATCH_EVERY_S = 10.0  # how often the chat node asks the gateway whether it is r
 DEFAULT_RETRY_S = 2.0  # a busy answer without Retry-After
 
 
+# The reply stream's events, in order: name -> (data, when). docs/chat-api.md is generated from this.
+EVENTS = {
+    "user": ("`{message}`; on regenerate also `regenerated: true`, `removed: [ids]`",
+             "first: the stored user message (committed before anything else happens)"),
+    "queued": ("`{position, ahead, estimate_s, waited_s, reason, detail}`",
+               "while the message waits for a model slot (`reason` busy), or waits out a gateway's Retry-After "
+               "(`retrying`); again when the place changes, at least every 5 s"),
+    "cancelled": ("`{user_message_id, reason}`", "the wait was cancelled (stop): the message is `cancelled`, never "
+                  "sent; last event"),
+    "summary": ("`{message}`", "older turns were summarised to fit the context window"),
+    "start": ("`{message}`", "the reply row exists; tokens follow"),
+    "token": ("`{text}`", "each piece of the reply (a fallback's whole answer comes as one token)"),
+    "done": ("`{message}`; `user_status: rejected` when the message can never fit",
+             "last event: the reply as stored (`status` complete, incomplete or error; `source` model, "
+             "knowledge_base, web_search or none)"),
+}
+
+
 def sse(event: str, data: dict) -> bytes:
+    assert event in EVENTS, event
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 

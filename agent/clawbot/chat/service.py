@@ -310,6 +310,7 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
 
     @app.get("/healthz", tags=["status"])
     async def healthz() -> dict:
+        """Liveness, without a credential: the chat agent answers."""
         return {"status": "ok"}
 
     @app.get("/metrics", tags=["status"], responses={200: {"content": {"text/plain": {}}}})
@@ -344,14 +345,17 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
 
     @app.post("/api/conversations", status_code=201, tags=["conversations"], responses=ERRORS)
     async def create_conversation(principal: Caller, body: NewConversation | None = None) -> dict:
+        """Start a conversation of your own."""
         return rt().store.create_conversation((body or NewConversation()).title, owner_id=principal.user["id"])
 
     @app.get("/api/conversations", tags=["conversations"])
     async def list_conversations(principal: Caller) -> list[dict]:
+        """Your conversations, newest first."""
         return rt().store.list_conversations(principal.user["id"])
 
     @app.get("/api/conversations/{conversation_id}", tags=["conversations"], responses=ERRORS)
     async def get_conversation(conversation_id: ConversationId, principal: Caller) -> dict:
+        """One of your conversations with every message (summaries included)."""
         conversation = conversation_or_404(conversation_id, principal)
         conversation["messages"] = rt().store.messages(conversation_id)
         return conversation
@@ -364,6 +368,7 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
 
     @app.delete("/api/conversations/{conversation_id}", status_code=204, tags=["conversations"], responses=ERRORS)
     async def delete_conversation(conversation_id: ConversationId, principal: Caller) -> Response:
+        """Delete one of your conversations and its messages."""
         try:
             rt().store.delete_conversation(conversation_id, owner_id=principal.user["id"])
         except NotFound:
@@ -375,6 +380,7 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
                                                         "token..., done (or error)",
                                          "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
     async def send_message(conversation_id: ConversationId, body: NewMessage, principal: Caller) -> StreamingResponse:
+        """Send a message and stream the reply (see The reply stream); per-user limits are checked first (429)."""
         runtime = rt()
         conversation = conversation_or_404(conversation_id, principal)
         try:

@@ -1,5 +1,6 @@
 """`clawbot docs`: write the reference pages from the code they describe, so the two never disagree: the
-schemas' pages, and docs/llama-server-flags.md from the table the llama-server command line is built from.
+schemas' pages, docs/llama-server-flags.md from the table the llama-server command line is built from, and
+docs/chat-api.md from the chat node's OpenAPI description (clawbot.chat.apidoc).
 
 A test regenerates the pages and fails when the committed ones differ.
 """
@@ -93,6 +94,9 @@ def generated_pages() -> dict[str, str]:
     """Every page `clawbot docs` writes: {file name: text}."""
     pages = {filename: render(schema_name) for schema_name, (filename, _, _) in PAGES.items()}
     pages[FLAGS_PAGE] = llama_server.render_flags_doc()
+    from clawbot.chat import apidoc
+
+    pages[apidoc.PAGE] = apidoc.render()
     return pages
 
 
