@@ -29,22 +29,16 @@ def _progress_writer(config: pytest.Config):
     return write
 
 
-@pytest.fixture(scope="session")
-def node_cluster(request: pytest.FixtureRequest) -> Cluster:
-    """Two running nodes (node1: chat_nodes, node2: model_nodes), torn down at session end; the teardown
-    fails loudly if any process, namespace, mount, cgroup, link or rule of the harness survives.
-
-    Concurrent sessions on one machine (several engineers, one box) each take their own instance slot:
-    cbt on the configured subnet, cbt1 two subnets further, and so on.
-    """
+def _cluster(request: pytest.FixtureRequest, count: int, first_slot: int = 0):
+    """Up `count` nodes on the first free instance slot from `first_slot`; yields the Cluster, tears it down."""
     base = HarnessConfig.from_env()
     failure = None
-    for slot in range(MAX_CONCURRENT_SESSIONS):
+    for slot in range(first_slot, MAX_CONCURRENT_SESSIONS):
         config = HarnessConfig.from_env(instance=base.instance + (str(slot) if slot else ""),
                                         subnet=shifted_subnet(base.subnet, 2 * slot))
         cluster = Cluster(config, log=_progress_writer(request.config))
         try:
-            cluster.up(NODE_COUNT)
+            cluster.up(count)
             break
         except InstanceBusy:
             continue
@@ -65,6 +59,25 @@ def node_cluster(request: pytest.FixtureRequest) -> Cluster:
         _report.append("nodes kept up (CLAWBOT_TEST_KEEP_NODES=1): python -m tests.nodes shell node1 | down")
         return
     cluster.down()
+
+
+@pytest.fixture(scope="session")
+def node_cluster(request: pytest.FixtureRequest) -> Cluster:
+    """Two running nodes (node1: chat_nodes, node2: model_nodes), torn down at session end; the teardown
+    fails loudly if any process, namespace, mount, cgroup, link or rule of the harness survives.
+
+    Concurrent sessions on one machine (several engineers, one box) each take their own instance slot:
+    cbt on the configured subnet, cbt1 two subnets further, and so on.
+    """
+    yield from _cluster(request, NODE_COUNT)
+
+
+@pytest.fixture(scope="module")
+def three_nodes(request: pytest.FixtureRequest) -> list[Node]:
+    """Three running nodes (node1: chat_nodes, node2 and node3: model_nodes) for one test module (replicas, a
+    split model), on their own instance slot beside the session's two nodes; torn down after the module."""
+    for cluster in _cluster(request, 3, first_slot=1):
+        yield cluster.nodes
 
 
 @pytest.fixture(scope="session")
