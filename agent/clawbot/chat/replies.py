@@ -71,6 +71,11 @@ class GatewayWatch:
     down: str | None = None  # why the model is known to be down (None: up or not known to be down)
     slots: int | None = None  # the gateway's max_concurrency as its /status reported it
     checked_at: float = 0.0
+    last: dict | None = None  # the last health answer (what /api/status shows while it is fresh)
+    asked_at: float = 0.0
+
+    def fresh(self, max_age_s: float = WATCH_EVERY_S) -> dict | None:
+        return self.last if self.last is not None and time.monotonic() - self.asked_at < max_age_s else None
 
     def saw_down(self, reason: str) -> None:
         self.down, self.checked_at = reason, time.monotonic()
@@ -101,6 +106,7 @@ async def watch_gateway(runtime_of, interval_s: float = WATCH_EVERY_S) -> None:
 
 def apply_health(runtime, health: dict) -> None:
     watch = runtime.watch
+    watch.last, watch.asked_at = health, time.monotonic()
     if isinstance(health.get("slots"), int) and health["slots"] > 0:
         watch.slots = health["slots"]
     runtime.queue.capacity = queue_capacity(runtime.config, watch)

@@ -334,8 +334,11 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
             chat.update(state="degraded", database=f"error: {exc}")
         if state["last_reload_error"]:
             chat["last_reload_error"] = state["last_reload_error"]
-        gateway = await runtime.client.health()
-        apply_health(runtime, gateway)
+        gateway = runtime.watch.fresh()  # every open page polls this: ask the model nodes at most once a watch round
+        if gateway is None:
+            gateway = await runtime.client.health()
+            apply_health(runtime, gateway)
+        gateway = dict(gateway, upstreams=runtime.client.describe())  # in-flight counts as of now
         return {"chat": chat, "gateway": gateway, "queue": runtime.queue.snapshot(),
                 "fallback_strategies": runtime.config["fallback_strategies"],
                 "fallback_problems": runtime.fallbacks.problems(),

@@ -272,13 +272,16 @@ class UpstreamPool:
         summary.update(endpoint=self.endpoint, ready=bool(ready), reachable=any(
             isinstance(h, dict) and h.get("reachable") for h in results),
             slots=self.capacity() or None,
-            upstreams=[u.describe(self.default_slots) for u in self.upstreams])
+            upstreams=self.describe())
         if ready:
             summary.pop("error", None)
         elif len(self.upstreams) > 1:
             summary["error"] = "no model node is ready: " + "; ".join(
                 f"{u.url}: {u.last_error or u.state}" for u in self.upstreams)
         return summary
+
+    def describe(self) -> list[dict]:
+        return [u.describe(self.default_slots) for u in self.upstreams]
 
     async def aclose(self) -> None:
         await asyncio.gather(*(c.aclose() for c in self._clients), return_exceptions=True)
