@@ -79,6 +79,14 @@ ALERTS = (
      " or clawbot_model_disk_free_bytes / clawbot_model_disk_size_bytes < 0.05", "10m", "warning",
      "the disk holding model_server.model_path on {{ $labels.node }} is nearly full: a new model of this size would "
      "not fit beside the one there"),
+    ("ClawbotChatModelNodeUnused", "clawbot_chat_upstream_up == 0", "5m", "warning",
+     "the chat node {{ $labels.node }} has sent nothing to the model node {{ $labels.upstream }} for 5 minutes: down, "
+     "not ready or failing (/api/status: gateway.upstreams says why)"),
+    ("ClawbotChatLongWaits",
+     'histogram_quantile(0.95, sum by (le, job, instance, node) (rate(clawbot_chat_queue_wait_seconds_bucket'
+     '{outcome="admitted"}[15m]))) > 60', "15m", "warning",
+     "on the chat node {{ $labels.node }} one message in twenty waits over a minute for a model slot: more people "
+     "than slots (add a model node, docs/replicas.md)"),
     ("ClawbotHugepagesNotBacking", "clawbot_model_hugepages_wanted == 1 and clawbot_model_hugepages_backed == 0",
      "5m", "warning",
      "model_server.hugepages asks for huge pages on {{ $labels.node }} but the weights are not in them "
@@ -137,6 +145,16 @@ PANELS = (
      [(f"sum by (user, via) (rate(clawbot_chat_model_requests_total{NODE}[{RATE}]))", "{{user}} via {{via}}")]),
     ("Requests refused by per-user limits", "reqps",
      [(f"sum by (user, limit) (rate(clawbot_chat_limited_total{NODE}[{RATE}]))", "{{user}} {{limit}}")]),
+    ("People waiting for a model slot (chat nodes)", "short",
+     [(f"clawbot_chat_queue_waiting{NODE}", "waiting {{node}}"), (f"clawbot_chat_queue_active{NODE}", "in flight {{node}}"),
+      (f"clawbot_chat_queue_capacity{NODE}", "slots {{node}}")]),
+    ("Wait for a model slot (chat nodes)", "s",
+     [(f'histogram_quantile({q}, sum by (le, node) (rate(clawbot_chat_queue_wait_seconds_bucket{{outcome="admitted",'
+       f'node=~"$node"}}[{RATE}])))', f"p{int(q * 100)} {{{{node}}}}") for q in (0.5, 0.95)]),
+    ("Model nodes as the chat node sees them", "short",
+     [(f"clawbot_chat_upstream_up{NODE}", "up {{upstream}}"),
+      (f"clawbot_chat_upstream_in_flight{NODE}", "in flight {{upstream}}"),
+      (f"sum by (upstream) (rate(clawbot_chat_upstream_errors_total{NODE}[{RATE}]))", "errors {{upstream}}")]),
     ("Logins by outcome", "reqps",
      [(f"sum by (outcome) (rate(clawbot_chat_logins_total{NODE}[{RATE}]))", "{{outcome}}")]),
 )
