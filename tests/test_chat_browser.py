@@ -8,6 +8,11 @@ amounts to for this one server. Screenshots go to test-artifacts/ (git-ignored).
 Every page signs in first, through the login form, as a person does. Accounts are made with the chat node's
 own `clawbot users` (ChatAgent.add_user); the admin exists from the start (ChatAgent.admin). Every wait has a
 deadline (Playwright's expect/wait_for_* timeouts).
+
+Replies with known Markdown come from a knowledge base with the model down (kb_chat), not from the random-weight
+model; stopping, regenerating and waiting in line use a model node with one slot and long replies (slow_nodes).
+axe-core (npm, installed by .ci/run into ~/.cache/clawbot/npm) runs inside the page on the main states: no serious
+or critical violation; each run's findings go to test-artifacts/axe-NAME.json.
 """
 
 from __future__ import annotations
@@ -15,13 +20,17 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from fixtures_chat import ARTIFACTS, ChatAgent, ModelAgent, chat_config, chat_pki, free_port, model_config, running  # noqa: F401
+from fixtures_chat import (ARTIFACTS, ChatAgent, ModelAgent, chat_config, chat_pki, free_port, model_config,  # noqa: F401
+                           parse_sse, running)
 from tests.fixtures_agent import llama_server_binary  # noqa: F401  (builds the engine if no step did)
 from fixtures_models import gguf_100m, models_dir  # noqa: F401
 
@@ -118,6 +127,11 @@ def watched(browser, **options):
     w = Watched(browser, **options)
     try:
         yield w
+    except BaseException:
+        if w.errors:  # a script error is often the cause: keep it next to the screenshots
+            ARTIFACTS.mkdir(exist_ok=True)
+            (ARTIFACTS / "chat-page-errors.txt").write_text("\n".join(w.errors))
+        raise
     finally:
         with contextlib.suppress(Exception):
             w.context.close()
@@ -169,8 +183,9 @@ def ask(page, text: str) -> None:
     before = page.locator(".message.assistant").count()
     page.fill("#input", text)
     page.press("#input", "Enter")
-    page.wait_for_function(
-        "n => document.querySelectorAll('.message.assistant:not(.streaming)').length > n && !document.getElementById('send').disabled",
+    page.wait_for_function(  # answered, and the conversation read again (#messages is aria-busy until then)
+        "n => document.querySelectorAll('.message.assistant:not(.streaming)').length > n"
+        " && !document.getElementById('send').disabled && !document.getElementById('messages').hasAttribute('aria-busy')",
         arg=before, timeout=60000)
 
 
@@ -184,6 +199,12 @@ def explain_failure(request, nodes):
         agents = list(nodes)
         if "short_chat" in request.fixturenames:
             agents.append(request.getfixturevalue("short_chat"))
+        if "kb_chat" in request.fixturenames:
+            agents.append(request.getfixturevalue("kb_chat"))
+        if "base_model_chat" in request.fixturenames:
+            agents.append(request.getfixturevalue("base_model_chat"))
+        if "slow_nodes" in request.fixturenames:
+            agents.extend(request.getfixturevalue("slow_nodes"))
         for n, agent in enumerate(agents):
             (ARTIFACTS / f"chat-{request.node.name}-{agent.role}{n}.log").write_text(agent.log_tail(100000))
 
@@ -202,6 +223,7 @@ def test_login_wrong_password_and_logout(nodes, browser):
         expect(page.locator("#sso")).to_be_hidden()  # auth.oidc is off on this node
         assert page.locator("label[for=login-username]").inner_text() == "User name"
         assert page.locator("label[for=login-password]").inner_text() == "Password"
+        axe_check(page, "login")
         shot(page, "login")
 
         for name, password in (("alice", "not-her-password"), ("nobody-here", "whatever-123")):
@@ -633,7 +655,9 @@ def test_chat_in_the_browser(nodes, browser):
         page.evaluate(STREAM_PROBE)
         ask(page, "Hello! What can you do?")
         lengths = page.evaluate("window.__lengths")
-        assert len(set(lengths)) >= 3 and lengths == sorted(lengths), f"reply did not stream in: {lengths}"
+        # the visible text grows as tokens come (Markdown may shorten it a little when a ** or ` closes)
+        rises = sum(1 for a, b in zip(lengths, lengths[1:]) if b > a)
+        assert rises >= 3 and lengths[-1] > lengths[0], f"reply did not stream in: {lengths}"
         reply = page.locator(".message.assistant").last
         assert reply.locator(".label.source-model").inner_text() == "model"
         assert reply.locator(".text").inner_text().strip()
@@ -645,6 +669,408 @@ def test_chat_in_the_browser(nodes, browser):
         assert page.locator(".message.assistant .label").first.inner_text() == "model"
         assert page.locator(".conversations li.active .title").inner_text() == "Hello! What can you do?"
         expect(page.locator("#usage-line")).not_to_contain_text(re.compile(r"^0 tokens"), timeout=20000)
+
+
+# ---------------------------------------------------------------------------------------------- the chat UI people expect
+
+AXE = Path.home() / ".cache" / "clawbot" / "npm" / "node_modules" / "axe-core" / "axe.min.js"  # .ci/run installs it
+SLOW_TOKENS = 2000  # ~30 s of reply here: long enough to stop one halfway and to keep others waiting meanwhile
+KB_DOCS = {
+    "operations.md": """# Operations
+
+## Restarting the chat agent
+
+Restart the **chat agent** with `systemctl` on the chat node, then read its log:
+```sh
+sudo systemctl restart clawbot-chat
+journalctl -u clawbot-chat -n 20
+```
+
+## Pasted markup
+
+One pasted snippet read <img src=x onerror="document.body.dataset.pwned='img'"> then \
+<script>document.body.dataset.pwned='script'</script> and [a trap](javascript:document.body.dataset.pwned='link').
+""",
+}
+
+
+def axe_check(page, name: str) -> list[dict]:
+    """axe-core inside the page: no serious or critical violation. The full list goes to test-artifacts/axe-NAME.json."""
+    assert AXE.is_file(), (f"axe-core is missing at {AXE}: bash .ci/run installs it "
+                           "(npm install --prefix ~/.cache/clawbot/npm axe-core@<version in .ci/run>)")
+    if not page.evaluate("typeof window.axe === 'object'"):
+        page.evaluate(AXE.read_text())  # through the DevTools protocol: the page's own CSP stays in force
+    violations = page.evaluate("""async () => (await axe.run(document, {resultTypes: ['violations']})).violations
+        .map(v => ({id: v.id, impact: v.impact, help: v.help, nodes: v.nodes.slice(0, 5).map(n => n.target.join(' '))}))""")
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / f"axe-{name}.json").write_text(json.dumps(violations, indent=2))
+    serious = [v for v in violations if v["impact"] in ("serious", "critical")]
+    assert not serious, f"axe-core, {name}: {json.dumps(serious, indent=1)}"
+    return violations
+
+
+def last_answer(page):
+    return page.locator("#messages > article.message.assistant").last
+
+
+def open_details(answer) -> dict[str, str]:
+    """Open an answer's details disclosure; its rows as {data-field: text}."""
+    answer.locator("details.answer-details > summary").click()
+    expect(answer.locator("details.answer-details dl")).to_be_visible()
+    return answer.locator("details.answer-details dd").evaluate_all(
+        "nodes => Object.fromEntries(nodes.map(n => [n.dataset.field, n.textContent]))")
+
+
+class Sender:
+    """Another person sending one message through the chat API in a thread, as their browser would: the reply's
+    events are collected as they arrive."""
+
+    def __init__(self, chat: ChatAgent, name: str, content: str):
+        self.client = chat.login(name, password_of(name), timeout=120)
+        self.conversation = self.client.post("/api/conversations", json={"title": f"{name} in line"}).json()["id"]
+        self.events: list[tuple[str, dict]] = []
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(content,), daemon=True)
+        self.thread.start()
+
+    def _run(self, content: str) -> None:
+        try:
+            with self.client.stream("POST", f"/api/conversations/{self.conversation}/messages",
+                                    json={"content": content}) as response:
+                assert response.status_code == 200, response.read()
+                buffer = ""
+                for text in response.iter_text():
+                    buffer += text
+                    while "\n\n" in buffer:
+                        block, buffer = buffer.split("\n\n", 1)
+                        self.events.extend(parse_sse(block + "\n\n").events)
+        except BaseException as exc:  # noqa: BLE001 (reported by wait_for / finish)
+            self.error = exc
+
+    def wait_for(self, event: str, timeout_s: float = 60) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for name, data in list(self.events):
+                if name == event:
+                    return data
+            assert self.error is None, f"the stream failed: {self.error!r}"
+            assert self.thread.is_alive(), f"the stream ended without {event}: {self.events}"
+            time.sleep(0.05)
+        raise AssertionError(f"no {event} event after {timeout_s} s: {self.events}")
+
+    def of_done(self) -> list[dict]:
+        return [data["message"] for event, data in list(self.events) if event == "done"]
+
+    def finish(self) -> None:
+        """Stop the reply (or the wait) and wait for the stream's end."""
+        self.client.post(f"/api/conversations/{self.conversation}/stop").raise_for_status()
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive(), "the stream did not end after stop"
+        self.client.close()
+
+
+@pytest.fixture(scope="module")
+def kb_chat(chat_pki, tmp_path_factory):
+    """A chat node whose model node is down (nothing listens at its gateway's address): every question is answered
+    at once from its knowledge base, whose documents are written here, so the reply's Markdown is known."""
+    work = tmp_path_factory.mktemp("browser-kb")
+    kb = work / "kb"
+    kb.mkdir()
+    for name, text in KB_DOCS.items():
+        (kb / name).write_text(text)
+    chat = ChatAgent(chat_config(chat_pki, work / "chat", f"https://localhost:{free_port()}", fallbacks=["knowledge_base"],
+                                 kb_dir=kb), work / "chat", chat_pki)
+    with running(chat):
+        chat.add_user("alice", password_of("alice"))
+        yield chat
+
+
+@pytest.fixture(scope="module")
+def slow_nodes(chat_pki, gguf_100m, llama_server_binary, tmp_path_factory):
+    """A model node with one slot and long replies (up to SLOW_TOKENS), and a chat node that sends it one request at
+    a time: an answer takes seconds, long enough to stop it, and a second person's message waits in line."""
+    work = tmp_path_factory.mktemp("browser-slow")
+    config = model_config(chat_pki, gguf_100m, context_window=4096, max_tokens=SLOW_TOKENS)
+    config["model_gateway"]["max_concurrency"] = 1
+    config["model_server"]["parallel_slots"] = 1
+    model = ModelAgent(config, work / "model", chat_pki)
+    config = chat_config(chat_pki, work / "chat", model.endpoint, context_window=4096, max_tokens=SLOW_TOKENS)
+    config["chat"]["queue"] = {"slots": 1, "max_wait_s": 300}
+    chat = ChatAgent(config, work / "chat", chat_pki)
+    with running(model), running(chat):
+        for name in ("alice", "bob", "carol"):
+            chat.add_user(name, password_of(name))
+        yield model, chat
+
+
+@pytest.fixture(scope="module")
+def base_model_chat(chat_pki, models_dir, llama_server_binary, tmp_path_factory):
+    """A model node serving a base model: the tiny generated GGUF copied without its chat template (gguf's own
+    gguf_new_metadata), so its card says base model, and a chat node in front of it."""
+    from fixtures_models import write_model_file
+
+    work = tmp_path_factory.mktemp("browser-base")
+    base = work / "tiny-base.gguf"
+    done = subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--remove-metadata",
+                           "tokenizer.chat_template", "--general-name", "Tiny Base", "--force",
+                           str(write_model_file(models_dir, "tiny", "Q8_0")), str(base)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    config = model_config(chat_pki, base, context_window=512, max_tokens=16)
+    config["model_server"]["chat_template"] = "vicuna"  # a base model has none: name a plain transcript format
+    model = ModelAgent(config, work / "model", chat_pki)
+    chat = ChatAgent(chat_config(chat_pki, work / "chat", model.endpoint, context_window=512, max_tokens=16),
+                     work / "chat", chat_pki)
+    with running(model), running(chat):
+        chat.add_user("alice", password_of("alice"))
+        yield chat
+
+
+def test_the_model_chip_says_base_model(base_model_chat, browser):
+    """The model chip names the model and says it is a base model; the card's note is its tooltip and accessible
+    description, and the empty conversation shows it too."""
+    chat = base_model_chat
+    with chat.client() as api:
+        card = api.get("/api/status").json()["gateway"]["model_card"]
+    assert card["base_model"] is True and card["name"] == "Tiny Base" and card["note"], card
+    with watched(browser) as w:
+        page = w.page
+        page.goto(chat.url)
+        sign_in(page, chat, "alice")
+        chip = page.locator("#status-model")
+        expect(chip).to_have_text("Tiny Base · base model", timeout=30000)
+        expect(chip).to_have_attribute("data-state", "up")
+        assert card["note"] in chip.get_attribute("title")
+        assert page.locator("#" + chip.get_attribute("aria-describedby")).text_content() == card["note"]
+        assert page.evaluate("""() => { const el = document.getElementById('status-model');
+            return document.getElementById(el.getAttribute('aria-describedby')).textContent; }""") == card["note"]
+        expect(page.locator("#messages .empty .model-note")).to_have_text(card["note"])
+        axe_check(page, "base-model")
+        shot(page, "base-model")
+
+
+def test_empty_state_favicon_and_keyboard(nodes, browser):
+    """The empty conversation: a favicon, the composer's labels and hint, Enter sends and Shift+Enter is a new line;
+    axe-core finds nothing serious, in light and in dark mode (which follows the system)."""
+    _, chat = nodes
+    for scheme in ("light", "dark"):
+        with watched(browser, color_scheme=scheme) as w:
+            page = w.page
+            page.goto(chat.url)
+            sign_in(page, chat, "bob")
+            page.click("#new-conversation")
+            expect(page.locator("#messages .empty")).to_be_visible(timeout=20000)
+            expect(page.locator("#status-model")).to_have_attribute("data-state", "up", timeout=30000)
+            icon = page.locator("link[rel=icon]")
+            assert icon.get_attribute("href") == "/static/favicon.svg"
+            answer = fetch_status(page, "/static/favicon.svg")
+            assert answer["status"] == 200 and answer["body"].startswith("<svg"), answer
+            background = page.evaluate("getComputedStyle(document.documentElement).backgroundColor")
+            assert background == {"light": "rgb(246, 247, 249)", "dark": "rgb(20, 23, 28)"}[scheme], background
+            assert page.get_by_label("Message", exact=True).evaluate("n => n.id") == "input"
+            assert "Shift+Enter" in page.locator("#composer-hint").inner_text()
+            assert page.locator("#input").get_attribute("aria-describedby") == "composer-hint"
+            axe_check(page, f"empty-{scheme}")
+            shot(page, f"empty-{scheme}")
+            if scheme == "dark":
+                break
+            # Shift+Enter: a new line, nothing sent; Enter: sent as typed, both lines
+            page.click("#input")
+            page.keyboard.type("first line")
+            page.keyboard.press("Shift+Enter")
+            page.keyboard.type("second line")
+            assert page.locator("#input").input_value() == "first line\nsecond line"
+            assert page.locator("#messages .message").count() == 0
+            page.keyboard.press("Enter")
+            expect(page.locator("#messages .message.user .text")).to_have_text("first line\nsecond line", timeout=30000)
+            expect(last_answer(page)).not_to_have_class(re.compile("streaming"), timeout=60000)
+            expect(page.locator("#send")).to_be_visible(timeout=20000)
+
+
+def test_markdown_code_copy_and_model_down(kb_chat, browser):
+    """With the model down the knowledge base answers: its Markdown is rendered (bold, inline code, a fenced block
+    with a Copy button that copies exactly the code); raw HTML and a javascript: link in it are shown, never run."""
+    chat = kb_chat
+    with watched(browser) as w:
+        w.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=chat.url)
+        page = w.page
+        page.goto(chat.url)
+        sign_in(page, chat, "alice")
+        expect(page.locator("#status-model")).to_have_attribute("data-state", "down", timeout=30000)
+        expect(page.locator("#banner")).to_contain_text("model node is unavailable")
+        ask(page, "How do I restart the chat agent?")
+        answer = last_answer(page)
+        expect(answer.locator(".label.source-knowledge_base")).to_have_text("knowledge base")
+        code = answer.locator(".codeblock pre code")
+        expect(code).to_have_count(1)
+        assert code.inner_text().strip() == "sudo systemctl restart clawbot-chat\njournalctl -u clawbot-chat -n 20"
+        assert answer.locator(".codeblock .lang").inner_text() == "sh"
+        assert answer.locator(".text strong", has_text="chat agent").count() == 1
+        assert answer.locator(".text p code", has_text="systemctl").count() == 1
+        assert answer.locator(".text blockquote").count() >= 1  # the passage is quoted
+        expect(answer.get_by_role("button", name="Copy sh code", exact=True)).to_have_count(1)
+        copy = answer.locator(".codeblock button.copy-code")  # its name changes to "Copied sh code"
+        copy.click()
+        expect(copy.locator(".copy-label")).to_have_text("Copied", timeout=5000)
+        assert page.evaluate("navigator.clipboard.readText()") == "sudo systemctl restart clawbot-chat\njournalctl -u clawbot-chat -n 20"
+        details = open_details(answer)
+        assert details["source"] == "knowledge base" and details["finish"] == "complete", details
+        assert "model-error" in details, details
+        axe_check(page, "answer-code")
+        shot(page, "answer-code")
+        shot(page, "model-down")
+
+        ask(page, "What did the pasted snippet read?")
+        answer = last_answer(page)
+        text = answer.locator(".text")
+        expect(text).to_contain_text("<img src=x onerror=")
+        expect(text).to_contain_text("<script>document.body.dataset.pwned='script'</script>")
+        assert text.locator("img, script, iframe, [onerror]").count() == 0
+        trap = text.locator("a", has_text="a trap")
+        expect(trap).to_have_count(1)
+        assert not (trap.get_attribute("href") or "").lower().startswith("javascript")
+        trap.click()  # no href left: nothing happens
+        page.wait_for_timeout(300)
+        assert page.evaluate("document.body.dataset.pwned") is None
+        assert page.evaluate("document.querySelectorAll('#messages img, #messages script').length") == 0
+        shot(page, "markup-escaped")
+
+    with watched(browser, color_scheme="dark") as w:
+        page = w.page
+        page.goto(chat.url)
+        sign_in(page, chat, "alice")
+        page.locator("#conversations .open").first.click()
+        expect(page.locator("#messages .codeblock").first).to_be_visible(timeout=20000)
+        axe_check(page, "answer-code-dark")
+        shot(page, "answer-code-dark")
+
+
+def test_stop_and_regenerate(slow_nodes, browser):
+    """Stop while an answer streams: the server is told (POST .../stop), the answer stays, marked stopped, and the
+    model slot is free again; Regenerate replaces it with a new answer (stopped here with Esc)."""
+    _, chat = slow_nodes
+    with watched(browser) as w:
+        page = w.page
+        stops: list[str] = []
+        page.on("request", lambda r: stops.append(r.headers.get("x-csrf-token"))
+                if r.method == "POST" and r.url.endswith("/stop") else None)
+        page.goto(chat.url)
+        sign_in(page, chat, "alice")
+        expect(page.locator("#status-model")).to_have_attribute("data-state", "up", timeout=30000)
+        page.fill("#input", "Tell me a very long story about the sea.")
+        page.press("#input", "Enter")
+        live = page.locator("#messages .message.streaming .text")
+        page.wait_for_function("() => (document.querySelector('#messages .message.streaming .text') || {}).textContent?.length > 20",
+                               timeout=60000)
+        expect(page.locator("#stop")).to_be_visible()
+        expect(page.locator("#stop")).to_have_text("Stop")
+        expect(page.locator("#send")).to_be_hidden()
+        expect(page.locator("#reply-status")).to_have_text("The answer is being written…")  # role=status, polite
+        page.click("#stop")
+        answer = page.locator("#messages > article.message.assistant[data-finish=stopped]")
+        expect(answer).to_have_count(1, timeout=20000)
+        expect(live).to_have_count(0)
+        expect(page.locator("#send")).to_be_visible()
+        expect(page.locator("#stop")).to_be_hidden()
+        assert len(stops) == 1 and stops[0], "Stop did not call POST .../stop with the CSRF token"
+        expect(page.locator("#reply-status")).to_have_text("Stopped.")
+        expect(answer.locator(".label.stopped")).to_have_text("stopped")
+        assert answer.locator(".text").inner_text().strip()
+        details = open_details(answer)
+        assert details["finish"] == "stopped by you", details
+        assert details.get("model"), details
+        assert int(details["completion-tokens"].replace(",", "")) < SLOW_TOKENS, details
+        assert details["first-token"].endswith(" s"), details
+        with chat.login("alice", password_of("alice")) as api:
+            conversation = page.evaluate("location.hash").split("=")[1]
+            stored = api.get(f"/api/conversations/{conversation}").json()["messages"]
+            assert [m["role"] for m in stored] == ["user", "assistant"]
+            assert stored[1]["meta"]["finish_reason"] == "stopped" and stored[1]["status"] == "incomplete"
+            deadline = time.monotonic() + 15  # the model slot is given back: nobody holds it after a stop
+            while api.get("/api/status").json()["queue"]["active"] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert api.get("/api/status").json()["queue"]["active"] == 0
+        axe_check(page, "stopped")
+        shot(page, "stopped")
+
+        old_id = answer.get_attribute("data-id")
+        regenerate = page.get_by_role("button", name="Regenerate this answer")
+        expect(regenerate).to_have_count(1)
+        regenerate.click()
+        expect(page.locator(f"#messages article[data-id='{old_id}']")).to_have_count(0, timeout=20000)
+        page.wait_for_function("() => (document.querySelector('#messages .message.streaming .text') || {}).textContent?.length > 5",
+                               timeout=60000)
+        assert page.locator("#messages .message.user").count() == 1  # the same question, not sent twice
+        page.focus("#input")
+        page.keyboard.press("Escape")
+        expect(page.locator("#messages > article.message.assistant[data-finish=stopped]")).to_have_count(1, timeout=20000)
+        assert page.locator("#messages > article.message.assistant").get_attribute("data-id") != old_id
+        assert len(stops) == 2
+        with chat.login("alice", password_of("alice")) as api:
+            stored = api.get(f"/api/conversations/{conversation}").json()["messages"]
+            assert [m["role"] for m in stored] == ["user", "assistant"] and str(stored[1]["id"]) != old_id
+
+
+def test_waiting_in_line_and_cancel(slow_nodes, browser):
+    """One model slot: alice's long answer holds it and carol waits; bob's message waits behind carol, the page
+    shows his place and an estimate, and Cancel takes it out of the line: never sent, shown as such."""
+    _, chat = slow_nodes
+    warm = Sender(chat, "alice", "Warm up: say anything.")  # one measured answer, so the line can estimate
+    warm.wait_for("token")
+    warm.finish()
+    alice = carol = None
+    with watched(browser) as w:
+        page = w.page
+        page.goto(chat.url)
+        sign_in(page, chat, "bob")
+        page.click("#new-conversation")
+        expect(page.locator("#status-model")).to_have_attribute("data-state", "up", timeout=30000)
+        try:
+            alice = Sender(chat, "alice", "Tell me a very long story about mountains.")
+            alice.wait_for("token")
+            carol = Sender(chat, "carol", "And one about rivers, please.")
+            assert carol.wait_for("queued")["ahead"] == 0
+            page.fill("#input", "Is it my turn yet?")
+            page.press("#input", "Enter")
+            notice = page.locator("#messages .queue-notice")
+            expect(notice).to_be_visible(timeout=30000)
+            expect(notice.locator(".queue-text")).to_have_text(
+                re.compile(r"^Waiting — 1 in line ahead of you, about \d+ s$"), timeout=20000)
+            assert page.locator("#messages .message.user .text").inner_text() == "Is it my turn yet?"
+            expect(page.locator("#reply-status")).to_contain_text("Waiting — 1 in line ahead of you")
+            expect(page.locator("#stop")).to_have_text("Cancel")
+            with chat.login("bob", password_of("bob")) as api:
+                line = api.get("/api/status").json()["queue"]
+                assert line["active"] == 1 and line["waiting"] == 2, line
+            axe_check(page, "queued")
+            shot(page, "queued")
+            assert not alice.of_done(), "alice's answer ended before the test could look at the line"
+
+            notice.get_by_role("button", name="Cancel this message").click()
+            user = page.locator("#messages .message.user")
+            expect(user.locator(".note.cancelled")).to_have_text("cancelled (not sent)", timeout=20000)
+            expect(user).to_have_attribute("data-status", "cancelled")
+            expect(notice).to_have_count(0)
+            expect(page.locator("#messages .message.assistant")).to_have_count(0)
+            expect(page.locator("#send")).to_be_visible()
+            expect(page.locator("#reply-status")).to_have_text("Cancelled: your message was not sent.")
+            expect(page.locator("#input")).to_be_focused()  # focus does not vanish with the Cancel button
+            with chat.login("bob", password_of("bob")) as api:
+                conversation = page.evaluate("location.hash").split("=")[1]
+                stored = api.get(f"/api/conversations/{conversation}").json()["messages"]
+                assert [(m["role"], m["status"]) for m in stored] == [("user", "cancelled")], stored
+                assert api.get("/api/status").json()["queue"]["waiting"] == 1  # carol still waits
+        finally:
+            for sender in (alice, carol):
+                if sender is not None:
+                    sender.finish()
+        page.reload()  # what the server kept says so too
+        expect(page.locator("#messages .message.user .note.cancelled")).to_have_text("cancelled (not sent)",
+                                                                                      timeout=20000)
+        axe_check(page, "cancelled")
+        shot(page, "cancelled")
+    done = alice.of_done()
+    assert done and done[0]["meta"]["finish_reason"] == "stopped", alice.events[-3:]
 
 
 def test_summary_marker_and_fallback_label(nodes, browser):

@@ -109,11 +109,14 @@ class FairQueue:
             self.waited += 1
         return ticket
 
-    def leave(self, ticket: Ticket) -> None:
-        """The ticket is done (answered, failed or cancelled): its slot or its place goes to the next in turn."""
+    def leave(self, ticket: Ticket, measured: bool = True) -> None:
+        """The ticket is done (answered, failed or cancelled): its slot or its place goes to the next in turn.
+        measured=False: its time says nothing about how long an answer takes (stopped, fell back), so the
+        estimates leave it out."""
         if ticket in self._holding:
             self._holding.discard(ticket)
-            self._service_s.append(self._clock() - ticket.admitted_at)
+            if measured:
+                self._service_s.append(self._clock() - ticket.admitted_at)
             self.served += 1
             self._hand_off()
         elif self._remove(ticket):
@@ -156,7 +159,8 @@ class FairQueue:
         if service is not None:
             # the next slot frees when the oldest answer in progress ends; then one per service time / slots
             running = [self._clock() - t.admitted_at for t in self._holding]
-            first = max(0.0, service - max(running)) if running and self.active >= self._capacity else 0.0
+            # (an answer already running longer than usual is taken to need a tenth of a usual one more)
+            first = max(service / 10, service - max(running)) if running and self.active >= self._capacity else 0.0
             estimate = round(first + service * math.floor(ahead / self._capacity), 1)
         return {"position": ahead + 1, "ahead": ahead, "estimate_s": estimate, "waited_s": round(ticket.waited_s, 1)}
 

@@ -186,7 +186,7 @@ async def _answer(runtime, run: Running, conv_id: str, user: dict, account: dict
     ticket = queue.join(str(account["id"]))
     reply: dict | None = None
     parts: list[str] = []
-    finished = False
+    finished = answered = False  # answered: a whole model reply, whose slot time the line's estimates may use
     request_id = None
     prompt = None
     trace = {"event": "model_request", "request_id": uuid.uuid4().hex, "via": "web", "user": account["name"],
@@ -325,9 +325,10 @@ async def _answer(runtime, run: Running, conv_id: str, user: dict, account: dict
                      prompt_tokens=reported if reported is not None else prompt.tokens,
                      completion_tokens=completion if completion is not None else len(parts))
         finished = True
+        answered = not stopped
         yield sse("done", {"message": reply})
     finally:
-        queue.leave(ticket)
+        queue.leave(ticket, measured=answered)
         if not finished and not ticket.admitted:  # the person left while waiting: the message was never sent
             store.update_message(user["id"], status="cancelled")
             runtime.metrics.waited(ticket.waited_s, "cancelled")

@@ -442,6 +442,10 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
 
     # ------------------------------------------------------------------ web UI
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> RedirectResponse:
+        return RedirectResponse("/static/favicon.svg", status_code=308)
+
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})

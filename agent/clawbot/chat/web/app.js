@@ -17,6 +17,7 @@ const SAFE_METHODS = ["GET", "HEAD", "OPTIONS"];
 
 const state = {
   current: null, conversations: [], sending: false, status: null,
+  run: null,          // the reply in progress (class Run), if any
   session: null,      // {user, csrf_token, idle_expires_at, expires_at} while signed in
   epoch: 0,           // bumped at every sign-in and sign-out: late answers of an older session are dropped
   idleTimeoutS: 3600, // the server's auth.session_idle_timeout_s, as read from the session's expiry
@@ -291,12 +292,15 @@ function signOutLocally(notice, kind) {
   state.current = null;
   state.conversations = [];
   state.sending = false;
+  if (state.run) { state.run.controller.abort(); state.run = null; }
+  setRunning(null);
+  $("messages").removeAttribute("aria-busy");
+  replyStatus("");
   clearInterval(state.timers.status);
   clearTimeout(state.timers.expiry);
   $("conversations").replaceChildren();
   renderMessages([]);
   $("input").value = "";
-  $("send").disabled = false;
   $("keys").replaceChildren();
   $("new-key").hidden = true;
   $("new-key-value").textContent = "";
@@ -421,17 +425,41 @@ async function refreshStatus() {
   setNode("status-chat", status.chat.state === "ok" ? "up" : "degraded", "Chat node",
     status.chat.state === "ok" ? "database ok" : status.chat.database);
   const gw = status.gateway;
+  setModelChip(gw, status.queue);
   if (gw.ready) {
-    setNode("status-model", "up", "Model", `${gw.endpoint}: ready`);
     showBanner(null);
   } else {
-    setNode("status-model", gw.reachable ? "degraded" : "down", "Model", gw.error || "not ready");
     const fallbacks = (status.fallback_strategies || []).map((s) => SOURCE_LABELS[s] || s);
     const then = fallbacks.length
       ? ` Questions are answered from ${fallbacks.join(", then ")} until it is back.`
       : " Questions cannot be answered until it is back.";
-    showBanner(`The model node is unavailable: ${gw.error || "not ready"}.${then}`, "warn");
+    const problems = (status.fallback_problems || []).length ? ` Fallback problems: ${status.fallback_problems.join("; ")}.` : "";
+    showBanner(`The model node is unavailable: ${gw.error || "not ready"}.${then}${problems}`, "warn");
   }
+  const empty = $("messages").querySelector(".empty");
+  const card = gw.model_card;
+  if (empty && card && card.base_model && card.note && !empty.querySelector(".model-note")) empty.replaceWith(emptyState());
+}
+
+/** The model chip: the model's name (a base model says so, its note as tooltip and description), its state. */
+function setModelChip(gw, queue) {
+  const card = gw.model_card && gw.model_card.name ? gw.model_card : null;
+  const nodeState = gw.ready ? "up" : gw.reachable ? "degraded" : "down";
+  const detail = [gw.ready ? `${gw.endpoint}: ready` : gw.error || "not ready"];
+  if (queue && queue.capacity != null) {
+    detail.push(`${queue.active || 0} of ${queue.capacity} answering, ${queue.waiting || 0} waiting`);
+  }
+  if (card && card.note) detail.unshift(card.note);
+  setNode("status-model", nodeState, "Model", detail.join(" · "));
+  const chip = $("status-model");
+  if (card) {
+    const name = `${card.name}${card.base_model ? " · base model" : ""}`;
+    chip.lastChild.textContent = gw.ready ? name : `${name}: ${nodeState === "down" ? "down" : "not ready"}`;
+    chip.dataset.baseModel = String(Boolean(card.base_model));
+  } else {
+    delete chip.dataset.baseModel;
+  }
+  $("model-note").textContent = card && card.note ? card.note : "";
 }
 
 /** How long without input the page stops asking for the status: its requests must not keep an idle session alive. */
@@ -784,7 +812,98 @@ async function selectConversation(id) {
   await loadConversations().catch(ignoreSignedOut(() => {}));
 }
 
+// ---------------------------------------------------------------------------- Markdown (replies only)
+
+// A reply is Markdown: marked renders it, DOMPurify keeps only these tags and attributes. Raw HTML in a reply is
+// escaped to text before that (a model's or a document's "<script>" is shown, never run); images become links
+// (no request leaves the page because a reply says so). Both libraries are vendored (static/vendor/README.md).
+const MD_TAGS = ["a", "blockquote", "br", "code", "del", "em", "h1", "h2", "h3", "h4", "h5", "h6", "hr", "li", "ol", "p",
+  "pre", "s", "strong", "table", "tbody", "td", "th", "thead", "tr", "ul"];
+const MD_ATTRS = ["href", "title", "align", "start", "class"];
+let markdown = null;
+
+function escapeHtml(text) {
+  return String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+}
+
+function markdownEngine() {
+  if (markdown !== null) return markdown;
+  if (!window.marked || !window.DOMPurify || !DOMPurify.isSupported) { markdown = false; return markdown; }
+  const engine = new window.marked.Marked({ gfm: true, breaks: true, async: false });
+  engine.use({ renderer: {
+    html(token) { return token.block ? `<p>${escapeHtml(token.text.trim())}</p>\n` : escapeHtml(token.text); },
+    image(token) { return `<a href="${escapeHtml(token.href)}">${escapeHtml(`image: ${token.text || token.href}`)}</a>`; },
+  } });
+  DOMPurify.addHook("uponSanitizeAttribute", (node, data) => {
+    // marked marks a fenced block's language as class="language-x"; no other class may come from a reply
+    if (data.attrName === "class" && !(node.nodeName === "CODE" && /^language-[\w+#.-]{1,40}$/.test(data.attrValue))) data.keepAttr = false;
+  });
+  DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+    if (node.nodeName === "A" && node.hasAttribute("href")) {
+      node.setAttribute("target", "_blank");
+      node.setAttribute("rel", "noopener noreferrer nofollow");
+    } else if (node.nodeName === "A") {
+      node.setAttribute("title", "link removed: not a web address");  // e.g. javascript:
+    }
+  });
+  markdown = { engine };
+  return markdown;
+}
+
+/** Fill `bubble` with `text` rendered as sanitised Markdown (plain text if the libraries did not load). */
+function renderMarkdown(bubble, text) {
+  const md = markdownEngine();
+  if (!md) { bubble.textContent = text; bubble.classList.add("plain"); return; }
+  const html = md.engine.parse(text || "");
+  const clean = DOMPurify.sanitize(html, { ALLOWED_TAGS: MD_TAGS, ALLOWED_ATTR: MD_ATTRS, ALLOW_DATA_ATTR: false,
+    ALLOW_ARIA_ATTR: false, RETURN_DOM_FRAGMENT: true });
+  for (const pre of clean.querySelectorAll("pre")) {
+    const block = codeBlock(pre);
+    pre.replaceWith(block);
+    block.append(pre);
+  }
+  bubble.replaceChildren(clean);
+}
+
+let codeBlocks = 0;
+
+function codeBlock(pre) {
+  const code = pre.querySelector("code");
+  const lang = code && (code.className.match(/language-([\w+#.-]+)/) || [])[1];
+  codeBlocks += 1;
+  pre.id = `code-${codeBlocks}`;
+  pre.tabIndex = 0;  // a wide block scrolls sideways: reachable by keyboard
+  pre.setAttribute("aria-label", lang ? `Code (${lang})` : "Code");
+  // its name is "Copy sh code" (the visible word first, as speech input users say it), then "Copied sh code"
+  const label = el("span", { class: "copy-label", text: "Copy" });
+  const copy = el("button", { class: "copy-code small secondary", type: "button" },
+    label, el("span", { class: "visually-hidden", text: lang ? ` ${lang} code` : " code" }));
+  copy.setAttribute("aria-controls", pre.id);
+  // without the block's last newline: pasted into a terminal, the last command is not run at once
+  copy.addEventListener("click", () => copyText(pre.textContent.replace(/\n$/, ""), label, pre));
+  return el("div", { class: "codeblock" },
+    el("div", { class: "codeblock-head" }, el("span", { class: "lang", text: lang || "code" }), copy));
+}
+
+async function copyText(text, label, source) {
+  try {
+    await navigator.clipboard.writeText(text);
+    label.textContent = "Copied";
+    replyStatus("Code copied to the clipboard.");
+  } catch (_) {  // clipboard refused: select the text so that Ctrl+C copies it
+    const range = document.createRange();
+    range.selectNodeContents(source);
+    getSelection().removeAllRanges();
+    getSelection().addRange(range);
+    label.textContent = "Selected";
+    replyStatus("The browser did not allow copying: the code is selected, copy it with Ctrl+C.");
+  }
+  setTimeout(() => { label.textContent = "Copy"; }, 2000);
+}
+
 // ---------------------------------------------------------------------------- messages
+
+const FINISH_LABELS = { stop: "complete", length: "cut at max_tokens", stopped: "stopped by you" };
 
 function position(m) { return m.role === "summary" ? m.covers_from : m.id; }
 
@@ -793,19 +912,34 @@ function renderMessages(messages) {
   box.replaceChildren();
   const top = messages.filter((m) => m.summary_id == null).sort((a, b) => position(a) - position(b) || a.id - b.id);
   for (const m of top) box.append(renderOne(m, messages));
-  if (!top.length) box.append(el("p", { class: "empty", text: "Start a conversation: type a question below." }));
+  if (!top.length) box.append(emptyState());
+  offerRegenerate();
   box.scrollTop = box.scrollHeight;
+}
+
+function emptyState() {
+  const card = state.status && state.status.gateway && state.status.gateway.model_card;
+  return el("div", { class: "empty" },
+    el("p", { text: "Start a conversation: type a question below." }),
+    card && card.base_model && card.note ? el("p", { class: "model-note", text: card.note }) : null);
 }
 
 function renderOne(m, all) {
   if (m.role === "summary") return renderSummary(m, all);
-  const bubble = el("div", { class: "text", text: m.content });
+  const bubble = el("div", { class: "text" });
   const article = el("article", { class: `message ${m.role}`, "data-id": String(m.id), "data-status": m.status }, bubble);
   if (m.role === "assistant") {
+    renderMarkdown(bubble, m.content);
     article.dataset.source = m.source || "none";
-    article.append(footer(m));
-  } else if (m.status === "rejected") {
-    article.append(el("div", { class: "note", text: "not sent to the model (too long)" }));
+    const finish = (m.meta || {}).finish_reason;
+    if (finish) article.dataset.finish = finish;
+    article.setAttribute("aria-label", `Answer (${SOURCE_LABELS[m.source] || "not answered"})`);
+    article.append(footer(m), details(m));
+  } else {
+    bubble.textContent = m.content;  // what a person typed is shown as typed
+    article.setAttribute("aria-label", "Your message");
+    if (m.status === "rejected") article.append(el("div", { class: "note", text: "not sent to the model (too long)" }));
+    if (m.status === "cancelled") article.append(el("div", { class: "note cancelled", text: "cancelled (not sent)" }));
   }
   return article;
 }
@@ -813,9 +947,11 @@ function renderOne(m, all) {
 function footer(m) {
   const foot = el("div", { class: "footer" });
   const source = m.source || "none";
-  foot.append(el("span", { class: `label source-${source}`, text: SOURCE_LABELS[source] || source }));
-  if (m.status === "incomplete") foot.append(el("span", { class: "label warn", text: "incomplete" }));
   const meta = m.meta || {};
+  foot.append(el("span", { class: `label source-${source}`, text: SOURCE_LABELS[source] || source }));
+  if (meta.finish_reason === "stopped") foot.append(el("span", { class: "label stopped", text: "stopped" }));
+  else if (meta.finish_reason === "length") foot.append(el("span", { class: "label warn", text: "cut at max_tokens" }));
+  else if (m.status === "incomplete") foot.append(el("span", { class: "label warn", text: "incomplete" }));
   if (meta.model_error && source !== "model") foot.append(el("span", { class: "why", text: `model unavailable: ${meta.model_error}` }));
   if (meta.error && m.status === "incomplete") foot.append(el("span", { class: "why", text: meta.error }));
   for (const c of meta.citations || []) {
@@ -825,8 +961,50 @@ function footer(m) {
       foot.append(el("span", { class: "cite", text: `${c.source} § ${c.heading}` }));
     }
   }
-  if (meta.prompt_tokens != null) foot.append(el("span", { class: "tokens", text: `${meta.prompt_tokens}/${meta.budget} prompt tokens` }));
   return foot;
+}
+
+function seconds(value) { return value < 10 ? `${Number(value).toFixed(2)} s` : `${Number(value).toFixed(1)} s`; }
+
+/** The disclosure under an answer: which model, how many tokens, how fast, why it ended, where it came from. */
+function details(m) {
+  const meta = m.meta || {};
+  const rows = [];
+  const row = (name, value, field) => { if (value != null && value !== "") rows.push([name, String(value), field]); };
+  row("Model", meta.model, "model");
+  row("Source", SOURCE_LABELS[m.source || "none"], "source");
+  const finish = FINISH_LABELS[meta.finish_reason] || meta.finish_reason
+    || { complete: "complete", incomplete: "incomplete", error: "error", rejected: "rejected" }[m.status] || m.status;
+  row("Finish", finish, "finish");
+  if (meta.prompt_tokens != null) {
+    row("Prompt tokens", meta.budget ? `${number(meta.prompt_tokens)} (budget ${number(meta.budget)})` : number(meta.prompt_tokens), "prompt-tokens");
+  }
+  if (meta.completion_tokens != null) row("Completion tokens", number(meta.completion_tokens), "completion-tokens");
+  if (meta.first_token_s != null) row("Time to first token", seconds(meta.first_token_s), "first-token");
+  if (meta.tokens_per_s != null) row("Speed", `${Number(meta.tokens_per_s).toFixed(1)} tok/s`, "speed");
+  if (meta.duration_s != null) row("Duration", seconds(meta.duration_s), "duration");
+  if (meta.queue_wait_s) row("Waited in line", seconds(meta.queue_wait_s), "queue-wait");
+  if (meta.model_error) row("Model error", meta.model_error, "model-error");
+  if (meta.fallbacks_tried && meta.fallbacks_tried.length) row("Fallbacks tried", meta.fallbacks_tried.join("; "), "fallbacks");
+  const list = el("dl", { class: "facts" });
+  for (const [name, value, field] of rows) list.append(el("dt", { text: name }), el("dd", { "data-field": field, text: value }));
+  const brief = [meta.completion_tokens != null ? `${number(meta.completion_tokens)} tokens` : null,
+    meta.tokens_per_s != null ? `${Number(meta.tokens_per_s).toFixed(1)} tok/s` : null, finish].filter(Boolean).join(" · ");
+  return el("details", { class: "answer-details" },
+    el("summary", {}, "Details", el("span", { class: "brief", text: brief ? ` · ${brief}` : "" })), list);
+}
+
+/** Regenerate is offered on the conversation's last message when it is an answer (and nothing is running). */
+function offerRegenerate() {
+  for (const old of document.querySelectorAll("#messages .regenerate")) old.remove();
+  if (state.sending) return;
+  const items = [...$("messages").children].filter((n) => n.matches("article.message, details.summary"));
+  const last = items[items.length - 1];
+  if (!last || !last.matches("article.message.assistant")) return;
+  const button = el("button", { class: "regenerate secondary small", type: "button", text: "Regenerate" });
+  button.setAttribute("aria-label", "Regenerate this answer");
+  button.addEventListener("click", () => startReply("regenerate"));
+  last.querySelector(".footer").append(button);
 }
 
 function coveredCount(summary, all) {
@@ -851,13 +1029,60 @@ function limitNotice(err) {
   return el("p", { class: "limit-notice", role: "alert", text: `Not sent: ${err.message}.${retry}` });
 }
 
+function replyStatus(text) { $("reply-status").textContent = text || ""; }
+
 // ---------------------------------------------------------------------------- sending (SSE over fetch)
 
-async function send(content) {
+/** One reply in progress: a message sent (or an answer regenerated), from the request to the stream's end. */
+class Run {
+  constructor(kind) {
+    this.kind = kind;                    // "send" | "regenerate"
+    this.controller = new AbortController();
+    this.conversation = null;
+    this.phase = "sending";              // sending → queued → streaming (or cancelled / done)
+    this.stopRequested = false;
+    this.ended = false;
+    this.userArticle = null;
+    this.live = null;                    // the streaming answer's article
+    this.raw = "";                       // its text so far
+    this.queueBox = null;
+    this.queue = null;                   // the last `queued` event, with the local time it came
+    this.timer = null;
+    this.finished = new Promise((resolve) => { this.finish = resolve; });
+  }
+}
+
+function setRunning(run) {
+  const busy = run != null;
+  const focused = document.activeElement;
+  $("send").disabled = busy;
+  $("send").hidden = busy;
+  $("stop").hidden = !busy;
+  $("stop").disabled = false;
+  // the button that had the focus is hidden: its twin (or the message box) takes it, so focus is never lost
+  if (busy && focused === $("send")) $("stop").focus();
+  if (!busy && focused === $("stop")) $("input").focus();
+  if (busy) updateStopButton(run);
+  for (const b of document.querySelectorAll("#messages .regenerate")) b.disabled = busy;
+}
+
+function updateStopButton(run) {
+  const queued = run.phase === "queued" || run.phase === "sending";
+  $("stop").textContent = queued ? "Cancel" : "Stop";
+  $("stop").setAttribute("aria-label", queued ? "Cancel the message waiting in line" : "Stop generating the answer");
+}
+
+async function send(content) { return startReply("send", content); }
+
+async function startReply(kind, content) {
   if (state.sending || !state.session) return;
+  if (kind === "regenerate" && !state.current) return;
   state.sending = true;
   const epoch = state.epoch;
-  $("send").disabled = true;
+  const run = new Run(kind);
+  state.run = run;
+  setRunning(run);
+  $("messages").setAttribute("aria-busy", "true");  // until the conversation is read again at the end
   let notice = null;
   try {
     if (!state.current) {
@@ -866,40 +1091,108 @@ async function send(content) {
       location.hash = `c=${conv.id}`;
       $("messages").replaceChildren();
     }
-    const response = await request(`/api/conversations/${state.current}/messages`, {
+    run.conversation = state.current;
+    const path = `/api/conversations/${run.conversation}/${kind === "regenerate" ? "regenerate" : "messages"}`;
+    const response = await request(path, {
       method: "POST",
       headers: { Accept: "text/event-stream" },
-      json: { content },
+      json: kind === "regenerate" ? undefined : { content },
+      signal: run.controller.signal,
     });
     if (!response.ok) throw await apiError(response);
-    $("input").value = "";
-    autoGrow();
-    await readEvents(response, epoch);
+    if (kind === "send") { $("input").value = ""; autoGrow(); }
+    await readEvents(response, epoch, run);
   } catch (err) {
     if (err instanceof SignedOut) return;
-    if (err.status === 429) notice = limitNotice(err);
-    else showBanner(`Message not sent: ${err.message}`, "error");
+    if (err.name === "AbortError") {
+      if (run.live) markStopped(run);  // what the server kept is shown when the conversation is read again below
+    } else if (err.status === 429) notice = limitNotice(err);
+    else showBanner(`${kind === "regenerate" ? "Could not regenerate" : "Message not sent"}: ${err.message}`, "error");
   } finally {
+    run.ended = true;
+    clearInterval(run.timer);
+    run.finish();
     if (epoch === state.epoch) {
       state.sending = false;
-      $("send").disabled = false;
+      state.run = null;
+      setRunning(null);
     }
   }
   if (epoch !== state.epoch) return;
   try {
-    if (state.current) renderMessages((await api(`/api/conversations/${state.current}`)).messages);
+    if (state.current && state.current === run.conversation) renderMessages((await api(`/api/conversations/${state.current}`)).messages);
     if (notice) { $("messages").querySelector(".empty")?.remove(); $("messages").append(notice); notice.scrollIntoView({ block: "nearest" }); }
-    await loadConversations();
-    loadUsage();
   } catch (err) {
     if (!(err instanceof SignedOut)) showBanner(`Could not reload the conversation: ${err.message}`, "error");
+  } finally {
+    if (epoch === state.epoch && !state.run) $("messages").removeAttribute("aria-busy");
   }
+  // a focused control inside the conversation (Cancel, Stop, Regenerate) was replaced: back to the message box
+  if (!document.activeElement || document.activeElement === document.body) $("input").focus();
+  loadConversations().catch(ignoreSignedOut(() => {}));
+  loadUsage();
 }
 
-async function readEvents(response, epoch) {
+/** Stop: ask the server to stop (or to take the message out of the line), then abort the request if the
+ * server's stream has not ended by itself by then. */
+async function stopReply() {
+  const run = state.run;
+  if (!run || run.stopRequested || run.ended) return;
+  run.stopRequested = true;
+  $("stop").disabled = true;
+  if (run.queueBox) run.queueBox.querySelector("button").disabled = true;
+  const queued = run.phase !== "streaming";
+  replyStatus(queued ? "Cancelling…" : "Stopping…");
+  if (run.conversation) {
+    try {
+      await api(`/api/conversations/${run.conversation}/stop`, { method: "POST" });
+    } catch (err) {
+      if (err instanceof SignedOut) return;
+      // the request is aborted below all the same
+    }
+  }
+  await Promise.race([run.finished, new Promise((resolve) => setTimeout(resolve, 2000))]);
+  if (!run.ended) run.controller.abort();
+}
+
+function markStopped(run) {
+  run.live.classList.remove("streaming");
+  run.live.removeAttribute("aria-busy");
+  run.live.dataset.status = "incomplete";
+  run.live.dataset.finish = "stopped";
+  renderMarkdown(run.live.querySelector(".text"), run.raw);
+  replyStatus("Stopped.");
+}
+
+function nearBottom(box) { return box.scrollHeight - box.scrollTop - box.clientHeight < 60; }
+
+function liveAnswer(run, box) {
+  if (!run.live) {
+    hideQueue(run);
+    run.live = el("article", { class: "message assistant streaming", "data-status": "streaming", "aria-busy": "true",
+      "aria-label": "Answer being written" }, el("div", { class: "text" }));
+    box.append(run.live);
+  }
+  return run.live;
+}
+
+function renderLive(run) {
+  if (run.pending) return;
+  run.pending = true;
+  const paint = () => {
+    run.pending = false;
+    if (!run.live || !run.live.isConnected) return;
+    const box = $("messages");
+    const stick = nearBottom(box);
+    renderMarkdown(run.live.querySelector(".text"), run.raw);
+    if (stick) box.scrollTop = box.scrollHeight;
+  };
+  if (document.hidden) setTimeout(paint, 100); else requestAnimationFrame(paint);
+}
+
+async function readEvents(response, epoch, run) {
   const box = $("messages");
   box.querySelector(".empty")?.remove();
-  let live = null;
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -917,25 +1210,110 @@ async function readEvents(response, epoch) {
         if (line.startsWith("event:")) event = line.slice(6).trim();
         else if (line.startsWith("data:")) data += line.slice(5).trim();
       }
-      const payload = data ? JSON.parse(data) : {};
-      if (event === "user") {
-        box.append(renderOne(payload.message, []));
-      } else if (event === "summary") {
-        box.append(el("p", { class: "note", text: "Earlier messages were summarised to fit the model's context." }));
-      } else if (event === "token") {
-        if (!live) {
-          live = el("article", { class: "message assistant streaming", "data-status": "streaming" }, el("div", { class: "text" }));
-          box.append(live);
-        }
-        live.firstChild.textContent += payload.text;
-      } else if (event === "done" && payload.message) {
-        const final = renderOne(payload.message, []);
-        if (live) live.replaceWith(final); else box.append(final);
-        live = null;
-      }
-      box.scrollTop = box.scrollHeight;
+      const stick = nearBottom(box);
+      handleEvent(event, data ? JSON.parse(data) : {}, run, box);
+      if (stick) box.scrollTop = box.scrollHeight;
     }
   }
+}
+
+function handleEvent(event, payload, run, box) {
+  if (event === "user") {
+    if (payload.regenerated) {
+      for (const id of payload.removed || []) box.querySelector(`article.message[data-id="${id}"]`)?.remove();
+      for (const b of box.querySelectorAll(".regenerate")) b.remove();
+      run.userArticle = box.querySelector(`article.message[data-id="${payload.message.id}"]`);
+    } else {
+      run.userArticle = renderOne(payload.message, []);
+      box.append(run.userArticle);
+    }
+    replyStatus(run.kind === "regenerate" ? "Regenerating the answer…" : "Message sent.");
+  } else if (event === "queued") {
+    run.phase = "queued";
+    updateStopButton(run);
+    showQueue(run, payload, box);
+  } else if (event === "summary") {
+    box.append(el("p", { class: "note", text: "Earlier messages were summarised to fit the model's context." }));
+  } else if (event === "start") {
+    run.phase = "streaming";
+    updateStopButton(run);
+    liveAnswer(run, box);
+    replyStatus("The answer is being written…");
+  } else if (event === "token") {
+    if (run.phase !== "streaming") { run.phase = "streaming"; updateStopButton(run); }
+    liveAnswer(run, box);
+    run.raw += payload.text || "";
+    renderLive(run);
+  } else if (event === "done" && payload.message) {
+    hideQueue(run);
+    const final = renderOne(payload.message, []);
+    if (run.live) run.live.replaceWith(final); else box.append(final);
+    run.live = null;
+    run.phase = "done";
+    const finish = (payload.message.meta || {}).finish_reason;
+    replyStatus(finish === "stopped" ? "Stopped." : finish === "length" ? "Answer complete (cut at max_tokens)." : "Answer complete.");
+    if (payload.user_status && run.userArticle) run.userArticle.dataset.status = payload.user_status;
+  } else if (event === "cancelled") {
+    hideQueue(run);
+    run.phase = "cancelled";
+    const article = run.userArticle || box.querySelector(`article.message[data-id="${payload.user_message_id}"]`);
+    if (article && run.kind === "send") {
+      article.dataset.status = "cancelled";
+      if (!article.querySelector(".note.cancelled")) article.append(el("div", { class: "note cancelled", text: "cancelled (not sent)" }));
+    }
+    replyStatus("Cancelled: your message was not sent.");
+  } else if (event === "error") {
+    showBanner(`The answer failed: ${payload.error || payload.message || "unknown error"}`, "error");
+  }
+}
+
+// ------------------------------------------------------------ waiting in line
+
+// The place and the estimate are the server's (it sends them again when they change, and every few seconds);
+// only the time waited so far counts on here, so nothing shown goes stale between two `queued` events.
+function queueText(q) {
+  const ahead = q.ahead != null ? q.ahead : Math.max(0, (q.position || 1) - 1);
+  const place = ahead === 0 ? "you are next" : `${ahead} in line ahead of you`;
+  let text = `Waiting — ${place}`;
+  if (q.estimate_s != null) text += `, about ${Math.max(1, Math.ceil(q.estimate_s))} s`;
+  if (q.reason === "retrying") text += " (the model node is busy: trying again)";
+  return text;
+}
+
+function waitedText(q) {
+  const waited = (q.waited_s || 0) + (Date.now() - q.at) / 1000;
+  return waited >= 1 ? `waited ${duration(waited)}` : "";
+}
+
+function showQueue(run, payload, box) {
+  const previous = run.queue;
+  run.queue = { ...payload, at: Date.now() };
+  if (!run.queueBox) {
+    const cancel = el("button", { class: "secondary small", type: "button", text: "Cancel" });
+    cancel.setAttribute("aria-label", "Cancel this message");
+    cancel.addEventListener("click", stopReply);
+    run.queueBox = el("div", { class: "queue-notice", "data-state": "queued" },
+      el("span", { class: "spinner", "aria-hidden": "true" }), el("span", { class: "queue-text" }),
+      el("span", { class: "queue-waited" }), cancel);
+    if (run.userArticle && run.userArticle.isConnected) run.userArticle.after(run.queueBox); else box.append(run.queueBox);
+    run.timer = setInterval(() => {
+      if (run.queue && run.queueBox) run.queueBox.querySelector(".queue-waited").textContent = waitedText(run.queue);
+    }, 1000);
+  }
+  run.queueBox.dataset.position = String(payload.position ?? "");
+  run.queueBox.dataset.ahead = String(payload.ahead ?? "");
+  run.queueBox.title = payload.detail || "";
+  const text = queueText(run.queue);
+  run.queueBox.querySelector(".queue-text").textContent = text;
+  run.queueBox.querySelector(".queue-waited").textContent = waitedText(run.queue);
+  if (!previous || previous.ahead !== payload.ahead || previous.reason !== payload.reason) replyStatus(text);
+}
+
+function hideQueue(run) {
+  clearInterval(run.timer);
+  run.timer = null;
+  if (run.queueBox) run.queueBox.remove();
+  run.queueBox = null;
 }
 
 // ---------------------------------------------------------------------------- wiring
@@ -969,8 +1347,11 @@ document.addEventListener("DOMContentLoaded", () => {
     if (content.trim()) send(content);
   });
   $("input").addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("composer").requestSubmit(); }
+    // Enter sends, Shift+Enter is a new line; Escape stops the answer being written
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); if (!state.sending) $("composer").requestSubmit(); }
+    else if (e.key === "Escape" && state.run) { e.preventDefault(); stopReply(); }
   });
+  $("stop").addEventListener("click", stopReply);
   $("input").addEventListener("input", autoGrow);
   $("new-conversation").addEventListener("click", () => {
     state.current = null;
