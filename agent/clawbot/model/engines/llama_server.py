@@ -193,4 +193,12 @@ def render_flags_doc() -> str:
     lines += [f"| `{cell(path)}` | {cell(who)} | {cell(why)} |" for path, who, why in ENDPOINTS]
     lines += ["", "Every other endpoint (`/slots`, `/props`, `/metrics`, ...) stays on loopback: the gateway "
                   "forwards an allowlist only."]
+    lines += ["", "## Control tokens and stop strings", "",
+              "clawbot never passes `--special` (`-sp`): llama-server then renders control tokens (`<start_of_turn>`, "
+              "`<eos>`, ...) as empty text, so none reaches a client, and it stops by itself on the model's "
+              "end-of-generation tokens. A marker a model spells out of ordinary tokens, or a transcript template's "
+              "next turn (`USER:`), only a stop string catches: the gateway adds those to every chat completion "
+              "(the template's turn markers and the model's end tokens as text, then `model_server.stop_sequences`; "
+              "`GET /status` lists them as `model.stop_sequences`), rather than `-r` here, which a request's own "
+              "`stop` would replace."]
     return "\n".join(lines) + "\n"
