@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pyinfra import host
+from pyinfra import host, logger, state
 from pyinfra.api import DeployError, deploy, operation
 from pyinfra.facts.files import FileContents, Sha256File
 from pyinfra.operations import apt, files, server
@@ -23,6 +23,7 @@ from pyinfra.operations import apt, files, server
 from clawbot.common.config import NODE_CONFIG_DIR as CONFIG_DIR
 from clawbot.common.config import NODE_CONFIG_PATH as CONFIG_PATH
 from clawbot.control.facts import DirectoryListingDigest, RealPath, local_listing_digest
+from roles.content import BINARY, content_diff_off, file_copied, local_lines, log_diff
 
 STAGED_CONFIG = f"{CONFIG_DIR}/clawbot.json.staged"
 STATE_DIR = "/var/lib/clawbot"
@@ -69,19 +70,48 @@ def venv_exists(venv: str, python: str = "/usr/bin/python3"):
 
 
 @operation()
-def config_installed(staged: str, live: str, validator: str, user: str):
+def wheelhouse_synced(src: str, dest: str):
+    """Copy the agent's wheelhouse to the node unless the node's listing (names and sizes) matches this one's.
+
+    One digest of the listing instead of every wheel's checksum: a no-change re-run stays fast (dozens of wheels
+    would cost a round trip each), and a missing, extra or truncated wheel on the node still shows as a
+    difference. An operation on every run, so first and later runs count the same operations; --diff says the
+    wheels differ instead of printing them.
+
+    + src: the wheelhouse on the control machine (clawbot.control.builds)
+    + dest: the wheelhouse directory on the node (files.sync with delete: wheels of older builds are removed)
+    """
+    if host.get_fact(DirectoryListingDigest, path=dest) == local_listing_digest(Path(src)):
+        host.noop("agent wheelhouse already on the node")
+        return
+    if state.config.DIFF:
+        host.log(f"Will sync {dest}: its wheels differ from this machine's ({BINARY})", logger.info)
+    with content_diff_off():
+        commands = list(files.sync._inner(src=src, dest=dest, delete=True, exclude=[".complete", ".stamp"],
+                                          mode="644", dir_mode="755"))
+    yield from commands
+
+
+@operation()
+def config_installed(staged: str, live: str, validator: str, user: str, desired: str | None = None):
     """Move the staged clawbot.json over the live one, only if it differs and the node's validator accepts it.
 
     + staged: the new clawbot.json, already copied next to the live one
     + live: the clawbot.json the agent reads
     + validator: the node's clawbot executable (`validator validate staged` must pass before the atomic rename)
     + user: the agent's group owns the live file (mode 640)
+    + desired: the clawbot.json nodes get, on the control machine: with --diff, the live file's unified diff
+      against it is printed (the staged copy may not hold it yet when --check changes nothing)
     """
     staged_sum = host.get_fact(Sha256File, path=staged)
     live_sum = host.get_fact(Sha256File, path=live)
     if staged_sum and staged_sum == live_sum:
         host.noop("clawbot.json already installed")
         return
+    if state.config.DIFF and desired:
+        current, wanted = host.get_fact(FileContents, path=live), local_lines(desired)
+        if current != wanted:  # else only the staged copy drifted: its own line says so
+            log_diff(live, current, wanted)
     tmp = f"{live}.tmp"
     yield (f"{validator} validate {staged} && cp {staged} {tmp} && chown root:{user} {tmp} && chmod 640 {tmp} "
            f"&& mv -f {tmp} {live}")
@@ -117,22 +147,18 @@ def ensure_agent(config_file: str, wheelhouse: Path, stamp: str, user: str, pref
     files.directory(name=f"Ensure {CONFIG_DIR} exists", path=CONFIG_DIR, user="root", group=user, mode="750")
     files.directory(name=f"Ensure {STATE_DIR} exists", path=STATE_DIR, user=user, group=user, mode="750")
     remote_house = f"{prefix}/wheelhouse"
-    # Compare one digest of the wheelhouse's listing (names and sizes) instead of every wheel's checksum: a
-    # no-change re-run stays fast (dozens of wheels would cost a round trip each), and a missing, extra or
-    # truncated wheel on the node still shows as a difference.
     if not wheelhouse.is_dir() or not any(wheelhouse.glob("clawbot-*.whl")):
         raise DeployError(f"no agent wheel in {wheelhouse}")
-    if host.get_fact(DirectoryListingDigest, path=remote_house) != local_listing_digest(wheelhouse):
-        files.sync(name="Ensure the agent wheelhouse is on the node", src=str(wheelhouse), dest=remote_house,
-                   delete=True, exclude=[".complete", ".stamp"], mode="644", dir_mode="755")
-    else:
-        host.noop("agent wheelhouse already on the node")
+    wheelhouse_synced(name="Ensure the agent wheelhouse is on the node", src=str(wheelhouse), dest=remote_house)
     venv = f"{prefix}/venv"
     venv_exists(name=f"Ensure the agent venv exists at {venv}", venv=venv)
     installed = agent_installed(name="Ensure the agent is installed in the venv", venv=venv,
                                 wheelhouse=remote_house, stamp=stamp, offline=offline)
-    files.put(name="Ensure the new clawbot.json is staged on the node", src=config_file, dest=STAGED_CONFIG,
-              user="root", group=user, mode="640")
+    # --diff shows clawbot.json's change once, for the live file (config_installed), not again for this copy
+    file_copied(name="Ensure the new clawbot.json is staged on the node", src=config_file, dest=STAGED_CONFIG,
+                note=f"the staged copy: the diff of {CONFIG_PATH} shows the change", user="root", group=user,
+                mode="640")
     config = config_installed(name="Ensure clawbot.json is installed after the node's clawbot validate accepts it",
-                              staged=STAGED_CONFIG, live=CONFIG_PATH, validator=f"{venv}/bin/clawbot", user=user)
+                              staged=STAGED_CONFIG, live=CONFIG_PATH, validator=f"{venv}/bin/clawbot", user=user,
+                              desired=config_file)
     return [installed, config]

@@ -10,7 +10,8 @@ Settings (inventory variables): `clawbot_address` (default: ansible_host), `claw
 from __future__ import annotations
 
 from pyinfra.api import deploy
-from pyinfra.operations import files
+
+from roles.content import block_in_file
 
 MARKER = "# {mark} clawbot managed nodes"
 
@@ -32,10 +33,10 @@ def ensure_hosts_entries(nodes: list[tuple[str, list[str]]]):
 
     + nodes: (address, names) of every node (clawbot_address, the host's name and clawbot_names)
     """
-    files.block(
+    # files.block, with --diff showing /etc/hosts' unified diff (roles.content.block_in_file)
+    block_in_file(
         name="Ensure the clawbot block in /etc/hosts lists every node",
         path="/etc/hosts",
         content=hosts_block(nodes),
         marker=MARKER,
-        try_prevent_shell_expansion=True,
     )

@@ -8,22 +8,24 @@ Settings (inventory variables, defaults in docs/inventory.md):
 - `clawbot_transparent_hugepages`: THP policy (`madvise` default: only memory that asks for THP gets it, so
   the model server's anonymous buffers can, and unrelated services keep predictable latency).
 
-Persistence: /etc/sysctl.d/60-clawbot-hugepages.conf, applied by systemd-sysctl early at boot, before the
-services start and before memory fragments. On a long-running, fragmented machine the kernel may reserve
-fewer pages than asked; the role reports how many it got (and the agent falls back to the on-disk model
-with a warning). The earliest possible reservation is the kernel command line (`hugepages=N`), which this
-role does not edit: boot loaders differ too much to change them unattended.
+Persistence: /etc/sysctl.d/60-clawbot-hugepages.conf, applied by systemd-sysctl early at boot, before the services
+start and before memory fragments. The file is clawbot's alone and written whole (files.put, so --diff shows it and
+a changed page count replaces the old line instead of adding one). On a long-running, fragmented machine the kernel
+may reserve fewer pages than asked; the role reports how many it got (and the agent falls back to the on-disk model
+with a warning). The earliest possible reservation is the kernel command line (`hugepages=N`), which this role does
+not edit: boot loaders differ too much to change them unattended.
 
 Staging mount (`ensure_hugetlbfs_mount`): the agent copies the weights into a hugetlbfs mount at
-`model_server.hugepages_mount` (default /var/lib/clawbot/hugepages), but runs without capabilities and so
-cannot mount; the rollout mounts it, owned by the agent's user (uid/gid, mode 0700, pagesize=2M), now and at
-boot through /etc/fstab (systemd's fstab generator turns it into a .mount unit before the services start).
-Not under /dev: the unit's PrivateDevices=yes gives the service its own /dev without it. The fstab line is
-pyinfra's stock `files.line`; the mount is `hugetlbfs_mounted`, not the stock `server.mount`, because in pyinfra
-3.10 server.mount (a) takes a path that is not mounted as mounted when any mount has the same device, and every
-clawbot mount's device is `clawbot-hugepages` (a changed `hugepages_mount` would never be mounted), and (b)
-changes options with `mount -o remount`, which hugetlbfs ignores for uid/gid/mode (checked on this kernel): a
-changed owner would show as a change on every run and never be fixed. hugetlbfs_mounted unmounts and mounts again.
+`model_server.hugepages_mount` (default /var/lib/clawbot/hugepages), but runs without capabilities and so cannot
+mount; the rollout mounts it, owned by the agent's user (uid/gid, mode 0700, pagesize=2M), now and at boot through
+/etc/fstab (systemd's fstab generator turns it into a .mount unit before the services start). Not under /dev: the
+unit's PrivateDevices=yes gives the service its own /dev without it. The fstab line is pyinfra's stock `files.line`
+(through roles.content.line_in_file, which adds --diff output for an appended line); the mount is
+`hugetlbfs_mounted`, not the stock `server.mount`, because in pyinfra 3.10 server.mount (a) takes a path that is
+not mounted as mounted when any mount has the same device, and every clawbot mount's device is `clawbot-hugepages`
+(a changed `hugepages_mount` would never be mounted), and (b) changes options with `mount -o remount`, which
+hugetlbfs ignores for uid/gid/mode (checked on this kernel): a changed owner would show as a change on every run
+and never be fixed. hugetlbfs_mounted unmounts and mounts again.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pyinfra.operations import files, server, systemd
 
 from clawbot.control.facts import THP_SYSFS, TransparentHugepages
 from clawbot.model.staging import MOUNT_DEVICE, MOUNT_MODE, MOUNT_PAGESIZE
+from roles.content import line_in_file
 
 SYSCTL_FILE = "/etc/sysctl.d/60-clawbot-hugepages.conf"
 THP_TMPFILES = "/etc/tmpfiles.d/60-clawbot-thp.conf"
@@ -69,6 +72,14 @@ def fstab_match(path: str) -> str:
     """
     escaped = re.sub(r"([][.*+?(){}|^$\\])", r"\\\1", path)
     return f"^[^#[:space:]]+[[:space:]]+{escaped}[[:space:]]"
+
+
+def sysctl_settings(pages: int) -> str:
+    """The boot-time sysctl file: the huge pages to reserve before services start and memory fragments.
+
+    + pages: huge pages to reserve
+    """
+    return f"# Managed by clawbot deploy; edits are replaced on the next run.\nvm.nr_hugepages = {pages}\n"
 
 
 @operation()
@@ -124,7 +135,7 @@ def ensure_hugetlbfs_mount(path: str, user: str, systemd_running: bool):
     + user: the agent's system user; call after it exists (its name is in the mount options)
     + systemd_running: systemd is PID 1 here (roles.services.systemd_is_pid1): its units are reloaded on a change
     """
-    fstab = files.line(
+    fstab = line_in_file(
         name=f"Ensure {FSTAB} mounts hugetlbfs at {path} for {user}",
         path=FSTAB,
         line=fstab_match(path),
@@ -145,12 +156,12 @@ def ensure_hugepages(pages: int | None, thp: str = "madvise"):
     + thp: transparent hugepage policy (clawbot_transparent_hugepages)
     """
     if pages is not None:
-        server.sysctl(
-            name=f"Ensure vm.nr_hugepages is {pages} now and at boot",
-            key="vm.nr_hugepages",
-            value=pages,
-            persist=True,
-            persist_file=SYSCTL_FILE,
+        server.sysctl(name=f"Ensure vm.nr_hugepages is {pages} now", key="vm.nr_hugepages", value=pages)
+        files.put(
+            name=f"Ensure vm.nr_hugepages is {pages} at boot ({SYSCTL_FILE})",
+            src=BytesIO(sysctl_settings(pages).encode()),
+            dest=SYSCTL_FILE,
+            mode="644",
         )
     files.put(
         name=f"Ensure transparent hugepages policy {thp} is applied at boot",

@@ -6,7 +6,8 @@ The CA lives on the control machine in the state directory (`clawbot_state_dir`,
 the cluster domain, the cluster's names and the nodes' address blocks, so even a leaked CA key cannot vouch for
 anything else. Nodes get the trust bundle (the CA, plus the old one during a rotation) as tls.ca_cert. Leaves
 are reissued only when needed (missing, key mismatch, other CA, SANs changed, < 1/3 lifetime left), so a
-re-run copies identical files and changes nothing. Keys are 0600 and owned by the agent's user.
+re-run copies identical files and changes nothing. Keys are 0600 and owned by the agent's user; --diff shows the
+certificates' PEM diffs but says of a key only that it differs (roles.content.file_copied).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pyinfra.api import deploy
 from pyinfra.operations import files
 
 from clawbot.control.certificates import NodeMaterial
+from roles.content import SECRET, file_copied
 
 
 @deploy("Ensure the node's certificates from the cluster CA are installed")
@@ -33,13 +35,17 @@ def install_node_certificates(material: NodeMaterial, tls: dict, user: str):
     directories = sorted({os.path.dirname(p) for p in tls.values()})
     for directory in directories:
         files.directory(name=f"Ensure {directory} exists", path=directory, user="root", group=user, mode="750")
-    for source, dest, mode in (
-        (material.ca_cert, tls["ca_cert"], "644"),
-        (material.server_cert, tls["server_cert"], "644"),
-        (material.server_key, tls["server_key"], "600"),
-        (material.client_cert, tls["client_cert"], "644"),
-        (material.client_key, tls["client_key"], "600"),
+    for source, dest, secret in (
+        (material.ca_cert, tls["ca_cert"], False),
+        (material.server_cert, tls["server_cert"], False),
+        (material.server_key, tls["server_key"], True),
+        (material.client_cert, tls["client_cert"], False),
+        (material.client_key, tls["client_key"], True),
     ):
-        ops.append(files.put(name=f"Ensure {dest} is installed", src=str(source), dest=dest, user=user, group=user,
-                             mode=mode))
+        name = f"Ensure {dest} is installed"
+        if secret:
+            ops.append(file_copied(name=name, src=str(source), dest=dest, note=SECRET, user=user, group=user,
+                                   mode="600"))
+        else:
+            ops.append(files.put(name=name, src=str(source), dest=dest, user=user, group=user, mode="644"))
     return ops

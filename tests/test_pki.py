@@ -421,6 +421,66 @@ def test_reissue_when_less_than_a_third_of_lifetime_left(cluster: Cluster, issue
     assert needed and reason.startswith("less than 33% of its lifetime left")
 
 
+def _leaf_with_sans(cluster: Cluster, sans: list[x509.GeneralName]) -> tuple[object, x509.Certificate]:
+    """A server leaf as issue_leaf made them before it listed each name once (duplicates kept)."""
+    key = pki.generate_key()
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "node")]))
+            .issuer_name(cluster.ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=397))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .sign(cluster.ca_key, hashes.SHA256()))
+    return key, cert
+
+
+def test_leaf_lists_each_name_once(cluster: Cluster) -> None:
+    """The node's own address and the loopback one, or one name in two spellings, are one SAN each."""
+    other = "model.cluster.internal"
+    _, cert = pki.issue_server_cert(cluster.ca_key, cluster.ca_cert, "node",
+                                    dns_names=[SERVER_NAME, other, SERVER_NAME.upper() + ".", other],
+                                    ip_addresses=["127.0.0.1", "10.77.0.5", ipaddress.ip_address("127.0.0.1"),
+                                                  "127.0.0.1"])
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == [SERVER_NAME, other]  # the order first given
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "10.77.0.5"]
+
+
+def test_reissue_when_a_san_is_listed_twice(cluster: Cluster) -> None:
+    """A leaf issued before the dedupe (127.0.0.1 twice) is replaced once; its replacement is then kept."""
+    key, cert = _leaf_with_sans(cluster, [x509.DNSName(SERVER_NAME), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                          x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    paths = cluster.write_leaf("node", key, cert)
+    needed, reason = decide(cluster, paths, ip_addresses=["127.0.0.1"])
+    assert needed and reason == f"a SAN is listed twice: DNS:{SERVER_NAME}, IP:127.0.0.1, IP:127.0.0.1"
+    paths = cluster.leaf("node", "server", dns_names=[SERVER_NAME], ip_addresses=["127.0.0.1", "127.0.0.1"])
+    assert not decide(cluster, paths, ip_addresses=["127.0.0.1"])[0]
+
+
+def test_deploy_says_first_issue_reissue_and_nothing_in_one_line_each(tmp_path: Path) -> None:
+    """clawbot.control.certificates as deploy.py reports it: a node's first leaves in one calm line, a reissue with
+    its reason, an unchanged node not at all; the default inventory's server certificate holds 127.0.0.1 once."""
+    from clawbot.control import certificates
+
+    names = ["clawbot-local", "127.0.0.1"]  # inventory/hosts.yml: the host's name and its ansible_host
+    ca = certificates.cluster_ca(tmp_path, {"clawbot-local": names}, "clawbot.internal", log=lambda _: None)
+    first = certificates.ensure_node_material(ca, "clawbot-local", names)
+    assert first.messages() == ["issued its server and client certificates (first run for this node)"]
+    server = pki.load_certificate(first.server_cert).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert [str(ip) for ip in server.value.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
+    assert server.value.get_values_for_type(x509.DNSName) == ["clawbot-local", "localhost"]
+    assert certificates.ensure_node_material(ca, "clawbot-local", names).messages() == []
+    first.client_cert.unlink()
+    first.client_key.unlink()
+    assert certificates.ensure_node_material(ca, "clawbot-local", names).messages() == [
+        "issued its client certificate (none was on this machine yet)"]
+    grown = certificates.ensure_node_material(ca, "clawbot-local", [*names, "chat.clawbot.internal"]).messages()
+    assert [m.split(":")[0] for m in grown] == ["reissued server certificate", "reissued client certificate"]
+    assert all("SANs changed" in m and "DNS:chat.clawbot.internal" in m for m in grown)
+
+
 # --------------------------------------------------------------------------- files and status
 
 

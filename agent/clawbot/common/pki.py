@@ -207,14 +207,16 @@ def issue_leaf(
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A server or client leaf with DNS + IP SANs; pass `key` to keep the node's existing key on renewal.
 
+    Each name is listed once, in the order first given: DNS names compared as normalised (lower case, no trailing
+    dot), addresses by value (a node's own 127.0.0.1 and the loopback one are one SAN).
     Refuses names the CA's NameConstraints forbid (the peer would reject the certificate anyway, and a
     clear error at deploy time beats a handshake failure on a node); check_name_constraints=False exists
     only so tests can make such a certificate.
     """
     if usage not in _USAGE_EKU:
         raise ValueError(f"usage must be 'server' or 'client', not {usage!r}")
-    dns = [_dns(d) for d in dns_names]
-    ips = [_ip(i) for i in ip_addresses]
+    dns = list(dict.fromkeys(_dns(d) for d in dns_names))
+    ips = list(dict.fromkeys(_ip(i) for i in ip_addresses))
     if not dns and not ips:
         raise ValueError("a leaf needs at least one DNS name or IP address (peers authorise on SANs)")
     if check_name_constraints:
@@ -371,8 +373,8 @@ def reissue_decision(
 ) -> tuple[bool, str]:
     """(needed, reason) for a node's leaf; reissue only on a real problem so deploys stay idempotent.
 
-    Checked in order: missing files, unreadable files, key/cert mismatch, another CA, SANs changed,
-    wrong EKU, expired, less than `renew_below` of the lifetime left.
+    Checked in order: missing files, unreadable files, key/cert mismatch, another CA, SANs changed, a SAN
+    listed twice, wrong EKU, expired, less than `renew_below` of the lifetime left.
     """
     now = now or _utcnow()
     cert_path, key_path = Path(cert_path), Path(key_path)
@@ -401,6 +403,8 @@ def reissue_decision(
     )
     if (set(have.dns_names), set(have.ip_addresses)) != (set(want.dns_names), set(want.ip_addresses)):
         return True, f"SANs changed: have {have.describe()}, want {want.describe()}"
+    if len(set(have.dns_names)) < len(have.dns_names) or len(set(have.ip_addresses)) < len(have.ip_addresses):
+        return True, f"a SAN is listed twice: {have.describe()}"  # issued before issue_leaf listed each once
     if _eku(cert) != {_USAGE_EKU[usage]}:
         names = sorted(getattr(o, "_name", o.dotted_string) for o in _eku(cert)) or ["none"]
         return True, f"wrong extended key usage for a {usage} certificate: {', '.join(names)}"

@@ -63,9 +63,21 @@ class NodeMaterial:
     server_key: Path
     client_cert: Path
     client_key: Path
-    reissued: list[str]
+    reissued: list[str]  # "<usage> certificate: <reason>" for each leaf replaced this run
     signer: str = ""  # fingerprint of the CA that signed this node's leaves
     notes: list[str] = field(default_factory=list)  # names left out of the leaves for now (during a rotation)
+    issued: list[str] = field(default_factory=list)  # usages issued for the first time (none was on this machine)
+
+    def messages(self) -> list[str]:
+        """What deploy says about this node's leaves, one line each: a first issue reads as the normal first step
+        it is, a reissue gives its reason."""
+        lines = []
+        if self.issued == ["server", "client"]:
+            lines.append("issued its server and client certificates (first run for this node)")
+        elif self.issued:
+            lines.append(f"issued its {self.issued[0]} certificate (none was on this machine yet)")
+        lines += [f"reissued {line}" for line in self.reissued]
+        return lines + self.notes
 
 
 def _split(names: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -310,11 +322,13 @@ def ensure_node_material(ca: ClusterCA, node: str, names: list[str]) -> NodeMate
         else:
             signer_key, signer_cert = ca.key, ca.cert
             notes.append("none of its names is permitted by the old CA: its certificates come from the new CA now")
+    # pki.issue_leaf lists each name once (the node's own 127.0.0.1 and the loopback one are one SAN)
     leaves = {"server": (dns + [n for n in LOCAL_NAMES if n not in dns], ips + [i for i in LOCAL_IPS if i not in ips]),
               "client": (dns, ips)}
-    reissued = []
+    reissued, issued = [], []
     for usage, (leaf_dns, leaf_ips) in leaves.items():
         cert_path, key_path = node_dir / f"{usage}.pem", node_dir / f"{usage}.key"
+        first = not cert_path.exists() and not key_path.exists()
         needed, reason = pki.reissue_decision(cert_path, key_path, signer_cert, usage=usage, dns_names=leaf_dns,
                                               ip_addresses=leaf_ips)
         if not needed:
@@ -323,9 +337,12 @@ def ensure_node_material(ca: ClusterCA, node: str, names: list[str]) -> NodeMate
         key, cert = issue(signer_key, signer_cert, node, dns_names=leaf_dns, ip_addresses=leaf_ips)
         pki.write_private_key(key_path, key)
         pki.write_certificate(cert_path, cert)
-        reissued.append(f"{usage} certificate: {reason}")
+        if first:
+            issued.append(usage)
+        else:
+            reissued.append(f"{usage} certificate: {reason}")
     return NodeMaterial(ca.trust_path, node_dir / "server.pem", node_dir / "server.key", node_dir / "client.pem",
-                        node_dir / "client.key", reissued, pki.fingerprint(signer_cert), notes)
+                        node_dir / "client.key", reissued, pki.fingerprint(signer_cert), notes, issued)
 
 
 def record_rollout(ca: ClusterCA, materials: dict[str, NodeMaterial], succeeded: Iterable[str], log=print) -> None:
