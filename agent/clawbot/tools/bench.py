@@ -1,11 +1,24 @@
-"""`clawbot bench URL`: first-token latency and throughput of an OpenAI-compatible endpoint.
+"""`clawbot bench URL`: first-token latency and throughput of an OpenAI-compatible endpoint, or (`--users N`)
+a chat node driven the way people use it.
 
-Definitions follow vLLM's benchmark_serving so numbers compare with published ones:
-TTFT = request sent → first content token; ITL = gaps between consecutive content tokens;
-E2E = request sent → last byte; output throughput = total output tokens / wall time of the level;
-request throughput = completed requests / wall time. Works against the mTLS gateway (--cacert/--cert/
---key) and against a plain llama-server or llama_cpp.server (http://), which is how the gateway's
-overhead is measured.
+Fixed concurrency (the default). Definitions follow vLLM's benchmark_serving so numbers compare with published
+ones: TTFT = request sent → first content token; ITL = gaps between consecutive content tokens; E2E = request
+sent → last byte; output throughput = total output tokens / wall time of the level; request throughput =
+completed requests / wall time. Works against the mTLS gateway (--cacert/--cert/--key) and against a plain
+llama-server or llama_cpp.server (http://), which is how the gateway's overhead is measured.
+
+People (`--users N --duration S --keys FILE`): N simulated people, each with its own account's API key, use the
+chat node's conversation API (`POST /api/conversations`, then `POST /api/conversations/{id}/messages`, reading
+the whole Server-Sent-Event reply). Each person starts a conversation, sends a short question, reads the reply,
+thinks (exponentially distributed, mean `--think-s`, from a generator seeded by `--seed` and the person's
+number, so every run draws the same questions and pauses), sends the next, and starts a new conversation every
+`--messages-per-conversation` messages. At `--duration` nobody sends anything new; messages in flight may
+finish for `--drain-s` more, then they are cut (and counted as failed). Every message sent is exactly one of:
+answered (source `model`, status `complete`), unavailable (answered by a fallback, or the "model is
+unavailable" text), failed (an HTTP error, a broken or cut stream, any other reply). Waited (orthogonal): the
+message had `queued` events or `meta.queue_wait_s` > 0. Times, as the person sees them: wait =
+`meta.queue_wait_s` (the chat node's own measure of the time in line), first token = send → first `token`
+event, reply = send → `done` event; their percentiles are over answered messages.
 """
 
 from __future__ import annotations
@@ -13,11 +26,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import random
+import ssl
 import statistics
 import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from typing import AsyncIterator
 
 import httpx
 
@@ -210,23 +227,415 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- people (--users)
+
+# Short questions people really type into a private assistant; the first message of a conversation is one of
+# these, later ones are one of these or a follow-up on the reply (so conversations grow and get summarised).
+QUESTIONS = (
+    "What's a good way to start learning Python?",
+    "Can you explain what a hash table is in two sentences?",
+    "Give me three ideas for a quick weeknight dinner.",
+    "How do I politely decline a meeting invitation?",
+    "What is the difference between TCP and UDP?",
+    "Summarise the plot of Romeo and Juliet in a few lines.",
+    "How long should I boil an egg for a soft yolk?",
+    "What does a mortgage pre-approval mean?",
+    "Write a short haiku about autumn rain.",
+    "Why is the sky blue?",
+    "How can I make my laptop battery last longer?",
+    "What are some tips for a first job interview?",
+    "Explain what an API key is to someone who doesn't program.",
+    "What should I pack for a weekend hiking trip?",
+    "How do I convert Celsius to Fahrenheit in my head?",
+    "Can you suggest a name for a small neighbourhood bakery?",
+    "What is a good stretch for a stiff lower back?",
+    "How do I write a polite reminder email about an unpaid invoice?",
+)
+FOLLOW_UPS = (
+    "Can you say more about that?",
+    "Thanks. Could you give me an example?",
+    "Make that shorter, please.",
+    "Why is that?",
+    "And what would you do differently?",
+)
+FALLBACK_SOURCES = frozenset({"knowledge_base", "web_search"})
+UNAVAILABLE_TEXT = "model is unavailable"  # the chat node's reply when no fallback could answer
+READ_TIMEOUT_S = 120.0  # between two events of a reply (a waiting message hears its place every 5 s)
+PAUSE_AFTER_FAILURE_S = 1.0  # a failing chat node is not hammered, even with --think-s 0
+MAX_THINK_FACTOR = 5.0  # think times are capped at this many times the mean
+
+
+class Refused(Exception):
+    """The users mode cannot run as asked; the message says what to fix. `code`: the exit status."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class MessageResult:
+    """One message a simulated person sent, and what came back, as that person saw it."""
+
+    person: int
+    conversation: int  # the person's nth conversation
+    index: int  # the message's place in that conversation (1-based)
+    sent_at_s: float  # since the run began
+    outcome: str = "failed"  # answered | unavailable | failed
+    waited: bool = False
+    http_status: int | None = None
+    queued_events: int = 0
+    retrying_events: int = 0
+    max_position: int | None = None
+    queue_wait_s: float | None = None  # done.message.meta.queue_wait_s
+    first_token_s: float | None = None  # send → first `token` event
+    reply_s: float | None = None  # send → `done`
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+    source: str | None = None
+    status: str | None = None
+    detail: str = ""  # why it was unavailable (meta.model_error) or failed
+    cut: bool = False  # still in flight when the drain limit passed
+
+
+def classify(events: list[tuple[str, dict]]) -> dict:
+    """What one reply stream (event name, data) amounts to: the MessageResult fields it decides."""
+    queued = [data for name, data in events if name == "queued"]
+    positions = [d["position"] for d in queued if isinstance(d.get("position"), int)]
+    fields = {"queued_events": len(queued),
+              "retrying_events": sum(1 for d in queued if d.get("reason") == "retrying"),
+              "max_position": max(positions) if positions else None,
+              "waited": bool(queued), "outcome": "failed"}
+    cancelled = [data for name, data in events if name == "cancelled"]
+    done = [data for name, data in events if name == "done"]
+    if cancelled and not done:
+        fields["detail"] = f"cancelled: {cancelled[-1].get('reason', '')}"[:200]
+        return fields
+    if not done:
+        fields["detail"] = "the stream ended without a done event"
+        return fields
+    message = done[-1].get("message") or {}
+    meta = message.get("meta") or {}
+    wait = meta.get("queue_wait_s")
+    if isinstance(wait, (int, float)) and not isinstance(wait, bool):
+        fields["queue_wait_s"] = float(wait)
+        fields["waited"] = fields["waited"] or wait > 0
+    for key in ("completion_tokens", "finish_reason"):
+        if meta.get(key) is not None:
+            fields[key] = meta[key]
+    source, status = message.get("source"), message.get("status")
+    fields.update(source=source, status=status)
+    content = message.get("content") or ""
+    if source == "model" and status == "complete":
+        fields["outcome"] = "answered"
+    elif source in FALLBACK_SOURCES or UNAVAILABLE_TEXT in content.lower():
+        fields["outcome"] = "unavailable"
+        fields["detail"] = str(meta.get("model_error") or content)[:200]
+    else:
+        fields["detail"] = str(meta.get("error") or content or f"a {source}/{status} reply")[:200]
+    return fields
+
+
+def _stats(values: list[float]) -> dict:
+    def r(v):
+        return None if v is None else round(v, 3)
+    return {"p50": r(percentile(values, 50)), "p95": r(percentile(values, 95)),
+            "max": r(max(values)) if values else None, "n": len(values)}
+
+
+def summarize_people(results: list[MessageResult], duration_s: float, wall_s: float) -> dict:
+    """The counts and percentiles of a users run (or of one person's part of it)."""
+    answered = [r for r in results if r.outcome == "answered"]
+    waited = [r for r in results if r.waited]
+    counts = {outcome: sum(1 for r in results if r.outcome == outcome) for outcome in ("answered", "unavailable", "failed")}
+
+    def reasons(outcome: str) -> dict:
+        tally: dict[str, int] = {}
+        for r in results:
+            if r.outcome == outcome:
+                tally[r.detail] = tally.get(r.detail, 0) + 1
+        return dict(sorted(tally.items(), key=lambda kv: -kv[1])[:10])
+
+    return {
+        "sent": len(results),
+        **counts,
+        "waited": len(waited),
+        "cut": sum(1 for r in results if r.cut),
+        "answered_per_min": round(counts["answered"] * 60 / duration_s, 2) if duration_s > 0 else None,
+        "completion_tokens": sum(r.completion_tokens or 0 for r in answered),
+        # over answered messages: the chat node's own wait, and what the person saw
+        "wait_s": _stats([r.queue_wait_s for r in answered if r.queue_wait_s is not None]),
+        "wait_of_waited_s": _stats([r.queue_wait_s for r in answered if r.waited and r.queue_wait_s is not None]),
+        "first_token_s": _stats([r.first_token_s for r in answered if r.first_token_s is not None]),
+        "reply_s": _stats([r.reply_s for r in answered if r.reply_s is not None]),
+        "max_position": max((r.max_position for r in results if r.max_position is not None), default=None),
+        "retrying_events": sum(r.retrying_events for r in results),
+        "unavailable_reasons": reasons("unavailable"),
+        "failure_reasons": reasons("failed"),
+        "wall_s": round(wall_s, 3),
+    }
+
+
+async def reply_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict]]:
+    """(event, data) of the chat node's Server-Sent Events, as they arrive."""
+    name, data = "message", []
+    async for line in response.aiter_lines():
+        if not line:
+            if data:
+                yield name, json.loads("\n".join(data))
+            name, data = "message", []
+        elif line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+    if data:
+        yield name, json.loads("\n".join(data))
+
+
+def _http_error(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        text = body.get("error") if isinstance(body, dict) else None
+        text = text.get("message", text) if isinstance(text, dict) else text
+    except ValueError:
+        text = None
+    return f"HTTP {response.status_code}: {str(text or response.text)[:160]}"
+
+
+def read_keys(path: str) -> list[str]:
+    """One API key per line; blank lines and lines starting with # are skipped."""
+    try:
+        with open(path) as handle:
+            return [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+    except OSError as exc:
+        raise Refused(f"--keys {path}: {exc.strerror or exc}") from None
+
+
+def pick_message(rng: random.Random, index: int) -> str:
+    """The person's next message: a question to open a conversation, later a question or a follow-up."""
+    if index > 0 and rng.random() < 0.4:
+        return rng.choice(FOLLOW_UPS)
+    return rng.choice(QUESTIONS)
+
+
+def think_time(rng: random.Random, mean_s: float) -> float:
+    """Exponentially distributed with mean `mean_s` (the usual closed-loop model of people), capped."""
+    if mean_s <= 0:
+        return 0.0
+    return min(rng.expovariate(1 / mean_s), MAX_THINK_FACTOR * mean_s)
+
+
+async def check_accounts(url: str, keys: list[str], verify, timeout) -> list[str]:
+    """The account behind each key (GET /api/session); refuse keys that fail or that share an account."""
+    names = []
+    async with httpx.AsyncClient(base_url=url, verify=verify, timeout=timeout) as client:
+        for n, key in enumerate(keys, 1):
+            try:
+                response = await client.get("/api/session", headers={"Authorization": f"Bearer {key}"})
+            except httpx.HTTPError as exc:
+                raise Refused(f"cannot reach the chat node at {url}: {exc.__class__.__name__}: {exc}", 1) from None
+            if response.status_code == 401:
+                raise Refused(f"key {n} of --keys is not accepted by {url} (401): revoked, mistyped or of another node")
+            if response.status_code != 200:
+                raise Refused(f"{url}/api/session answered {_http_error(response)}: is {url} a chat node?")
+            names.append(response.json()["user"]["name"])
+    shared = sorted({name for name in names if names.count(name) > 1})
+    if shared:
+        raise Refused(f"the keys of --keys belong to {len(set(names))} accounts for {len(keys)} people "
+                      f"({', '.join(shared)} has several): fairness is per account, so give every person "
+                      f"its own account's key")
+    return names
+
+
+async def chat_status(url: str, key: str, verify, timeout) -> dict:
+    """The chat node's queue and gateway readiness (GET /api/status), or the error."""
+    try:
+        async with httpx.AsyncClient(base_url=url, verify=verify, timeout=timeout,
+                                     headers={"Authorization": f"Bearer {key}"}) as client:
+            response = await client.get("/api/status")
+        if response.status_code != 200:
+            return {"error": _http_error(response)}
+        body = response.json()
+        gateway = body.get("gateway") or {}
+        return {"queue": body.get("queue"), "gateway_ready": gateway.get("ready"), "gateway_state": gateway.get("state")}
+    except (httpx.HTTPError, ValueError) as exc:
+        return {"error": f"{exc.__class__.__name__}: {exc}"[:200]}
+
+
+async def bench_users(url: str, keys: list[str], *, users: int, duration_s: float, think_s: float = 5.0,
+                      messages_per_conversation: int = 5, seed: int = 1, cacert: str | None = None,
+                      drain_s: float = 120.0, progress=None) -> dict:
+    """Run `users` simulated people against the chat node at `url` for `duration_s`; the report (see format_users_table)."""
+    if len(keys) < users:
+        raise Refused(f"--keys has {len(keys)} key(s) for {users} people: fairness is per account, so every "
+                      f"person needs its own account's key (clawbot users add NAME; clawbot users add-key NAME)")
+    keys = keys[:users]
+    url = url.rstrip("/")
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=cacert) if cacert else True
+    timeout = httpx.Timeout(30, read=READ_TIMEOUT_S)
+    accounts = await check_accounts(url, keys, verify, timeout)
+    before = await chat_status(url, keys[0], verify, timeout)
+    results: list[MessageResult] = []
+    started_at, t0 = time.time(), time.monotonic()
+    deadline, cut_at = t0 + duration_s, t0 + duration_s + drain_s
+
+    async def pause(seconds: float) -> None:
+        await asyncio.sleep(max(0.0, min(seconds, deadline - time.monotonic())))
+
+    async def send(client: httpx.AsyncClient, conversation_id: str, content: str, result: MessageResult) -> None:
+        events: list[tuple[str, dict]] = []
+        sent = time.monotonic()
+        error = ""
+        try:
+            async with asyncio.timeout(max(0.0, cut_at - sent)):
+                async with client.stream("POST", f"/api/conversations/{conversation_id}/messages",
+                                         json={"content": content}) as response:
+                    result.http_status = response.status_code
+                    if response.status_code != 200:
+                        await response.aread()
+                        error = _http_error(response)
+                    else:
+                        async for name, data in reply_events(response):
+                            now = time.monotonic()
+                            if name == "token" and result.first_token_s is None:
+                                result.first_token_s = round(now - sent, 3)
+                            if name in ("done", "cancelled"):
+                                result.reply_s = round(now - sent, 3)
+                            events.append((name, data))
+        except TimeoutError:
+            result.cut = True
+            error = f"still in flight {drain_s:g} s after the duration: cut"
+        except (httpx.HTTPError, ValueError) as exc:
+            if not any(name == "done" for name, _ in events):  # a reply already complete stays complete
+                error = f"broken stream: {exc.__class__.__name__}: {exc}"[:200]
+        for key, value in classify(events).items():
+            setattr(result, key, value)
+        if error:
+            result.outcome, result.detail = "failed", error
+
+    async def person(number: int, key: str) -> None:
+        rng = random.Random(f"clawbot-bench/{seed}/{number}")
+        async with httpx.AsyncClient(base_url=url, verify=verify, timeout=timeout,
+                                     headers={"Authorization": f"Bearer {key}"}) as client:
+            await pause(rng.uniform(0, think_s))  # people do not all arrive at the same instant
+            conversation, count, in_conversation = None, 0, 0
+            while time.monotonic() < deadline:
+                content = pick_message(rng, 0 if conversation is None else in_conversation)
+                think = think_time(rng, think_s)  # drawn before the outcome is known: the same sequence every run
+                result = MessageResult(person=number, conversation=count + (conversation is None), index=1,
+                                       sent_at_s=round(time.monotonic() - t0, 3))
+                if conversation is None:
+                    try:
+                        async with asyncio.timeout(max(0.0, cut_at - time.monotonic())):
+                            response = await client.post("/api/conversations", json={})
+                        if response.status_code == 201:
+                            conversation, count, in_conversation = response.json()["id"], count + 1, 0
+                        else:
+                            result.detail = f"creating a conversation: {_http_error(response)}"
+                    except (httpx.HTTPError, TimeoutError, ValueError, KeyError) as exc:
+                        result.detail = f"creating a conversation: {exc.__class__.__name__}: {exc}"[:200]
+                if conversation is not None:
+                    result.index = in_conversation + 1
+                    await send(client, conversation, content, result)
+                    in_conversation += 1
+                    if in_conversation >= messages_per_conversation:
+                        conversation = None
+                results.append(result)
+                if progress:
+                    progress(result)
+                await pause(max(think, PAUSE_AFTER_FAILURE_S if result.outcome == "failed" else 0.0))
+
+    await asyncio.gather(*(person(n, key) for n, key in enumerate(keys, 1)))
+    wall = time.monotonic() - t0
+    after = await chat_status(url, keys[0], verify, timeout)
+    results.sort(key=lambda r: r.sent_at_s)
+    people = []
+    for n, name in enumerate(accounts, 1):
+        mine = [r for r in results if r.person == n]
+        people.append({"person": n, "account": name, **summarize_people(mine, duration_s, wall)})
+    return {
+        "mode": "users", "url": url, "users": users, "duration_s": duration_s, "think_s": think_s,
+        "messages_per_conversation": messages_per_conversation, "seed": seed, "drain_s": drain_s,
+        "started_at": round(started_at, 3),  # wall clock (time.time()) of sent_at_s = 0
+        "status_before": before, "status_after": after,
+        "summary": summarize_people(results, duration_s, wall), "people": people,
+        "messages": [asdict(r) for r in results],
+    }
+
+
+def format_users_table(report: dict) -> str:
+    def f(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    head = (f"{'':<10} {'sent':>5} {'answered':>8} {'waited':>6} {'unavail':>7} {'failed':>6} "
+            f"{'wait p50':>8} {'wait p95':>8} {'first p50':>9} {'first p95':>9} {'reply p50':>9} {'reply p95':>9}")
+    s = report["summary"]
+    queue = (report.get("status_before") or {}).get("queue") or {}
+    lines = [f"{report['url']}  {report['users']} people for {report['duration_s']:g} s, think ≈{report['think_s']:g} s, "
+             f"{report['messages_per_conversation']} messages per conversation, seed {report['seed']}"
+             + (f"; chat node slots {queue['capacity']}" if queue.get("capacity") else ""), head]
+
+    def row(label: str, part: dict) -> str:
+        return (f"{label:<10} {part['sent']:>5} {part['answered']:>8} {part['waited']:>6} {part['unavailable']:>7} "
+                f"{part['failed']:>6} {f(part['wait_s']['p50']):>8} {f(part['wait_s']['p95']):>8} "
+                f"{f(part['first_token_s']['p50']):>9} {f(part['first_token_s']['p95']):>9} "
+                f"{f(part['reply_s']['p50']):>9} {f(part['reply_s']['p95']):>9}")
+
+    lines.append(row("all", s))
+    for person in report["people"]:
+        lines.append(row(person["account"][:10], person))
+    lines.append(f"(times in s over answered messages; wait = the chat node's queue_wait_s, first = send → first token, "
+                 f"reply = send → done; {s['answered_per_min']} answered/min, longest line position "
+                 f"{s['max_position'] if s['max_position'] is not None else '-'}, wall {s['wall_s']:.1f} s)")
+    for title, reasons in (("unavailable", s["unavailable_reasons"]), ("failed", s["failure_reasons"])):
+        for reason, count in reasons.items():
+            lines.append(f"  {title} {count}x: {reason}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("url", help="base URL, e.g. https://model-node:5000 (gateway) or http://127.0.0.1:8081")
-    parser.add_argument("--concurrency", default="1,2,4,8", help="comma-separated levels (default 1,2,4,8)")
-    parser.add_argument("--requests", type=int, default=16, help="requests per level (default 16)")
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--model", default=None, help="model name to send (default: none, the server's own)")
-    parser.add_argument("--no-ignore-eos", action="store_true", help="let generation stop at EOS")
-    parser.add_argument("--cacert")
-    parser.add_argument("--cert")
-    parser.add_argument("--key")
-    parser.add_argument("--api-key-file", help="bearer key for a model server measured directly (the agent "
-                        "writes it to STATE_DIR/model-server.key)")
-    parser.add_argument("--json", dest="json_out", help="write the full report here")
+    parser.description = ("Measure an OpenAI-compatible endpoint at fixed concurrency levels (default), or, with "
+                          "--users N, a chat node used by N simulated people (conversations, think time).")
+    parser.add_argument("url", help="base URL: a gateway (https://model-node:5000) or a model server "
+                        "(http://127.0.0.1:8081); with --users, a chat node (https://chat-node:8443)")
+    parser.add_argument("--cacert", help="CA certificate to trust (the cluster CA: deploy prints its path)")
+    parser.add_argument("--json", dest="json_out", metavar="FILE", help="write the full report here")
+    fixed = parser.add_argument_group("fixed concurrency (the default mode)")
+    fixed.add_argument("--concurrency", default="1,2,4,8", help="comma-separated levels (default 1,2,4,8)")
+    fixed.add_argument("--requests", type=int, default=16, help="requests per level (default 16)")
+    fixed.add_argument("--prompt-tokens", type=int, default=128,
+                       help="prompt size, calibrated with the server's tokenizer where it has one (default 128)")
+    fixed.add_argument("--max-tokens", type=int, default=128, help="tokens to generate per request (default 128)")
+    fixed.add_argument("--model", default=None, help="model name to send (default: none, the server's own)")
+    fixed.add_argument("--no-ignore-eos", action="store_true", help="let generation stop at EOS")
+    fixed.add_argument("--cert", help="client certificate (the gateway's mTLS)")
+    fixed.add_argument("--key", help="the client certificate's private key")
+    fixed.add_argument("--api-key-file", help="bearer key for a model server measured directly (the agent "
+                       "writes it to STATE_DIR/model-server.key)")
+    people = parser.add_argument_group("people (--users): the chat node's conversation API, as people use it")
+    people.add_argument("--users", type=int, metavar="N", help="simulated people; switches to this mode")
+    people.add_argument("--duration", type=float, default=60.0, metavar="S",
+                        help="seconds during which people send messages (default 60)")
+    people.add_argument("--keys", metavar="FILE", help="API keys, one per line, one account per person "
+                        "(`clawbot users add-key NAME`); fewer keys than people, or two keys of one account, is refused")
+    people.add_argument("--think-s", type=float, default=5.0, metavar="S",
+                        help="mean pause between reading a reply and sending the next message; exponentially "
+                             "distributed, capped at 5x (default 5)")
+    people.add_argument("--messages-per-conversation", type=int, default=5, metavar="N",
+                        help="a person starts a new conversation after this many messages (default 5)")
+    people.add_argument("--seed", type=int, default=1,
+                        help="seed of the questions and think times (same seed, same sequence per person; default 1)")
+    people.add_argument("--drain-s", type=float, default=120.0, metavar="S",
+                        help="after --duration, how long messages in flight may finish before they are cut and "
+                             "counted as failed (default 120)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.users is not None:
+        return run_users(args)
     try:
         levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     except ValueError:
@@ -241,6 +650,37 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json_out, "w") as handle:
             json.dump(report, handle, indent=2)
     return 0 if all(lv["failed"] == 0 for lv in report["levels"]) else 1
+
+
+def run_users(args: argparse.Namespace) -> int:
+    """`clawbot bench --users N`: exit 0 when no message failed, 1 when some did, 2 when refused."""
+    problems = []
+    if args.users < 1:
+        problems.append("--users must be at least 1")
+    if not args.keys:
+        problems.append("--users needs --keys FILE (one API key per person)")
+    if not args.duration > 0 or not math.isfinite(args.duration):
+        problems.append("--duration must be a positive number of seconds")
+    if args.think_s < 0 or args.drain_s < 0:
+        problems.append("--think-s and --drain-s cannot be negative")
+    if args.messages_per_conversation < 1:
+        problems.append("--messages-per-conversation must be at least 1")
+    if problems:
+        print("clawbot bench: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    try:
+        keys = read_keys(args.keys)
+        report = asyncio.run(bench_users(args.url, keys, users=args.users, duration_s=args.duration,
+                                         think_s=args.think_s, messages_per_conversation=args.messages_per_conversation,
+                                         seed=args.seed, cacert=args.cacert, drain_s=args.drain_s))
+    except Refused as exc:
+        print(f"clawbot bench: {exc}", file=sys.stderr)
+        return exc.code
+    print(format_users_table(report))
+    if args.json_out:
+        with open(args.json_out, "w") as handle:
+            json.dump(report, handle, indent=2)
+    return 1 if report["summary"]["failed"] else 0
 
 
 def report_dict(results: list[RequestResult]) -> list[dict]:  # for tests and the benchmark script
