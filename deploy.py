@@ -36,7 +36,9 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-i", "--inventory", default=str(ROOT / "inventory"), help="inventory directory or file")
     parser.add_argument("--check", action="store_true", help="change nothing; list what would change")
-    parser.add_argument("--diff", action="store_true", help="show diffs of changed files")
+    parser.add_argument("--diff", action="store_true",
+                        help="show the unified diff of every managed file and block that would change (secrets and "
+                             "binaries: one line saying they differ), under the operation that changes it")
     parser.add_argument("--limit", action="append", default=[], metavar="HOST|GROUP",
                         help="only these hosts or groups (repeatable)")
     parser.add_argument("--vault-password-file",
@@ -101,25 +103,35 @@ def selected_hosts(inventory, limits):
 # --- step 2: control-side preparation ------------------------------------------------------------------
 
 
-def prepare(hosts, base: Path, cache: Path) -> planning.Prepared:
-    """The model file, the engine (or the inventory's files) and the sdist GPU nodes build from."""
-    from clawbot.control import builds
+def prepare(hosts, base: Path, cache: Path, config: dict) -> planning.Prepared:
+    """The model file (or the inventory's source model quantized once, within config's quality_gate), the engine
+    (or the inventory's files) and the sdist GPU nodes build from."""
+    from clawbot.control import builds, split
 
     model_hosts = [h for h in hosts if planning.MODEL_GROUP in h.groups]
+    # model_server.split: RPC workers get ggml-rpc-server from the portable CPU build (beside its llama-server)
+    try:
+        rpc_engine = split.rpc_server_binary(builds.engine_binary(log=say)) \
+            if any(split.RPC_GROUP in h.groups for h in hosts) else None
+    except split.SplitError as exc:
+        raise fail(str(exc))
     if not model_hosts:
-        return planning.Prepared()
+        return planning.Prepared(rpc_engine=rpc_engine)
     try:
         model_file = planning.control_file(model_hosts, "clawbot_model_file", base)
+        source = builds.model_source(model_hosts, base)  # clawbot_model_source + clawbot_model_quant
         engine = planning.control_file(model_hosts, "clawbot_engine_file", base)
         llama_wheel = planning.control_file(model_hosts, "clawbot_llama_cpp_python_wheel", base)
     except ValueError as exc:
         raise fail(str(exc))
+    if source is not None:
+        model_file = builds.quantized_model(*source, cache, config["quality_gate"], log=say)
     model_file = model_file or builds.demo_model(cache, log=say)
     given, sdist = engine is not None, None
     if engine is None:
         engine = builds.engine_binary(log=say)
         sdist = builds.engine_sdist(log=say)  # GPU nodes build their own engine from it
-    return planning.Prepared(model_file, engine, given, sdist, llama_wheel)
+    return planning.Prepared(model_file, engine, given, sdist, llama_wheel, rpc_engine)
 
 
 def issue_certificates(inventory, hosts, state_dir: Path, rotate: bool):
@@ -140,9 +152,7 @@ def issue_certificates(inventory, hosts, state_dir: Path, rotate: bool):
     materials = {}
     for h in hosts:
         materials[h.name] = certificates.ensure_node_material(ca, h.name, h.names)
-        for line in materials[h.name].reissued:
-            say(f"{h.name}: issued {line}")
-        for line in materials[h.name].notes:
+        for line in materials[h.name].messages():
             say(f"{h.name}: {line}")
     return ca, materials
 
@@ -156,13 +166,17 @@ def report(started: float, summary: dict, hosts, config: dict, state_dir: Path) 
         status = "FAILED" if row["host_failed"] or row["failed"] else "ok"
         manager = row["service_manager"]
         note = f", services via {manager}" if manager == "supervisor" else ""
-        say(f"  {name}: {status}: {row['changed']} changed, {row['unchanged']} unchanged, {row['failed']} failed{note}")
+        total = row["changed"] + row["unchanged"] + row["failed"]  # the same on every run of one inventory
+        say(f"  {name}: {status}: {total} operations: {row['changed']} changed, {row['unchanged']} unchanged, "
+            f"{row['failed']} failed{note}")
         if manager == "supervisor":
             say(f"  {name}: systemd is not PID 1 there, so the agents run under Debian's supervisor")
     chat_hosts = [h for h in hosts if planning.CHAT_GROUP in h.groups]
     for h in chat_hosts:
-        name = h.name if h.vars.get("ansible_connection") != "local" else "localhost"
-        say(f"chat: https://{name}:{config['chat']['port']}/")
+        url, hint = planning.chat_url(h, config["chat"]["port"])
+        say(f"chat: {url}")
+        if hint:
+            say(f"  {hint}")
     if chat_hosts:
         admin = planning.cluster_var(chat_hosts, "clawbot_admin_user", "chat nodes")
         say(f"sign in as {admin} with the inventory's clawbot_admin_password; add people with "
@@ -189,12 +203,18 @@ def main(argv=None) -> int:
     except accounts.AccessError as exc:
         raise fail(f"{exc} (no host was touched)")
     ca, materials = issue_certificates(inventory, hosts, state_dir, args.rotate_ca)
-    prepared = prepare(hosts, base, cache)
+    prepared = prepare(hosts, base, cache, config)
     info = sizing.read_model_info(prepared.model_file) if prepared.model_file is not None else None
     if info is not None:
         say(f"model {prepared.model_file.name}: {info.file_bytes / 2**20:.0f} MiB, {info.n_layer} layers")
     node_config = nodeconfig.render(config_path, inventory, state_dir)  # allowed_clients filled in
-    plans = planning.plan_nodes(inventory, hosts, config, node_config, prepared, materials, chat_files)
+    from clawbot.control import split
+
+    try:
+        main_configs = split.render_main_configs(node_config, inventory, config, state_dir)  # a split's main nodes
+    except split.SplitError as exc:
+        raise fail(f"{exc} (no host was touched)")
+    plans = planning.plan_nodes(inventory, hosts, config, node_config, prepared, materials, chat_files, main_configs)
 
     from pyinfra.api import Config, State
     from pyinfra.api.connect import connect_all
@@ -205,6 +225,8 @@ def main(argv=None) -> int:
     from roles.site import converge
 
     logging.basicConfig(level=logging.INFO, format="  %(message)s")
+    logging.getLogger("pyinfra").addFilter(rollout.PyinfraNotices())
+    logging.getLogger("paramiko").setLevel(logging.WARNING)  # one "Opened sftp connection" line per upload
     state = State(inventory=rollout.pyinfra_inventory(hosts, plans), config=Config(DIFF=args.diff),
                   check_for_changes=args.check or args.diff)
     say(f"connecting to {len(hosts)} host(s)")
@@ -220,20 +242,32 @@ def main(argv=None) -> int:
                                 llama_wheel=prepared.llama_wheel)
     if info is not None and not rollout.preflight_model_nodes(state, info, config, log=say):
         return 1
-    rollout.add_deploy(state, converge)
-    if args.check:
+    # --diff: pyinfra prints each file's diff while it works out the operations (add_deploy); they are collected
+    # per operation and printed under it, once, before anything changes.
+    diffs = rollout.DiffCollector() if args.diff else None
+    pyinfra_logger = logging.getLogger("pyinfra")
+    if diffs is not None:
+        pyinfra_logger.addFilter(diffs)
+    try:
+        rollout.add_deploy(state, converge)
+    finally:
+        if diffs is not None:
+            pyinfra_logger.removeFilter(diffs)
+    if args.check or args.diff:
         plan = build_plan_json(state)
         would = [op for op in plan if op["hosts_with_change"]]
-        # Conditional operations (restarts) run only when an operation they watch changes.
-        then = [op for op in plan if op["hosts_with_conditional_change"]] if would else []
-        say(f"--check: {len(would)} operation(s) would change something; nothing was changed")
-        for op in would:
-            print(f"  would: {op['name']} on {', '.join(op['hosts_with_change'])}")
-        for op in then:
-            print(f"  then maybe: {op['name']} on {', '.join(op['hosts_with_conditional_change'])}")
-        if args.json:
-            Path(args.json).write_text(json.dumps({"plan": plan}, indent=2, default=str))
-        return 0
+        if args.check:
+            say(f"--check: {len(would)} operation(s) would change something; nothing was changed")
+        else:
+            say(f"--diff: {len(would)} operation(s) will change something:")
+        for line in rollout.describe_plan(plan, diffs, "would" if args.check else "will"):
+            print(line, flush=True)
+        if args.check:
+            if args.json:
+                Path(args.json).write_text(json.dumps({"plan": rollout.plan_with_diffs(plan, diffs)}, indent=2,
+                                                      default=str))
+            return 0
+        state.config.DIFF = False  # shown above; running the operations would print every diff again
     try:
         run_ops(state)
     except PyinfraError as exc:

@@ -3,7 +3,8 @@ runs the roles in this order, driven by the node's plan (clawbot.control.plannin
 
 hosts -> hugepages (model nodes) -> agent's system user -> hugetlbfs mount (model nodes) -> pki -> agent
 -> model (model nodes) -> chat (chat nodes); services.py holds the service (systemd unit or supervisor program)
-both model and chat use.
+both model and chat use, content.py the stock file operations wrapped for what `deploy.py --diff` shows (unified
+diffs of blocks and lines pyinfra shows none for; one line instead of the content of secrets and binaries).
 
 Written the way pyinfra's own operations are: a public `@deploy` or `@operation` named for what it ensures,
 with a one-line docstring and `+ arg:` lines; node state is read through facts (pyinfra's stock facts, or

@@ -1,6 +1,8 @@
 """The per-host deploy: every role in order, driven by the node's plan (clawbot.control.planning.NodePlan).
 
-hosts -> hugepages (model nodes) -> service user -> hugetlbfs mount -> pki -> agent -> model -> chat
+hosts -> hugepages (model nodes) -> service user -> hugetlbfs mount -> pki -> agent -> model -> chat (secrets,
+knowledge directory, service); a split (model_server.split): an RPC worker gets ggml-rpc-server and its tunnel instead
+of an agent, a main model node its tunnels to its workers before its agent's service
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from pyinfra import host
 from clawbot.model.runplan import node_accelerator
 
 from roles.agent import ensure_agent, ensure_service_user
-from roles.chat import ensure_chat_service, install_chat_secrets
+from roles.chat import ensure_chat_service, ensure_knowledge_base, install_chat_secrets, knowledge_base_plan
 from roles.hosts import ensure_hosts_entries
 from roles.hugepages import ensure_hugepages, ensure_hugetlbfs_mount
 from roles.model import ensure_engine_and_model, ensure_model_service
 from roles.pki import install_node_certificates
+from roles.rpc import ensure_rpc_tunnels, ensure_rpc_worker
 from roles.services import service_manager, systemd_is_pid1
 
 
@@ -31,9 +34,14 @@ def converge() -> None:
     # a reissued leaf has new contents, so its copy is a change and restarts the agents
     certificates = install_node_certificates(plan.material, plan.tls, plan.user)
     wheelhouse, stamp = host.data.clawbot_wheelhouse
-    agent = ensure_agent(plan.config_file, wheelhouse, stamp, plan.user, plan.prefix, plan.offline)
+    runs_agent = plan.is_model or plan.is_chat  # a node that is only an RPC worker runs no agent
+    agent = ensure_agent(plan.config_file, wheelhouse, stamp, plan.user, plan.prefix, plan.offline) if runs_agent else []
     manager = service_manager(plan.service_manager, systemd_running)
     host.data.clawbot_service_manager_used = manager
+    if plan.rpc_worker is not None:
+        ensure_rpc_worker(plan, manager, changed=certificates)
+    if plan.rpc_main is not None:
+        ensure_rpc_tunnels(plan, manager, changed=certificates)
     if plan.is_model:
         # the GPUs preflight read (clawbot.control.rollout.preflight_model_nodes): no second round trip
         accelerator = node_accelerator(plan.accelerator, host.data.clawbot_node.gpus)
@@ -41,4 +49,5 @@ def converge() -> None:
         ensure_model_service(plan, accelerator, manager, changed=agent + model + certificates)
     if plan.is_chat:
         secrets = install_chat_secrets(plan.chat_files, plan.user)
+        ensure_knowledge_base(*knowledge_base_plan(plan), plan.user)  # the agent rescans: no restart
         ensure_chat_service(plan.prefix, plan.user, manager, changed=agent + certificates + secrets)

@@ -121,6 +121,11 @@ def first_run(cluster_inventory, nodes):
 
 def test_first_run_converges_both_nodes(first_run, nodes, cluster_inventory):
     chat, model = nodes
+    out = first_run["stdout"]
+    # First-run messages read as the normal first step they are, one line each; pyinfra's beta notice is gone.
+    for node in nodes:
+        assert f"{node.name}: issued its server and client certificates (first run for this node)" in out, out
+    assert "is missing" not in out and "beta" not in out
     for node in nodes:
         hosts = ssh(node, "cat /etc/hosts")
         assert f"{chat.address} {chat.name}" in hosts and f"{model.address} {model.name}" in hosts
@@ -172,6 +177,23 @@ def test_first_run_converges_both_nodes(first_run, nodes, cluster_inventory):
     code = ("import httpx\ntry:\n  httpx.get('https://%s:5000/healthz',verify='/etc/clawbot/tls/ca.pem');print('served')\n"
             "except Exception as e: print('refused', type(e).__name__)\n" % model.address)
     assert ssh(chat, f"/opt/clawbot/venv/bin/python -c \"{code}\"").startswith("refused")
+
+
+def test_the_printed_chat_url_opens_from_this_machine(first_run, nodes, cluster_inventory):
+    """The harness's node names do not resolve here, so deploy prints the URL by address, says in one line how to
+    open it by name, and that URL passes TLS verification with the cluster CA alone."""
+    import httpx
+
+    chat, _ = nodes
+    lines = first_run["stdout"].splitlines()
+    shown = [line.split("chat: ", 1)[1] for line in lines if "]: chat: " in line]
+    assert shown == [f"https://{chat.address}:8443/"], lines[-12:]
+    hint = lines[next(i for i, line in enumerate(lines) if "]: chat: " in line) + 1]
+    assert hint.endswith(f"{chat.name} does not resolve on this machine; to open the chat by name, add "
+                         f"`{chat.address} {chat.name}` to /etc/hosts"), hint
+    ca = ssl.create_default_context(cafile=str(state_dir(cluster_inventory) / "ca" / "ca.pem"))
+    response = httpx.get(shown[0], verify=ca, timeout=30)  # hostname checked against the certificate's SANs
+    assert response.status_code == 200 and "<html" in response.text.lower(), response.status_code
 
 
 def test_chat_node_needs_a_credential_and_serves_apps_with_keys(first_run, nodes, cluster_inventory):
@@ -283,12 +305,18 @@ def test_ansible_and_prometheus_work_with_the_rolled_out_inventory(first_run, no
         prometheus.stop()
 
 
+def operation_counts(result: dict) -> dict[str, int]:
+    return {name: row["changed"] + row["unchanged"] + row["failed"] for name, row in result["summary"].items()}
+
+
 def test_second_run_changes_nothing(first_run, cluster_inventory):
     started = time.monotonic()
     proc, result = deploy(cluster_inventory)
     assert proc.returncode == 0
     assert changed_ops(result) == []
     assert all(row["changed"] == 0 and row["failed"] == 0 for row in result["summary"].values())
+    # every run counts the same operations (the wheelhouse copy is an operation on later runs too)
+    assert operation_counts(result) == operation_counts(first_run["result"])
     print(f"re-run with nothing drifted: {time.monotonic() - started:.1f} s")
 
 
@@ -318,6 +346,76 @@ def test_check_lists_drift_and_changes_nothing_then_drift_is_repaired(first_run,
     assert ssh(chat, "systemctl is-active clawbot-chat").strip() == "active"
     assert "RestartSec=2" in ssh(model, "cat /etc/systemd/system/clawbot-model.service")
 
+    proc, result = deploy(cluster_inventory)
+    assert proc.returncode == 0 and changed_ops(result) == []
+
+
+def test_check_diff_prints_unified_diffs_of_drifted_files_and_changes_nothing(first_run, nodes, cluster_inventory):
+    """After editing the /etc/hosts block, clawbot.json, a unit and the sysctl file on the nodes, `--check --diff`
+    prints each file's unified diff under the operation that would repair it; a drifted private key gets one line,
+    never its content; nothing changes on the nodes; then a run with --diff shows them once and repairs it all, and
+    a re-run changes nothing."""
+    chat, model = nodes
+    sysctl = "/etc/sysctl.d/60-clawbot-hugepages.conf"
+    pages = ssh(model, f"sed -n 's/^vm.nr_hugepages = //p' {sysctl}").strip()
+    assert pages.isdigit(), pages
+    ssh(chat, f"sed -i '/# BEGIN clawbot/,/# END clawbot/ s/^{model.address} /10.99.0.1 /' /etc/hosts")
+    ssh(model, "sed -i 's/\"context_window\": 1024/\"context_window\": 999/' /etc/clawbot/clawbot.json")
+    ssh(model, "sed -i 's/^RestartSec=.*/RestartSec=30/' /etc/systemd/system/clawbot-model.service")
+    ssh(model, f"sed -i 's/^vm.nr_hugepages = .*/vm.nr_hugepages = 1/' {sysctl}")
+    ssh(model, "echo e2e-secret-marker >> /etc/clawbot/tls/server.key")
+    watched = f"/etc/hosts /etc/clawbot/clawbot.json /etc/clawbot/tls/server.key /etc/systemd/system/*.service {sysctl}"
+    before = {node.name: ssh(node, f"sha256sum {watched} 2>/dev/null || true") for node in nodes}
+    key_pem = (state_dir(cluster_inventory) / "nodes" / model.name / "server.key").read_text()
+
+    proc, result = deploy(cluster_inventory, "--check", "--diff", timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    lines = out.splitlines()
+
+    def block(operation: str, host: str) -> list[str]:
+        """The lines printed under `would: <deploy> | <operation> on ...` for one host, whitespace collapsed."""
+        start = next(i for i, line in enumerate(lines)
+                     if line.startswith("  would: ") and (f"| {operation} on " in line or f": {operation} on " in line))
+        end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith("      ")), len(lines))
+        mine, inside = [], False
+        for line in lines[start + 1:end]:
+            if line.startswith("      ") and not line.startswith("        "):
+                inside = line.startswith(f"      {host}:")
+            if inside:
+                mine.append(" ".join(line.split()))
+        return mine
+
+    hosts_diff = block("Ensure the clawbot block in /etc/hosts lists every node", chat.name)
+    assert hosts_diff[0] == f"{chat.name}: Will modify /etc/hosts" and hosts_diff[1].startswith("@@ "), hosts_diff
+    assert f"- 10.99.0.1 {model.name}" in hosts_diff and f"+ {model.address} {model.name}" in hosts_diff
+    assert "# BEGIN clawbot managed nodes" in hosts_diff  # context lines around the change
+    config_diff = block("Ensure clawbot.json is installed after the node's clawbot validate accepts it", model.name)
+    assert config_diff[0] == f"{model.name}: Will modify /etc/clawbot/clawbot.json", config_diff
+    assert '- "context_window": 999,' in config_diff and '+ "context_window": 1024,' in config_diff
+    unit_diff = block("Ensure systemd unit clawbot-model.service is current", model.name)
+    assert "- RestartSec=30" in unit_diff and "+ RestartSec=2" in unit_diff, unit_diff
+    sysctl_diff = block(f"Ensure vm.nr_hugepages is {pages} at boot ({sysctl})", model.name)
+    assert "- vm.nr_hugepages = 1" in sysctl_diff and f"+ vm.nr_hugepages = {pages}" in sysctl_diff, sysctl_diff
+    key_diff = block("Ensure /etc/clawbot/tls/server.key is installed", model.name)
+    assert key_diff == [f"{model.name}: Will modify /etc/clawbot/tls/server.key: content differs (secret, not shown)"]
+    everything = proc.stdout + proc.stderr
+    assert "e2e-secret-marker" not in everything and "PRIVATE KEY" not in everything
+    assert not any(line in everything for line in key_pem.splitlines()[1:-1])
+    assert "beta" not in everything
+    planned = next(op for op in result["plan"]  # --json carries the same diffs
+                   if op["name"].endswith("Ensure the clawbot block in /etc/hosts lists every node"))
+    assert f"+ {model.address} {model.name}" in [" ".join(line.split()) for line in planned["diff"][chat.name]]
+    assert {node.name: ssh(node, f"sha256sum {watched} 2>/dev/null || true") for node in nodes} == before
+
+    # A run with --diff shows the same diffs once, before it changes anything, then repairs
+    proc, result = deploy(cluster_inventory, "--diff")
+    assert proc.returncode == 0 and changed_ops(result)
+    assert proc.stdout.count(f"+ {model.address} {model.name}") == 1, proc.stdout
+    assert "  will: " in proc.stdout and "content differs (secret, not shown)" in proc.stdout
+    assert "e2e-secret-marker" not in proc.stdout + proc.stderr and "PRIVATE KEY" not in proc.stdout + proc.stderr
+    assert "e2e-secret-marker" not in ssh(model, "cat /etc/clawbot/tls/server.key")
+    assert json.loads(ssh(model, "cat /etc/clawbot/clawbot.json"))["context_window"] == 1024
     proc, result = deploy(cluster_inventory)
     assert proc.returncode == 0 and changed_ops(result) == []
 
@@ -401,7 +499,7 @@ def test_a_name_under_the_cluster_domain_keeps_the_ca(first_run, nodes, cluster_
     assert proc.returncode == 0
     assert "created cluster CA" not in proc.stdout
     assert ca.read_bytes() == before
-    assert f"{model.name}: issued server certificate: SANs changed" in proc.stdout
+    assert f"{model.name}: reissued server certificate: SANs changed" in proc.stdout
     assert ssh(chat, "sha256sum /etc/clawbot/tls/*.pem") == chat_leaves
     code = (
         "import httpx,ssl\n"

@@ -146,3 +146,54 @@ def test_deploy_builds_refuse_without_a_source_tree(tmp_path, monkeypatch):
     monkeypatch.setattr(builds, "SOURCE_ROOT", tmp_path)
     with pytest.raises(SystemExit, match="not a clawbot source tree"):
         builds.source_digest()
+
+
+def test_chat_url_by_name_where_it_resolves_else_by_address_with_a_hint():
+    chat = Host("chat-node", ["chat_nodes"], {"ansible_host": "192.168.1.50"})
+    asked = []
+
+    def resolves(answer):
+        return lambda name: asked.append(name) or answer
+
+    assert planning.chat_url(chat, 8443, resolves(True)) == ("https://chat-node:8443/", "")
+    assert planning.chat_url(chat, 8443, resolves(False)) == (
+        "https://192.168.1.50:8443/",
+        "chat-node does not resolve on this machine; to open the chat by name, add `192.168.1.50 chat-node` to "
+        "/etc/hosts")
+    assert asked == ["chat-node", "chat-node"]  # the inventory name is what is looked up
+    # no ansible_host: clawbot_address; IPv6 goes in brackets, the /etc/hosts line without
+    v6 = Host("chat-node", ["chat_nodes"], {"clawbot_address": "fd00::50"})
+    assert planning.chat_url(v6, 443, resolves(False)) == (
+        "https://[fd00::50]:443/",
+        "chat-node does not resolve on this machine; to open the chat by name, add `fd00::50 chat-node` to /etc/hosts")
+    # reached by a DNS name of its own: that name (it resolved: deploy connected with it)
+    url, hint = planning.chat_url(Host("chat", ["chat_nodes"], {"ansible_host": "chat.lan"}), 8443, resolves(False))
+    assert url == "https://chat.lan:8443/" and "chat does not resolve on this machine" in hint
+    # this machine (ansible_connection: local): localhost, nothing looked up
+    asked.clear()
+    local = Host("clawbot-local", ["chat_nodes", "model_nodes"], {"ansible_connection": "local",
+                                                                   "ansible_host": "127.0.0.1"})
+    assert planning.chat_url(local, 8443, resolves(False)) == ("https://localhost:8443/", "")
+    assert asked == []
+
+
+def test_name_resolves_asks_this_machines_resolver():
+    assert planning.name_resolves("localhost")
+    assert not planning.name_resolves("clawbot-chat-node.invalid")  # RFC 6761: .invalid never resolves
+    assert not planning.name_resolves("a" * 300)  # an over-long name is not an error, it does not resolve
+
+
+def test_the_printed_chat_url_is_a_name_the_nodes_server_certificate_holds(tmp_path):
+    """Either URL opens without a certificate warning once the CA is trusted: the server certificate deploy issues
+    lists the inventory name and the address (clawbot.control.certificates)."""
+    from clawbot.common import pki
+    from clawbot.control import certificates
+
+    chat = Host("chat-node", ["chat_nodes"], {"ansible_host": "192.168.1.50"})
+    ca = certificates.cluster_ca(tmp_path, {chat.name: chat.names}, "clawbot.internal", log=lambda _: None)
+    material = certificates.ensure_node_material(ca, chat.name, chat.names)
+    sans = pki.san_identities(pki.load_certificate(material.server_cert))
+    for answer in (True, False):
+        url, _ = planning.chat_url(chat, 8443, lambda name: answer)
+        host = url.split("//")[1].rsplit(":", 1)[0]
+        assert host in sans.dns_names or host in [str(ip) for ip in sans.ip_addresses], (url, sans.describe())

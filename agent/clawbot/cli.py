@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("clawbot.tools.bench", "measure first-token latency and throughput of a gateway"),
     "build-engine": ("clawbot.model.engines.build", "build llama-server from the pinned llama-cpp-python sdist"),
     "make-model": ("clawbot.tools.modelgen", "write a shape-faithful random-weight GGUF for tests and benchmarks"),
+    "eval": ("clawbot.tools.evaluate", "check that a model answers well: smoke set against a URL, KL divergence against a reference"),
+    "quantize": ("clawbot.tools.quantize", "quantize a GGUF with llama-quantize and refuse the result beyond the quality gate"),
     "users": ("clawbot.chat.users", "manage the chat node's accounts and API keys (here, or -i INVENTORY over SSH)"),
     "kb": ("clawbot.chat.kb", "add, list and remove the chat node's knowledge-base documents (Markdown, text, PDF)"),
     "status": ("clawbot.control.status", "show every node's agent, model and certificate state"),

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from clawbot.common import jsonpos
 from clawbot.common.jsonpos import Document, JSONSyntaxError, escape_pointer_token
+from clawbot.model.engines import engine_for
 from clawbot.model.runplan import configured_slots
 
 CONFIG_SCHEMA = "clawbot.schema.json"
@@ -418,6 +419,36 @@ def _rule_ports(config, document, filename, inventory, out):
             add(pointer, f"port {number} is already used by {seen[number]}: a node running both roles could not start both",
                 "give each service its own port")
         seen.setdefault(number, name)
+
+
+@_rule("/model_server/split", "/model_server/engine", "/model_server/port", "/model_gateway/endpoint", "/chat/port")
+def _rule_split(config, document, filename, inventory, out):
+    """A split (docs/split.md) runs on llama-server, with ports of its own."""
+    add = _adder(document, filename, out)
+    server, split = config["model_server"], config["model_server"]["split"]
+    workers = split["workers"]
+    if workers and not engine_for(server["engine"]).RPC_SPLIT:
+        add("/model_server/engine", f"model_server.split has {len(workers)} worker(s), but engine {server['engine']!r} "
+            "has no RPC backend", 'set engine to "llama-server" (or empty model_server.split.workers)')
+    if split["rpc_port"] == split["tunnel_port"]:
+        add("/model_server/split/tunnel_port", f"tunnel_port ({split['tunnel_port']}) equals rpc_port: the worker's "
+            "stunnel and its ggml-rpc-server cannot share a port", "give each its own port")
+    _, gateway_port = gateway_host_port(config["model_gateway"]["endpoint"])
+    taken = {server["port"]: "model_server.port", gateway_port: "model_gateway.endpoint", config["chat"]["port"]: "chat.port"}
+    seen: dict[int, str] = {}
+    for index, worker in enumerate(workers):
+        pointer = f"/model_server/split/workers/{index}/port"
+        port = worker["port"]
+        if port in taken:
+            add(pointer, f"worker {worker['name']}'s tunnel port {port} is already used by {taken[port]}")
+        elif port in seen:
+            add(pointer, f"workers {seen[port]} and {worker['name']} have the same tunnel port {port}",
+                "each worker needs its own loopback port on the main node")
+        seen.setdefault(port, worker["name"])
+    names = [w["name"] for w in workers]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            add(f"/model_server/split/workers/{index}/name", f"worker {name} is listed twice")
 
 
 @_rule("/fallback_strategies", "/chat/knowledge_base", "/chat/web_search")

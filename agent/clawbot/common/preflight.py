@@ -22,6 +22,7 @@ that many KV cells, so llama-server is started with ``-c context_window × paral
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -29,7 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from clawbot.common import sizing
@@ -403,8 +404,11 @@ def run_probes(model_path: str) -> ProbeResults:
 
 
 def evaluate(info: sizing.ModelInfo, settings: RunSettings, node: NodeFacts,
-             probes: ProbeResults | None = None) -> PreflightReport:
-    """All checks and recommendations from facts alone: no I/O, so deploy can use declared memory."""
+             probes: ProbeResults | None = None, split: sizing.LayerSplit | None = None) -> PreflightReport:
+    """All checks and recommendations from facts alone: no I/O, so deploy can use declared memory.
+
+    + split: the run plan's cut of the model over this node and its RPC workers (model_server.split): each node
+      must hold its share, and an error names the nodes that cannot, with the bytes"""
     probes = probes or ProbeResults()
     fit = sizing.size_model(info, settings.n_ctx, settings.parallel_slots, settings.cache_type_k,
                             settings.cache_type_v, n_ubatch=settings.n_ubatch, flash_attn=settings.flash_attn)
@@ -412,8 +416,12 @@ def evaluate(info: sizing.ModelInfo, settings: RunSettings, node: NodeFacts,
     add = report.findings.append
     have = node.memory_available
 
-    verdict = sizing.check_fit(fit, have)
-    add(Finding("info" if verdict.fits else "error", "memory_fit", verdict.message))
+    if split is None:
+        verdict = sizing.check_fit(fit, have)
+        add(Finding("info" if verdict.fits else "error", "memory_fit", verdict.message))
+    else:
+        _split_findings(split, fit, add)
+        have = sum(share.available_bytes or 0 for share in split.shares)
 
     rule_bytes = int(info.n_params * PARAMS_RULE_FACTOR)
     if have < rule_bytes:
@@ -445,6 +453,13 @@ def evaluate(info: sizing.ModelInfo, settings: RunSettings, node: NodeFacts,
                     f"only {sizing.gib(node.disk_free)} free on the model's filesystem: a second copy of "
                     f"the model ({sizing.gib(info.file_bytes)}) for an update will not fit"))
 
+    if split is not None:
+        report.recommendations = {"split": {share.name: f"{share.layers}{' + output head' if share.output else ''}"
+                                            for share in split.shares},
+                                  "gpu_layers": split.gpu_layers, "tensor_split": list(split.tensor_split),
+                                  "llama_server_ctx": settings.n_ctx}
+        return report
+
     # the largest context per slot that fits, at the configured slot count
     weights_kv_budget = have
     context_cap = sizing.max_context_per_slot(info, weights_kv_budget, settings.parallel_slots,
@@ -473,6 +488,20 @@ def evaluate(info: sizing.ModelInfo, settings: RunSettings, node: NodeFacts,
     return report
 
 
+def _split_findings(split: sizing.LayerSplit, fit: sizing.MemoryFit, add) -> None:
+    """model_server.split: one finding per node with its share, and an error naming the nodes that cannot hold it."""
+    unknown = [share.name for share in split.shares if share.available_bytes is None]
+    if split.fits:
+        add(Finding("info", "memory_fit", f"model needs {fit.describe()}, split over {len(split.shares)} nodes: "
+                                          f"{split.describe()}"))
+    else:
+        add(Finding("error", "memory_fit", split.refusal()))
+    if unknown:
+        add(Finding("warning", "split_memory_unknown",
+                    f"the memory of {', '.join(unknown)} is unknown: its share was not checked (deploy measures it; "
+                    "model_server.split.workers[].memory_mib, or the agent asks the worker when it starts)"))
+
+
 # --- output --------------------------------------------------------------------------------------------
 
 
@@ -498,6 +527,9 @@ def render_text(report: PreflightReport) -> str:
         rows.append(("storage", f"{probes.storage_mbps:.0f} MB/s ({probes.storage_bytes_read / MIB:.0f} MiB read)"))
     for gpu in node.gpus:
         rows.append(("gpu", f"{gpu.name}: {sizing.gib(gpu.memory_free)} free of {sizing.gib(gpu.memory_total)}"))
+    split = report.plan.split.value if report.plan else None
+    for share in split.shares if split else ():
+        rows.append(("split", share.describe()))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     lines.append("")
@@ -507,7 +539,10 @@ def render_text(report: PreflightReport) -> str:
     if report.plan:
         lines.append("run plan:")
         for name, decision in report.plan.to_json().items():
-            lines.append(f"  {name} = {decision['value']} ({decision['reason']})")
+            value = decision["value"]
+            if isinstance(value, dict) and "tensor_split" in value:  # the split: its rows are above
+                value = f"-ngl {value['gpu_layers']} -ts {','.join(map(str, value['tensor_split']))}"
+            lines.append(f"  {name} = {value} ({decision['reason']})")
         lines.append("")
     lines.append("recommended:")
     for key, value in report.recommendations.items():
@@ -606,18 +641,27 @@ def settings_from_plan(plan: RunPlan, config: dict) -> RunSettings:
 
 
 def check_config(info: sizing.ModelInfo, config: dict, node: NodeFacts,
-                 probes: ProbeResults | None = None) -> PreflightReport:
+                 probes: ProbeResults | None = None, name: str = "this node") -> PreflightReport:
     """Preflight for a checked clawbot.json on a node described by `node` (deploy reads it over SSH): judged
-    at the run plan the supervisor will start with on that node."""
-    plan = RunPlan.resolve(config, host_facts(node), info)
-    report = evaluate(info, settings_from_plan(plan, config), node, probes)
+    at the run plan the supervisor will start with on that node (with model_server.split: its share, and each RPC
+    worker's at the memory its entry declares). `name` is how findings name the node."""
+    plan = RunPlan.resolve(config, replace(host_facts(node), node_name=name), info)
+    report = evaluate(info, settings_from_plan(plan, config), node, probes, split=plan.split.value)
     report.plan = plan
     report.findings.append(Finding("info", "parallel_slots", f"parallel_slots {plan.slots.value}: {plan.slots.reason}"))
     return report
 
 
-def declared_fit(info: sizing.ModelInfo, config: dict, memory_mib: int) -> PreflightReport:
-    """The static check `clawbot validate --inventory` runs: a host's declared memory instead of a probe."""
+def declared_fit(info: sizing.ModelInfo, config: dict, memory_mib: int, name: str = "this node",
+                 workers: list[tuple[str, int]] | None = None) -> PreflightReport:
+    """The static check `clawbot validate --inventory` runs: a host's declared memory instead of a probe.
+
+    + workers: with a split, each RPC worker's (name, declared clawbot_memory_mib), in layer order"""
     memory = memory_mib * 1024 * 1024
     node = NodeFacts(memory_total=memory, memory_available=memory, memory_source="clawbot_memory_mib (declared)")
-    return check_config(info, config, node)
+    if workers:
+        config = copy.deepcopy(config)
+        config["model_server"]["split"]["workers"] = [
+            {"name": worker, "port": config["model_server"]["split"]["local_port"] + index, "memory_mib": mib}
+            for index, (worker, mib) in enumerate(workers)]
+    return check_config(info, config, node, name=name)

@@ -496,3 +496,186 @@ def check_fit(fit: MemoryFit, available_bytes: int) -> FitVerdict:
     else:
         message = f"model needs {fit.describe()} but only {gib(available_bytes)} is available"
     return FitVerdict(fits, fit.total_bytes, available_bytes, message)
+
+
+# --- one model split across nodes (llama.cpp's RPC backend) -------------------------------------------
+#
+# llama-server on the main node with `--rpc` (one RPC device per worker), `-ngl K` and `--tensor-split` lays the
+# model out like this (llama_model_base::load_tensors, vendored llama.cpp): token embeddings stay on the main
+# node; -ngl K offloads the LAST K of the n_layer + 1 "layers" (the repeating layers, then the output head), so
+# the main node keeps the first n_layer - (K - 1) layers and the output head always goes with the offloaded
+# part; the offloaded layers are cut between the devices in order, by the --tensor-split proportions (integer
+# layer counts give exact cuts). A layer's KV cache lives on its layer's device (offload_kqv, the default).
+# Each device reserves a compute buffer of its own.
+
+
+@dataclass(frozen=True)
+class NodeShare:
+    """One node's part of a split model: which repeating layers it holds and the bytes they need there."""
+
+    name: str
+    first_layer: int
+    n_layers: int
+    output: bool  # holds the output head (the last worker: llama.cpp offloads it with the last layers)
+    weights_bytes: int  # its layers' weights (+ token embeddings on the main node, + the output head)
+    kv_bytes: int  # the KV cache rows of its layers, for every slot
+    compute_bytes: int  # its compute buffer (+ the logits buffer on the main node)
+    available_bytes: int | None  # the memory it offers the model; None: unknown (not checked)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.available_bytes is None or self.total_bytes <= self.available_bytes
+
+    @property
+    def layers(self) -> str:
+        if not self.n_layers:
+            return "no layers"
+        last = self.first_layer + self.n_layers - 1
+        return f"layer {last}" if last == self.first_layer else f"layers {self.first_layer}-{last}"
+
+    def describe(self) -> str:
+        head = " and the output head" if self.output else ""
+        have = f" of {gib(self.available_bytes)}" if self.available_bytes is not None else " (its memory unknown)"
+        return (f"{self.name}: {self.layers}{head}, {gib(self.total_bytes)}{have} (weights {gib(self.weights_bytes)} "
+                f"+ KV {gib(self.kv_bytes)} + compute {gib(self.compute_bytes)})")
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "first_layer": self.first_layer, "n_layers": self.n_layers, "output": self.output,
+                "weights_bytes": self.weights_bytes, "kv_bytes": self.kv_bytes, "compute_bytes": self.compute_bytes,
+                "total_bytes": self.total_bytes, "available_bytes": self.available_bytes, "fits": self.fits}
+
+
+@dataclass(frozen=True)
+class LayerSplit:
+    """The model laid out over the main node and its RPC workers, in the order llama.cpp runs them."""
+
+    main: NodeShare
+    workers: tuple[NodeShare, ...]
+    how: str  # how the cut was chosen, for /status and preflight
+
+    @property
+    def shares(self) -> tuple[NodeShare, ...]:
+        return (self.main, *self.workers)
+
+    @property
+    def fits(self) -> bool:
+        return all(share.fits for share in self.shares)
+
+    @property
+    def gpu_layers(self) -> int:
+        """-ngl: the workers' repeating layers and the output head."""
+        return sum(w.n_layers for w in self.workers) + 1
+
+    @property
+    def tensor_split(self) -> tuple[int, ...]:
+        """--tensor-split: each worker's offloaded layers (the output head counts as one), in --rpc order."""
+        return tuple(w.n_layers + (1 if w.output else 0) for w in self.workers)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(share.total_bytes for share in self.shares)
+
+    def describe(self) -> str:
+        return "; ".join(share.describe() for share in self.shares)
+
+    def refusal(self) -> str:
+        """Which nodes cannot hold their share, with the bytes (empty when every share fits)."""
+        over = [s for s in self.shares if not s.fits]
+        if not over:
+            return ""
+        offered = sum(s.available_bytes or 0 for s in self.shares)
+        parts = [f"{s.name} needs {gib(s.total_bytes)} ({s.total_bytes} bytes) for {s.layers}"
+                 f"{' and the output head' if s.output else ''} but has {gib(s.available_bytes or 0)} "
+                 f"({s.available_bytes} bytes)" for s in over]
+        return (f"the model split over {len(self.shares)} nodes does not fit: {'; '.join(parts)}. The split needs "
+                f"{gib(self.total_bytes)} in all, the nodes offer {gib(offered)}: add an RPC worker, give the nodes "
+                "more memory, or lower context_window / parallel_slots")
+
+    def to_json(self) -> dict:
+        return {"how": self.how, "gpu_layers": self.gpu_layers, "tensor_split": list(self.tensor_split),
+                "fits": self.fits, "nodes": [share.to_json() for share in self.shares]}
+
+
+def split_layers(fit: MemoryFit, main: tuple[str, int | None], workers: list[tuple[str, int | None]]) -> LayerSplit:
+    """Cut the model's layers between the main node and its RPC workers so that every node fills the same
+    fraction of the memory it offers (the smallest such fraction: each node's share is in proportion to its
+    memory, after what it needs whatever its share: token embeddings, compute and logits buffers on the main node,
+    a compute buffer on each worker, the output head on the last). Pure.
+
+    + fit: size_model at the run's context, slots, cache types and ubatch
+    + main / workers: (name, the memory it offers in bytes or None for unknown), workers in --rpc order
+
+    With any memory unknown the layers are dealt out evenly by count (nothing can be checked). The result's
+    `fits` says whether every node can hold its share; `refusal()` says which cannot, with the bytes.
+    """
+    if not workers:
+        raise ValueError("a split needs at least one RPC worker")
+    info = fit.model
+    layer_cost = [weights + fit.kv.bytes_per_layer for weights in info.layer_bytes]
+    budgets = [main[1], *(w[1] for w in workers)]
+    n_nodes = len(budgets)
+    fixed = [info.input_bytes + fit.compute_bytes + fit.output_bytes] + [fit.compute_bytes] * len(workers)
+    fixed[-1] += info.output_bytes
+    if any(b is None or b <= 0 for b in budgets):
+        base, extra = divmod(info.n_layer, n_nodes)
+        counts = [base + (1 if i < extra else 0) for i in range(n_nodes)]
+        how = ("a node's memory is unknown: layers dealt out evenly by count (not checked)"
+               if any(b is None for b in budgets) else "a node offers no memory: layers dealt out evenly by count")
+    else:
+        counts = _balanced_counts(layer_cost, fixed, budgets)
+        how = ("each node fills the same fraction of its memory (layers in proportion to the memory each offers, "
+               "after its fixed buffers)")
+    shares, first = [], 0
+    for index, count in enumerate(counts):
+        name, available = (main if index == 0 else workers[index - 1])
+        layers = range(first, first + count)
+        weights = sum(info.layer_bytes[i] for i in layers)
+        kv = fit.kv.bytes_per_layer * count
+        compute = fit.compute_bytes
+        if index == 0:
+            weights += info.input_bytes
+            compute += fit.output_bytes
+        last = index == n_nodes - 1
+        if last:
+            weights += info.output_bytes
+        shares.append(NodeShare(name, first, count, last, weights, kv, compute, available))
+        first += count
+    return LayerSplit(shares[0], tuple(shares[1:]), how)
+
+
+def _balanced_counts(layer_cost: list[int], fixed: list[int], budgets: list[int]) -> list[int]:
+    """Contiguous layer counts per node (in order) that minimise the largest need/memory ratio: binary search on
+    the ratio, each node taking as many layers as fit under it (greedy filling is optimal for contiguous cuts)."""
+
+    def assign(ratio: float) -> list[int] | None:
+        counts, layer = [], 0
+        for index, (budget, base) in enumerate(zip(budgets, fixed)):
+            cap = ratio * budget - base
+            if cap < 0:
+                return None
+            used, count = 0, 0
+            last = index == len(budgets) - 1
+            while layer < len(layer_cost) and (last or used + layer_cost[layer] <= cap):
+                used += layer_cost[layer]
+                layer += 1
+                count += 1
+            if last and used > cap:
+                return None
+            counts.append(count)
+        return counts
+
+    low, high = 0.0, (sum(layer_cost) + sum(fixed)) / max(1, min(budgets)) + 1.0
+    best = assign(high)
+    for _ in range(64):
+        mid = (low + high) / 2
+        found = assign(mid)
+        if found is None:
+            low = mid
+        else:
+            high, best = mid, found
+    assert best is not None
+    return best

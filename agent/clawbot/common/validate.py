@@ -59,6 +59,7 @@ def run(args) -> int:
         except InventoryError as exc:
             print(f"clawbot validate: {exc}", file=sys.stderr)
             return 2
+        inventory_result.diagnostics.extend(model_source_diagnostics(inventory))
         results.append(inventory_result)
     for path in args.files:
         try:
@@ -68,7 +69,11 @@ def run(args) -> int:
     if inventory_facts is not None:
         for result in results[1:]:
             if result.ok:
-                result.diagnostics.extend(declared_fit_diagnostics(inventory_facts, result.config, args.inventory))
+                from clawbot.control import split  # a split's main node is judged with its workers' memory
+
+                result.diagnostics.extend(declared_fit_diagnostics(inventory_facts, result.config, args.inventory,
+                                                                   skip=split.split_mains(inventory)))
+                result.diagnostics.extend(split.declared_diagnostics(inventory, result.config, args.inventory))
                 result.diagnostics.extend(fallback_diagnostics(inventory, result))
     diagnostics = [d for r in results for d in r.diagnostics]
     emit(args.format, results, diagnostics, sys.stdout)
@@ -79,8 +84,27 @@ def run(args) -> int:
     return 0 if all(r.ok for r in results) else 1
 
 
-def declared_fit_diagnostics(facts, config: dict, inventory_dir: str) -> list[Diagnostic]:
-    """Static preflight: does the model fit each model node's declared memory (clawbot_memory_mib)?"""
+def model_source_diagnostics(inventory) -> list[Diagnostic]:
+    """clawbot_model_source (quantized by deploy) and clawbot_model_file (staged as it is) both name the model:
+    a model node may set one of them. deploy.py refuses the same (clawbot.control.builds.model_source)."""
+    out, seen = [], set()
+    for host in inventory.group("model_nodes"):
+        if not (host.vars.get("clawbot_model_source") and host.vars.get("clawbot_model_file")):
+            continue
+        file, line, col = host.origins.get("clawbot_model_source", (inventory.source, 1, 1))
+        if (file, line, col) in seen:  # a group variable: once
+            continue
+        seen.add((file, line, col))
+        out.append(Diagnostic(file, line, col, "error", "/clawbot_model_source",
+                              f"{host.name}: clawbot_model_source and clawbot_model_file are both set",
+                              "keep clawbot_model_file to stage a GGUF as it is, or clawbot_model_source (with "
+                              "clawbot_model_quant) to have deploy quantize it", rule="inventory"))
+    return out
+
+
+def declared_fit_diagnostics(facts, config: dict, inventory_dir: str, skip=frozenset()) -> list[Diagnostic]:
+    """Static preflight: does the model fit each model node's declared memory (clawbot_memory_mib)? `skip`: model
+    nodes judged elsewhere (a split's main nodes: clawbot.control.split.declared_diagnostics)."""
     import os
 
     from clawbot.common import preflight
@@ -89,6 +113,8 @@ def declared_fit_diagnostics(facts, config: dict, inventory_dir: str) -> list[Di
     base = inventory_dir if os.path.isdir(inventory_dir) else os.path.dirname(inventory_dir)
     out = []
     for host in facts.model_hosts:
+        if host.name in skip:
+            continue
         memory_mib = host.vars.get("clawbot_memory_mib")
         model_file = host.vars.get("clawbot_model_file")
         if not isinstance(memory_mib, int) or memory_mib <= 0 or not isinstance(model_file, str) or not model_file:

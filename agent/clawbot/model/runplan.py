@@ -44,6 +44,10 @@ class HostFacts:
     memlock_limit: int  # bytes the model server may pin with mlock (preflight.UNLIMITED for no limit)
     engine_builds: frozenset[str] | None = None  # accelerators with a build of the engine; None: not a question
     weights_staged: bool = False  # the weights sit in huge pages, which host_free_bytes no longer counts
+    # model_server.split: the free memory each RPC worker's ggml-rpc-server reported through its tunnel (the
+    # supervisor's probe before each start), by worker name; a worker whose memory_mib deploy measured uses that
+    rpc_free_bytes: tuple[tuple[str, int], ...] = ()
+    node_name: str = "this node"  # how reports name this node (deploy and `clawbot validate` know its inventory name)
 
     def can_mlock(self, n_bytes: int) -> bool:
         return self.memlock_limit >= n_bytes
@@ -78,6 +82,8 @@ class RunPlan:
     threads: Decision[int]  # -t
     load_mode: Decision[str]  # -lm: mmap, mlock, mmap+mlock or none
     staging: Decision[bool]  # copy the weights into huge pages before the start
+    # model_server.split: the layers cut between this node and its RPC workers (-ngl, --tensor-split); None: no split
+    split: Decision[sizing.LayerSplit | None] = Decision(None, "model_server.split.workers is empty: no split")
 
     def gateway_concurrency(self, max_concurrency: int) -> int:
         """Requests the gateway passes on at once: a request beyond the slots would wait inside the model
@@ -85,7 +91,10 @@ class RunPlan:
         return min(max_concurrency, self.slots.value)
 
     def to_json(self) -> dict:
-        return {f.name: {"value": getattr(self, f.name).value, "reason": getattr(self, f.name).reason}
+        def plain(value):
+            return value.to_json() if hasattr(value, "to_json") else value
+
+        return {f.name: {"value": plain(getattr(self, f.name).value), "reason": getattr(self, f.name).reason}
                 for f in fields(self)}
 
     @classmethod
@@ -100,8 +109,14 @@ class RunPlan:
         ubatch = _ubatch(server, on_gpu)
         gpu_free = max(g.memory_free for g in facts.gpus) if accelerator.value == "cuda" and facts.gpus else None
         sizer = _Sizer(config, model_info, ubatch.value, counts_flash_attention(flash.value))
-        slots = configured_slots(config) or _auto_slots(config, sizer, on_gpu, gpu_free, facts)
-        gpu_layers = _gpu_layers(server["gpu_layers"], on_gpu, gpu_free, sizer, slots.value)
+        if split_workers(config):
+            slots = configured_slots(config) or _split_slots(config, sizer, facts)
+            split = _split(config, sizer, slots.value, facts)
+            gpu_layers = _split_gpu_layers(split)
+        else:
+            slots = configured_slots(config) or _auto_slots(config, sizer, on_gpu, gpu_free, facts)
+            split = Decision(None, "model_server.split.workers is empty: no split")
+            gpu_layers = _gpu_layers(server["gpu_layers"], on_gpu, gpu_free, sizer, slots.value)
         return cls(
             accelerator=accelerator,
             gpu_layers=gpu_layers,
@@ -110,8 +125,15 @@ class RunPlan:
             ubatch=ubatch,
             threads=_threads(server["threads"], facts.usable_cores),
             load_mode=_load_mode(server["load_mode"], model_info.file_bytes if model_info else 0, facts),
-            staging=_staging(server["hugepages"], gpu_layers.value, model_info),
+            staging=_split_staging() if split_workers(config) else _staging(server["hugepages"], gpu_layers.value,
+                                                                           model_info),
+            split=split,
         )
+
+
+def split_workers(config: dict) -> list[dict]:
+    """model_server.split.workers: the RPC workers this node's llama-server uses, in layer order (empty: no split)."""
+    return list(config["model_server"].get("split", {}).get("workers", []))
 
 
 def uses_nvidia_gpus(configured: str) -> bool:
@@ -273,3 +295,63 @@ def _staging(setting: str, gpu_layers: str, info: sizing.ModelInfo | None) -> De
     if gpu_layers == "all" or (info is not None and int(gpu_layers) >= info.n_layer):
         return Decision(False, "model_server.hugepages is auto and every layer is offloaded to the GPU")
     return Decision(True, "model_server.hugepages is auto and some layers stay on the CPU")
+
+
+# --------------------------------------------------------------------------- a split across RPC workers
+
+
+def _worker_memory(config: dict, facts: HostFacts) -> list[tuple[str, int | None]]:
+    """(name, bytes) each worker offers: deploy's measurement (memory_mib), else what its ggml-rpc-server reported
+    through the tunnel before this start, else unknown."""
+    reported = dict(facts.rpc_free_bytes)
+    out = []
+    for worker in split_workers(config):
+        mib = worker.get("memory_mib", 0)
+        out.append((worker["name"], mib * sizing.MIB if mib else reported.get(worker["name"])))
+    return out
+
+
+def _cut(config: dict, sizer: _Sizer, slots: int, facts: HostFacts) -> sizing.LayerSplit:
+    return sizing.split_layers(sizer.fit(slots), (facts.node_name, facts.host_free_bytes), _worker_memory(config, facts))
+
+
+def _split_slots(config: dict, sizer: _Sizer, facts: HostFacts) -> Decision[int]:
+    """parallel_slots 0 with a split: the most slots up to max_concurrency whose KV cache, cut with the layers,
+    still lets every node hold its share; at least 1."""
+    wanted = config["model_gateway"]["max_concurrency"]
+    if sizer.info is None:
+        return Decision(wanted, "auto: model_gateway.max_concurrency (the model could not be sized)")
+    for n in range(wanted, 0, -1):
+        cut = _cut(config, sizer, n, facts)
+        if cut.fits:
+            checked = "" if all(s.available_bytes is not None for s in cut.shares) else " (a node's memory unknown)"
+            return Decision(n, f"auto: {n} of max_concurrency {wanted} slots fit the split{checked} "
+                               f"({sizing.gib(sizer.fit(n).kv_bytes)} of KV cache in all, cut with the layers)")
+    return Decision(1, f"auto: not even one slot of context_window {config['context_window']} fits the split; "
+                       "running 1 (preflight refuses this)")
+
+
+def _split(config: dict, sizer: _Sizer, slots: int, facts: HostFacts) -> Decision[sizing.LayerSplit | None]:
+    names = ", ".join(w["name"] for w in split_workers(config))
+    if sizer.info is None:
+        return Decision(None, f"model_server.split: workers {names}, but the model could not be sized: llama.cpp "
+                              "cuts the layers by the free memory the workers report")
+    cut = _cut(config, sizer, slots, facts)
+    return Decision(cut, f"model_server.split: {facts.node_name} and {names}; {cut.how}")
+
+
+def _split_gpu_layers(split: Decision[sizing.LayerSplit | None]) -> Decision[str]:
+    """-ngl with a split: llama.cpp offloads the last -ngl of its n_layer + 1 layers (the output head counts as one)
+    to the RPC devices; the first layers stay on this node's CPU."""
+    if split.value is None:
+        return Decision("all", "model_server.split: every layer on the RPC workers (the model could not be sized)")
+    cut = split.value
+    on_workers = cut.gpu_layers - 1
+    return Decision(str(cut.gpu_layers), f"model_server.split: {on_workers} layers and the output head on the RPC "
+                                         f"workers, the first {cut.main.n_layers} on this node")
+
+
+def _split_staging() -> Decision[bool]:
+    return Decision(False, "model_server.split: this node holds only its share of the weights; a copy in huge pages "
+                           "would hold the whole file")
+

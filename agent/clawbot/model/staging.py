@@ -236,8 +236,10 @@ def stage(source: str | Path, mount: str | Path, state_dir: str | Path, source_s
                 now = time.monotonic()
                 if now - last_log >= PROGRESS_EVERY_S:
                     last_log = now
-                    log.info("staging %s: %d/%d MiB (%.0f %%) in %.1f s", source.name, offset >> 20,
-                             st.st_size >> 20, 100 * offset / st.st_size, now - started)
+                    rate = offset / max(now - started, 1e-6)
+                    log.info("staging %s: %d/%d MiB (%.0f %%) in %.1f s, %.0f MiB/s, ETA %.0f s", source.name,
+                             offset >> 20, st.st_size >> 20, 100 * offset / st.st_size, now - started,
+                             rate / (1 << 20), (st.st_size - offset) / max(rate, 1e-6))
             view.release()
     except BaseException:
         os.close(fd)

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 from clawbot.common import preflight, sizing
-from clawbot.model import staging
+from clawbot.model import rpc, staging
 from clawbot.model.engines import Engine, Paths, engine_for
 from clawbot.model.engines.build import find_llama_server
 from clawbot.model.runplan import Decision, RunPlan, node_accelerator, uses_nvidia_gpus
@@ -38,6 +38,10 @@ STOP_GRACE_S = 10.0
 PROBE_INTERVAL_S = 0.2
 # Backoff goes back to its first delay once a server has stayed ready this long.
 STABLE_AFTER_S = 60.0
+# model_server.split: how often the model server's sessions to its RPC workers are checked while it runs, and how
+# often a worker that does not answer is asked again before a start
+RPC_WATCH_S = 1.0
+RPC_WAIT_S = 2.0
 
 
 class ModelFileError(Exception):
@@ -259,6 +263,10 @@ class Supervisor:
         # The model server listens on loopback TCP: a per-run API key keeps other local users from
         # bypassing the gateway (and its mTLS, limits and validation). Only the agent knows it.
         self.api_key = secrets.token_urlsafe(32)
+        # model_server.split: what the agent knows of each RPC worker (for /status), by name
+        self.rpc_workers: dict[str, dict] = {}
+        self._rpc_free: tuple[tuple[str, int], ...] = ()  # what the workers reported before this start
+        self._rpc_lost: str = ""  # why the watcher stopped the model server (a worker's session ended)
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -345,6 +353,7 @@ class Supervisor:
             "memory": self.evidence,
             "hugepages": self._hugepages_report(in_use),
             "log_tail": list(self.logs),
+            "rpc_workers": [dict(entry) for entry in self.rpc_workers.values()],
         }
 
     # -- internals ------------------------------------------------------------------------------
@@ -419,6 +428,7 @@ class Supervisor:
         node = preflight.read_node(server["model_path"], gpus=uses_nvidia_gpus(server["accelerator"]))
         builds = engine.builds(self._find_engine, node_accelerator(server["accelerator"], node.gpus))
         facts = preflight.host_facts(node, engine_builds=None if builds is None else frozenset(builds))
+        facts = replace(facts, rpc_free_bytes=self._rpc_free)
         try:
             info = sizing.read_model_info(server["model_path"])
         except (OSError, ValueError) as exc:
@@ -480,9 +490,14 @@ class Supervisor:
         self.attempt = Attempt(started_at=time.monotonic())
         self.evidence = {}
         self.serving_path = ""
+        self._rpc_lost = ""
         self._set_state("loading", f"checking {server['model_path']}")
         try:
             await asyncio.to_thread(check_model_file, server["model_path"], server["model_sha256"], self.state_dir)
+            if rpc.workers_of(self.config):
+                waited = await self._await_rpc_workers(config_seen)
+                if waited:
+                    return waited
             self._set_state("loading", f"preparing {server['model_path']} (hugepages: {server['hugepages']})")
             self.command = await asyncio.to_thread(self._prepare_start)
         except ModelFileError as exc:
@@ -497,6 +512,7 @@ class Supervisor:
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop() kills the whole group
             preexec_fn=_die_with_parent,
+            env={**os.environ, **rpc.ENVIRONMENT} if rpc.workers_of(self.config) else None,  # RPC stays in the tunnel
         )
         reader = asyncio.create_task(self._read_logs(self.process))
         proc = self.process
@@ -507,17 +523,24 @@ class Supervisor:
                 self.evidence = memory_evidence(proc.pid, self.serving_path)
                 self._set_state("ready", f"{server['engine']} pid {proc.pid} loaded {self.serving_path} "
                                 f"in {self.attempt.ready_at - self.attempt.started_at:.1f} s")
+                watcher = asyncio.create_task(self._watch_rpc_sessions(proc)) if rpc.workers_of(config_seen) else None
                 code = await proc.wait()
+                if watcher is not None:
+                    watcher.cancel()
                 self.attempt.exit_code = code
                 if self.config is not config_seen and not self._stopping:
                     return "config-changed"
-                return f"model server exited with {_describe_exit(code)}"
+                if self._rpc_lost:
+                    lost, self._rpc_lost = self._rpc_lost, ""
+                    return lost
+                return f"model server exited with {_describe_exit(code)}{await self._rpc_after_exit(config_seen)}"
             if proc.returncode is None:
                 await self._kill()
                 return f"failed:{why}"
             if self.config is not config_seen and not self._stopping:
                 return "config-changed"
-            return f"model server exited during load with {_describe_exit(proc.returncode)}"
+            return (f"model server exited during load with {_describe_exit(proc.returncode)}"
+                    f"{await self._rpc_after_exit(config_seen)}")
         finally:
             try:
                 await asyncio.wait_for(reader, 5)
@@ -553,6 +576,120 @@ class Supervisor:
                 except asyncio.TimeoutError:
                     pass
         return False, f"not ready within startup_timeout_s ({timeout:g} s)"
+
+    # -- model_server.split: the RPC workers ------------------------------------------------------------
+
+    def _rpc_probe_binary(self) -> str:
+        """The llama-server build that probes the workers (any build has the RPC client; the CPU one is found)."""
+        server = self.config["model_server"]
+        builds = self.engine.builds(self._find_engine, node_accelerator(server["accelerator"], ())) or {}
+        return builds.get("cpu") or next(iter(builds.values()), "")
+
+    def _rpc_probe(self, config: dict) -> list[rpc.Probe]:
+        """Probe every worker through its tunnel (runs in a thread) and record what each answered."""
+        binary = self._rpc_probe_binary()
+        workers = rpc.workers_of(config)
+        if not binary:
+            return [rpc.Probe(w, False, "no llama-server build on this node to probe it with") for w in workers]
+        probes = rpc.probe_all(binary, workers, config["model_server"]["split"]["probe_timeout_s"])
+        now = time.time()
+        for found in probes:
+            entry = self._rpc_entry(found.worker)
+            was = entry["state"]
+            entry.update(state="up" if found.ok else "down", detail=found.detail, checked_at=now,
+                         memory_total_bytes=found.memory_total, memory_free_bytes=found.memory_free)
+            if found.ok and was in ("down", "lost"):
+                entry["back_at"] = now
+                log.info("RPC worker %s answers again: %s", found.worker.name, found.detail)
+            elif not found.ok and was != "down":
+                entry["down_since"] = now
+                log.warning("RPC worker %s does not answer: %s", found.worker.name, found.detail)
+        return probes
+
+    def _rpc_entry(self, worker: rpc.Worker) -> dict:
+        entry = self.rpc_workers.get(worker.name)
+        if entry is None or entry["port"] != worker.port:
+            entry = {"name": worker.name, "address": worker.address, "port": worker.port, "state": "unknown",
+                     "detail": "", "sessions": 0, "sessions_lost": 0, "last_lost_at": None, "last_lost": "",
+                     "session_since": None, "checked_at": None, "down_since": None, "back_at": None,
+                     "memory_total_bytes": None, "memory_free_bytes": None}
+            self.rpc_workers[worker.name] = entry
+        return entry
+
+    async def _await_rpc_workers(self, config_seen: dict) -> str:
+        """Before a start: wait until every worker answers through its tunnel, saying which ones do not (no restart
+        is counted while waiting). Returns why the attempt ends instead ("" once all answer)."""
+        names = {w.name for w in rpc.workers_of(config_seen)}
+        for stale in [n for n in self.rpc_workers if n not in names]:
+            del self.rpc_workers[stale]
+        said = ""
+        while not self._stopping:
+            probes = await asyncio.to_thread(self._rpc_probe, config_seen)
+            down = [p for p in probes if not p.ok]
+            if not down:
+                self._rpc_free = tuple((p.worker.name, p.memory_free) for p in probes if p.memory_free is not None)
+                return ""
+            reason = "waiting for RPC worker(s): " + "; ".join(p.describe() for p in down)
+            if reason != said:
+                self.logs.append(f"[clawbot] {reason}")
+                said = reason
+            self._set_state("restarting", reason)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), RPC_WAIT_S)
+            except asyncio.TimeoutError:
+                pass
+            if self.config is not config_seen:
+                return "config-changed"
+        return "stopping"
+
+    async def _watch_rpc_sessions(self, proc: asyncio.subprocess.Process) -> None:
+        """While the model server runs: when its session to a worker ends, say which worker and stop the server (it
+        would abort at its next request); the run loop then waits for the worker and starts it cleanly."""
+        workers = rpc.workers_of(self.config)
+        now = time.time()
+        for worker in workers:
+            entry = self._rpc_entry(worker)
+            entry.update(state="up", session_since=now, sessions=entry["sessions"] + 1)
+        ports = [w.port for w in workers]
+        while proc.returncode is None:
+            await asyncio.sleep(RPC_WATCH_S)
+            if proc.returncode is not None:
+                return
+            lost = rpc.lost_sessions(await asyncio.to_thread(rpc.session_states, proc.pid, ports), workers)
+            if not lost:
+                continue
+            now = time.time()
+            parts = []
+            for worker, how in lost:
+                entry = self._rpc_entry(worker)
+                why = (f"the model server's session to RPC worker {worker.name} ({worker.endpoint}) ended ({how}): "
+                       "its ggml-rpc-server, its stunnel or the network to it went away")
+                entry.update(state="lost", sessions_lost=entry["sessions_lost"] + 1, last_lost_at=now, last_lost=why,
+                             session_since=None)
+                parts.append(why)
+            self._rpc_lost = "; ".join(parts) + "; waiting for it, then a clean restart"
+            self.logs.append(f"[clawbot] {self._rpc_lost}")
+            log.warning("%s", self._rpc_lost)
+            await self._kill()
+            return
+
+    async def _rpc_after_exit(self, config_seen: dict) -> str:
+        """After the model server died on its own: which workers do not answer now (llama.cpp's abort names none)."""
+        if not rpc.workers_of(config_seen) or self._stopping:
+            return ""
+        probes = await asyncio.to_thread(self._rpc_probe, config_seen)
+        down = [p for p in probes if not p.ok]
+        now = time.time()
+        for found in down:
+            entry = self._rpc_entry(found.worker)
+            if entry.get("session_since"):
+                entry.update(sessions_lost=entry["sessions_lost"] + 1, last_lost_at=now, session_since=None,
+                             last_lost=f"the model server exited and RPC worker {found.worker.name} does not answer: "
+                                       f"{found.detail}")
+        if not down:
+            return ""
+        return "; RPC worker(s) not answering: " + "; ".join(p.describe() for p in down)
 
     async def _read_logs(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None

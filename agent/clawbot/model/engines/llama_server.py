@@ -28,6 +28,7 @@ IN_AGENT_VENV = False  # a binary of its own (engines/build.py), not a Python pa
 MAX_SLOTS_WHY = ""
 AUTO_FLASH_ATTENTION = ("auto", "llama.cpp decides per backend (it turns it on where the backend has the op)")
 UNSUPPORTED_FIELDS: frozenset[str] = frozenset()
+RPC_SPLIT = True  # built with GGML_RPC: --rpc hands layers to ggml-rpc-server on other nodes
 API_KEY_FILE = "model-server.key"
 MIN_BATCH = 2048  # llama.cpp's default -b
 
@@ -41,6 +42,10 @@ class Inputs:
     @property
     def server(self) -> dict:
         return self.config["model_server"]
+
+    @property
+    def rpc_workers(self) -> list[dict]:
+        return list(self.server.get("split", {}).get("workers", []))
 
     @property
     def api_key_file(self) -> Path | None:
@@ -62,6 +67,22 @@ def _fixed(flag: str, *value: str, why: str) -> Flag:
     return Flag(flag, lambda i: [flag, *value], f"always `{' '.join((flag, *value))}`", why)
 
 
+def _rpc(i: Inputs) -> list[str]:
+    workers = i.rpc_workers
+    return ["--rpc", ",".join(f"127.0.0.1:{w['port']}" for w in workers)] if workers else []
+
+
+def _rpc_devices(i: Inputs) -> list[str]:
+    # one RPC device per worker (their ggml-rpc-server runs the CPU build), named in --rpc order
+    workers = i.rpc_workers
+    return ["-dev", ",".join(f"RPC{n}" for n in range(len(workers)))] if workers else []
+
+
+def _tensor_split(i: Inputs) -> list[str]:
+    cut = i.plan.split.value
+    return ["-ts", ",".join(str(n) for n in cut.tensor_split)] if cut is not None else []
+
+
 def _chat_template(i: Inputs) -> list[str]:
     template = i.server["chat_template"]
     if not template:
@@ -73,6 +94,12 @@ FLAGS: tuple[Flag, ...] = (
     Flag("-m", lambda i: ["-m", i.paths.model],
          "`model_server.model_path`, or its copy in huge pages when `RunPlan.staging` staged it",
          "hugetlbfs files mmap like any file; the staged copy keeps the weights in 2 MiB pages"),
+    Flag("--rpc", _rpc,
+         "`model_server.split.workers`: 127.0.0.1 and each worker's `port`, in layer order; left out without a split",
+         "each port is this node's end of an mTLS tunnel (stunnel) to one worker's ggml-rpc-server, which listens on "
+         "the worker's loopback only: RPC itself has no authentication"),
+    Flag("-dev", _rpc_devices, "`RPC0,RPC1,…`: one device per split worker; left out without a split",
+         "the offloaded layers go to the workers only, never to a GPU of this node that sizing did not count"),
     _fixed("--host", "127.0.0.1", why="loopback only: the mTLS gateway is the only way in"),
     Flag("--port", lambda i: ["--port", str(i.server["port"])], "`model_server.port`",
          "the loopback port the gateway forwards to"),
@@ -92,8 +119,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("-ngl", lambda i: ["-ngl", i.plan.gpu_layers.value],
          "`RunPlan.gpu_layers`: `model_server.gpu_layers`; -1: with CUDA `all` when the whole model fits the "
          "freest GPU (nvidia-smi), else the most layers that fit; `all` on Vulkan and ROCm (their free memory is "
-         "not read); 0 on the CPU build",
+         "not read); 0 on the CPU build; with `model_server.split` the split workers' layers and the output head",
          "the split is clawbot's sizing, checked by preflight before a rollout"),
+    Flag("-ts", _tensor_split,
+         "`RunPlan.split`: each split worker's share of the offloaded layers (the output head counts as one), whole "
+         "layer counts; left out without a split",
+         "llama.cpp cuts the last -ngl layers between the devices in these proportions: whole counts make the cut "
+         "exactly the one preflight sized (every node fills the same fraction of its memory)"),
     Flag("-b", lambda i: ["-b", str(max(MIN_BATCH, i.plan.ubatch.value))],
          f"the larger of `RunPlan.ubatch` and {MIN_BATCH}", "llama.cpp's default, and never below -ub"),
     Flag("-ub", lambda i: ["-ub", str(i.plan.ubatch.value)],
