@@ -69,7 +69,8 @@ def upstreams(client: httpx.Client) -> dict[str, dict]:
 
 def test_replicas_spread_fail_over_and_rejoin(replicas, three_nodes):
     chat_node, first, second = three_nodes
-    with chat_client(three_nodes, replicas) as c:
+    c = chat_client(three_nodes, replicas)
+    try:
         urls = sorted(upstreams(c))
         assert urls == sorted(f"https://{n.name}:5000" for n in (first, second)), urls
         wait_for(lambda: all(u["state"] == "up" for u in upstreams(c).values()), 60, what="both model nodes up")
@@ -105,3 +106,5 @@ def test_replicas_spread_fail_over_and_rejoin(replicas, three_nodes):
         with ThreadPoolExecutor(6) as pool:
             assert all(a.get("source") == "model" for a in pool.map(lambda cid: reply(c, cid, "Hello."), fresh))
         assert upstreams(c)[victim]["served"] > before
+    finally:
+        c.close()
