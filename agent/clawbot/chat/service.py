@@ -386,17 +386,21 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
         """Send a message and stream the reply (see The reply stream); per-user limits are checked first (429)."""
         runtime = rt()
         conversation = conversation_or_404(conversation_id, principal)
+        admit_web(runtime, principal)
+        user = runtime.store.add_message(conversation_id, "user", body.content)  # durable before streaming
+        if conversation["title"] == "New conversation":
+            title = " ".join(body.content.split())
+            runtime.store.rename_conversation(conversation_id, title[:60] + ("…" if len(title) > 60 else ""))
+        return reply_response(runtime, conversation_id, user, principal.user)
+
+    def admit_web(runtime: Runtime, principal) -> None:
+        """The per-user limits, before a message joins the line (429 with Retry-After), and the request counted."""
         try:
             runtime.accounts.admit(principal.user)
         except LimitReached as exc:
             runtime.metrics.limited(principal.user["name"], exc.limit)
             raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
         runtime.metrics.request(principal.user["name"], "web")
-        user = runtime.store.add_message(conversation_id, "user", body.content)  # durable before streaming
-        if conversation["title"] == "New conversation":
-            title = " ".join(body.content.split())
-            runtime.store.rename_conversation(conversation_id, title[:60] + ("…" if len(title) > 60 else ""))
-        return reply_response(runtime, conversation_id, user, principal.user)
 
     def reply_response(runtime: Runtime, conversation_id: str, user: dict, account: dict,
                        first: dict | None = None) -> StreamingResponse:
@@ -419,12 +423,7 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
         users = [m for m in runtime.store.messages(conversation_id) if m["role"] == "user"]
         if not users or users[-1]["status"] != "complete":
             raise HTTPException(409, "nothing to regenerate: the last message was not sent to the model")
-        try:
-            runtime.accounts.admit(principal.user)
-        except LimitReached as exc:
-            runtime.metrics.limited(principal.user["name"], exc.limit)
-            raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
-        runtime.metrics.request(principal.user["name"], "web")
+        admit_web(runtime, principal)
         removed = runtime.store.remove_replies_after(conversation_id, users[-1]["id"])
         return reply_response(runtime, conversation_id, users[-1], principal.user,
                               {"regenerated": True, "removed": removed})

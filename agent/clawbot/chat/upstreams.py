@@ -152,6 +152,17 @@ class UpstreamPool:
 
     # -- requests ------------------------------------------------------------------------------
 
+    def _move_on(self, upstream: Upstream, exc: ModelUnavailable, affinity: str | None,
+                 tried: set[str]) -> ModelUnavailable:
+        """`upstream` could not take the request: a down one is marked failed, a busy one is passed over when
+        another can take it; either way the next is tried (returns exc). Anything else is the caller's (raised)."""
+        if exc.down:
+            upstream.failed(exc.reason)
+        elif not (exc.busy and self.choose(affinity, tried | {upstream.url})):
+            raise exc
+        tried.add(upstream.url)
+        return exc
+
     async def _each(self, affinity: str | None, call):
         """Run `call(upstream)` on the chosen upstream, and on the next while one is down."""
         tried: set[str] = set()
@@ -164,12 +175,7 @@ class UpstreamPool:
             try:
                 result = await call(upstream)
             except ModelUnavailable as exc:
-                if exc.down:
-                    upstream.failed(exc.reason)
-                elif not (exc.busy and self.choose(affinity, tried | {upstream.url})):
-                    raise
-                tried.add(upstream.url)
-                last = exc
+                last = self._move_on(upstream, exc, affinity, tried)
                 continue
             finally:
                 upstream.in_flight -= 1
@@ -198,12 +204,7 @@ class UpstreamPool:
                 async for chunk in upstream.client.stream(messages, max_tokens, temperature, request_id=request_id):
                     yield chunk
             except ModelUnavailable as exc:
-                if exc.down:
-                    upstream.failed(exc.reason)
-                elif not (exc.busy and self.choose(affinity, tried | {upstream.url})):
-                    raise
-                tried.add(upstream.url)
-                last = exc
+                last = self._move_on(upstream, exc, affinity, tried)
                 continue
             except StreamBroken as exc:
                 upstream.failed(str(exc))
