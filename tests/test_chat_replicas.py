@@ -96,3 +96,24 @@ def test_a_single_endpoint_still_means_one_upstream(chat_pki, two_model_nodes, t
         assert list(upstreams_of(chat)) == [first.endpoint]
         conv = c.post("/api/conversations", json={}).json()["id"]
         assert send(c, conv, "Hello").message["source"] == "model"
+
+
+def test_when_every_node_was_seen_down_the_next_request_still_tries_them():
+    """The watch saw every model node down (say, during a rollout); a message a moment later still tries a node whose
+    circuit is closed instead of answering "no model node" without asking; an open circuit is respected."""
+    from clawbot.chat.upstreams import Upstream, UpstreamPool
+
+    clock = [100.0]
+    pool = UpstreamPool.__new__(UpstreamPool)
+    pool.default_slots, pool._clock = 2, lambda: clock[0]
+    pool.upstreams = [Upstream("https://a:5000", None, pool._clock), Upstream("https://b:5000", None, pool._clock)]
+    pool._turn, pool._affinity = iter(range(10**6)), {}
+    for u in pool.upstreams:
+        u.observed({"ready": False, "error": "gateway unreachable"})
+    assert pool.capacity() == 0 and pool.choose() is not None  # nothing "available", both still worth a try
+    pool.upstreams[0].failed("connection refused")
+    assert pool.choose().url == "https://b:5000"  # a's circuit is open now
+    pool.upstreams[1].failed("connection refused")
+    assert pool.choose() is None
+    clock[0] += 6  # past the first backoff (5 s): tried again
+    assert pool.choose() is not None

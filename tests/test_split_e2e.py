@@ -209,7 +209,7 @@ def test_the_worker_holds_its_share_of_the_weights(rolled_out, split_inventory, 
     assert model["state"] == "ready"
     cut = model["plan"]["split"]["value"]
     names = [node["name"] for node in cut["nodes"]]
-    assert names == [main.name, worker.name] and cut["fits"]
+    assert names == ["this node", worker.name] and cut["fits"]  # the agent's own plan names itself "this node"
     share = cut["nodes"][1]
     assert share["n_layers"] > 0 and share["output"] and share["available_bytes"] > 0
     assert f"--rpc 127.0.0.1:{LOCAL_PORT}" in " ".join(model["command"])
@@ -242,8 +242,7 @@ def test_a_chat_nodes_certificate_and_another_cas_get_no_rpc_session(rolled_out,
     chat, main, worker = split_nodes
     accepted = ssh(worker, "journalctl -u clawbot-rpc --no-pager | grep -c 'Accepted client connection' || true")
     nodes_dir = state_dir(inventory) / "nodes"
-    other_key, other_cert = pki.create_ca("another CA", permitted_dns=["clawbot.internal"],
-                                          permitted_ips=["10.0.0.0/8"])
+    other_key, other_cert = pki.create_ca("another CA", permitted_dns=[main.name], permitted_ips=["10.0.0.0/8"])
     key, cert = pki.issue_client_cert(other_key, other_cert, main.name, dns_names=[main.name])
     pki.write_private_key(tmp_path / "other.key", key)
     pki.write_certificate(tmp_path / "other.pem", cert)

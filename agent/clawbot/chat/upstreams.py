@@ -122,6 +122,10 @@ class UpstreamPool:
     def choose(self, affinity: str | None = None, exclude: set[str] = frozenset()) -> Upstream | None:
         candidates = [u for u in self.upstreams if u.available() and u.url not in exclude]
         if not candidates:
+            # every node the watch saw down: try those whose circuit is closed anyway (one may be back since the
+            # last round; a node that is really down fails fast, and a failure opens its circuit)
+            candidates = [u for u in self.upstreams if u.url not in exclude and self._clock() >= u.open_until]
+        if not candidates:
             return None
         if affinity is not None:
             preferred = self._affinity.get(affinity)
