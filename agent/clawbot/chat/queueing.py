@@ -62,6 +62,7 @@ class FairQueue:
         self._holding: set[Ticket] = set()
         self._numbers = itertools.count(1)
         self._service_s: collections.deque[float] = collections.deque(maxlen=SERVICE_SAMPLES)
+        self._cut_short_s: collections.deque[float] = collections.deque(maxlen=SERVICE_SAMPLES)  # stopped, fell back
         self.served = 0
         self.waited = 0  # tickets that had to wait before their slot
 
@@ -90,9 +91,10 @@ class FairQueue:
 
     @property
     def service_s(self) -> float | None:
-        """Median time an answer held a slot, over the last SERVICE_SAMPLES (None before the first)."""
+        """Median time a whole answer held a slot, over the last SERVICE_SAMPLES; before the first whole one, the
+        longest answer cut short (a lower bound, better than no estimate); None before any."""
         if not self._service_s:
-            return PRIOR_SERVICE_S
+            return round(max(self._cut_short_s), 3) if self._cut_short_s else PRIOR_SERVICE_S
         ordered = sorted(self._service_s)
         return round(ordered[len(ordered) // 2], 3)
 
@@ -112,11 +114,10 @@ class FairQueue:
     def leave(self, ticket: Ticket, measured: bool = True) -> None:
         """The ticket is done (answered, failed or cancelled): its slot or its place goes to the next in turn.
         measured=False: its time says nothing about how long an answer takes (stopped, fell back), so the
-        estimates leave it out."""
+        estimates use it only while no whole answer was measured."""
         if ticket in self._holding:
             self._holding.discard(ticket)
-            if measured:
-                self._service_s.append(self._clock() - ticket.admitted_at)
+            (self._service_s if measured else self._cut_short_s).append(self._clock() - ticket.admitted_at)
             self.served += 1
             self._hand_off()
         elif self._remove(ticket):

@@ -79,6 +79,7 @@ class GatewayWatch:
 
     def saw_down(self, reason: str) -> None:
         self.down, self.checked_at = reason, time.monotonic()
+        self.asked_at = 0.0  # what /api/status last heard is stale now: the next one asks again
 
     def saw_up(self) -> None:
         self.down = None
