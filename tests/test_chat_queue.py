@@ -324,7 +324,8 @@ def test_stop_cancels_a_wait_and_ends_a_reply_and_regenerate_replaces_it(chat_pk
                      what="erin's reply streaming")
             assert erin.post(f"/api/conversations/{writing}/stop").json() == {"stopped": True, "phase": "streaming"}
             stopped = first.result(timeout=60)["reply"]
-        assert [name for name, _ in cancelled.events] == ["user", "queued", "cancelled"]
+        names = [name for name, _ in cancelled.events]  # a place is repeated every 5 s while it waits
+        assert names[0] == "user" and names[-1] == "cancelled" and set(names[1:-1]) == {"queued"}, names
         messages = finn.get(f"/api/conversations/{waiting}").json()["messages"]
         assert [(m["role"], m["status"]) for m in messages] == [("user", "cancelled")]
         assert stopped.message["status"] == "incomplete" and stopped.message["meta"]["finish_reason"] == "stopped"
