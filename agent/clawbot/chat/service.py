@@ -404,9 +404,20 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
 
     def reply_response(runtime: Runtime, conversation_id: str, user: dict, account: dict,
                        first: dict | None = None) -> StreamingResponse:
-        lock = state["locks"].setdefault(conversation_id, asyncio.Lock())
-        return StreamingResponse(reply_stream(runtime, state["running"], lock, conversation_id, user, account, first),
-                                 media_type="text/event-stream",
+        entry = state["locks"].setdefault(conversation_id, [asyncio.Lock(), 0])  # [lock, replies using it]
+        entry[1] += 1
+
+        async def stream():
+            try:
+                async for event in reply_stream(runtime, state["running"], entry[0], conversation_id, user, account,
+                                                first):
+                    yield event
+            finally:  # the last reply of a conversation drops its lock: the dict does not grow with conversations
+                entry[1] -= 1
+                if entry[1] == 0 and state["locks"].get(conversation_id) is entry:
+                    del state["locks"][conversation_id]
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/api/conversations/{conversation_id}/regenerate", tags=["conversations"],
