@@ -38,6 +38,7 @@ request_log = logging.getLogger("clawbot.chat.requests")
 SAVE_PARTIAL_EVERY_S = 2.0
 PLACE_EVERY_S = 5.0  # a waiting message hears its place at least this often (also a keep-alive)
 WATCH_EVERY_S = 10.0  # how often the chat node asks the gateway whether it is ready and how many slots it has
+WATCH_MISSES_DOWN = 2  # failed rounds in a row before a node that is answering requests counts as down
 DEFAULT_RETRY_S = 2.0  # a busy answer without Retry-After
 
 
@@ -72,6 +73,7 @@ class GatewayWatch:
     slots: int | None = None  # the gateway's max_concurrency as its /status reported it
     checked_at: float = 0.0
     last: dict | None = None  # the last health answer (what /api/status shows while it is fresh)
+    missed: int = 0  # watch rounds in a row without a ready model node
     asked_at: float = 0.0
 
     def fresh(self, max_age_s: float = WATCH_EVERY_S) -> dict | None:
@@ -113,8 +115,12 @@ def apply_health(runtime, health: dict) -> None:
     runtime.queue.capacity = queue_capacity(runtime.config, watch)
     if health.get("ready"):
         watch.saw_up()
+        watch.missed = 0
     else:
         reason = health.get("error") or "model is not ready"
+        watch.missed += 1
+        if watch.missed < WATCH_MISSES_DOWN and runtime.client.answered_within(2 * WATCH_EVERY_S):
+            return  # a probe too slow on a node that is streaming answers right now is load, not an outage
         watch.saw_down(reason)
         closed = runtime.queue.close_all(reason)
         if closed:

@@ -46,6 +46,7 @@ class Upstream:
         self.backoff_s = 0.0
         self.last_error = ""
         self.model_card: dict | None = None
+        self.last_ok = 0.0  # when it last answered a request (a streamed chunk counts)
 
     def capacity(self, default: int) -> int:
         return self.slots or default
@@ -61,6 +62,7 @@ class Upstream:
 
     def succeeded(self) -> None:
         self.ready, self.failures, self.backoff_s, self.open_until = True, 0, 0.0, 0.0
+        self.last_ok = self._clock()
 
     def failed(self, reason: str) -> None:
         """Passive detection: this upstream could not answer; keep requests away from it for a backoff."""
@@ -206,6 +208,7 @@ class UpstreamPool:
             upstream.in_flight += 1
             try:
                 async for chunk in upstream.client.stream(messages, max_tokens, temperature, request_id=request_id):
+                    upstream.last_ok = self._clock()
                     yield chunk
             except ModelUnavailable as exc:
                 last = self._move_on(upstream, exc, affinity, tried)
@@ -284,6 +287,10 @@ class UpstreamPool:
             summary["error"] = "no model node is ready: " + "; ".join(
                 f"{u.url}: {u.last_error or u.state}" for u in self.upstreams)
         return summary
+
+    def answered_within(self, seconds: float) -> bool:
+        """Some model node answered a request in the last `seconds` (the watch's probes may be slow under load)."""
+        return any(self._clock() - u.last_ok < seconds for u in self.upstreams)
 
     def describe(self) -> list[dict]:
         return [u.describe(self.default_slots) for u in self.upstreams]

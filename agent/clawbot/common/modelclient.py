@@ -191,6 +191,10 @@ class ModelClient:
             if started:
                 raise StreamBroken(_describe(exc)) from exc
             raise ModelUnavailable(_describe(exc)) from exc
+        except ValueError as exc:  # an event cut in half (the model node died mid-line): the stream is broken
+            if started:
+                raise StreamBroken(f"the gateway's stream ended inside an event ({exc})") from exc
+            raise ModelUnavailable(f"the gateway's stream ended inside an event ({exc})") from exc
 
     async def health(self, timeout_s: float = 3.0) -> dict:
         """The gateway as the status strip shows it: reachable, ready, and its own /status if it answers (with
