@@ -158,6 +158,15 @@ class UpstreamPool:
 
     # -- requests ------------------------------------------------------------------------------
 
+    def _take(self, affinity: str | None, tried: set[str], last: ModelUnavailable | None) -> Upstream:
+        """The next upstream to try for one request, counted in flight (the caller gives it back), or
+        ModelUnavailable naming every node when none is left."""
+        upstream = self.choose(affinity, tried)
+        if upstream is None:
+            raise self._none_left(last)
+        upstream.in_flight += 1
+        return upstream
+
     def _move_on(self, upstream: Upstream, exc: ModelUnavailable, affinity: str | None,
                  tried: set[str]) -> ModelUnavailable:
         """`upstream` could not take the request: a down one is marked failed, a busy one is passed over when
@@ -174,10 +183,7 @@ class UpstreamPool:
         tried: set[str] = set()
         last: ModelUnavailable | None = None
         while True:
-            upstream = self.choose(affinity, tried)
-            if upstream is None:
-                raise self._none_left(last)
-            upstream.in_flight += 1
+            upstream = self._take(affinity, tried, last)
             try:
                 result = await call(upstream)
             except ModelUnavailable as exc:
@@ -202,10 +208,7 @@ class UpstreamPool:
         tried: set[str] = set()
         last: ModelUnavailable | None = None
         while True:
-            upstream = self.choose(affinity, tried)
-            if upstream is None:
-                raise self._none_left(last)
-            upstream.in_flight += 1
+            upstream = self._take(affinity, tried, last)
             try:
                 async for chunk in upstream.client.stream(messages, max_tokens, temperature, request_id=request_id):
                     upstream.last_ok = self._clock()
@@ -231,10 +234,7 @@ class UpstreamPool:
         tried: set[str] = set()
         last: ModelUnavailable | None = None
         while True:
-            upstream = self.choose(affinity, tried)
-            if upstream is None:
-                raise self._none_left(last)
-            upstream.in_flight += 1
+            upstream = self._take(affinity, tried, last)
             try:
                 response = await upstream.client.forward(method, path, body, stream=stream, timeout_s=timeout_s,
                                                          request_id=request_id)
