@@ -343,3 +343,26 @@ def test_stop_cancels_a_wait_and_ends_a_reply_and_regenerate_replaces_it(chat_pk
         assert erin.post(f"/api/conversations/{writing}/stop").json() == {"stopped": False, "phase": None}
         for c in clients.values():
             c.close()
+
+
+@pytest.mark.slow
+def test_a_gateway_that_answers_busy_is_waited_for_as_it_asks(chat_pki, tiny_gguf, llama_server_binary, tmp_path):
+    """docs/waiting.md: when the gateway still refuses for load (here: the chat node is told it has 3 slots, the
+    gateway has 1 and no queue, so it answers 429 queue_full), the chat node keeps the message's turn, waits as
+    long as Retry-After asks, tells the person it is retrying, and the model answers every message."""
+    model = model_config(chat_pki, tiny_gguf, context_window=1024, max_tokens=48)
+    model["model_gateway"].update(max_concurrency=1, queue_length=0)
+    model["model_server"]["parallel_slots"] = 1
+    with running(ModelAgent(model, tmp_path / "model", chat_pki)) as gateway:
+        config = chat_config(chat_pki, tmp_path / "chat", gateway.endpoint, context_window=1024, max_tokens=48)
+        config["chat"]["queue"] = {"slots": 3, "max_wait_s": 120}
+        with running(ChatAgent(config, tmp_path / "chat", chat_pki)) as chat, chat.client(timeout=180) as c:
+            conversations = [c.post("/api/conversations", json={}).json()["id"] for _ in range(3)]
+            with ThreadPoolExecutor(3) as pool:
+                results = list(pool.map(lambda cid: timed_send(c, cid, "Hello there."), conversations))
+        with gateway.client() as g:
+            refused = g.get("/metrics").text
+    assert [r["reply"].message["source"] for r in results] == ["model"] * 3, [r["reply"].message for r in results]
+    retried = [q for r in results for q in r["reply"].of("queued") if q["reason"] == "retrying"]
+    assert retried and all("busy" in q["detail"] for q in retried), retried
+    assert 'clawbot_gateway_rejections_total{reason="queue_full"}' in refused
