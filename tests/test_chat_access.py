@@ -60,6 +60,9 @@ def test_without_a_credential_every_api_route_is_401_and_says_nothing(agent):
                     assert response.json()["error"]["type"] == "authentication_error"
         assert anon.get("/healthz").status_code == 200
         assert anon.get("/").status_code == 200  # the page shell, which shows the login form
+        favicon = anon.get("/favicon.ico")  # what a browser asks for by itself: public, and it leads to the icon
+        assert favicon.status_code == 308 and favicon.headers["location"] == "/static/favicon.svg"
+        assert anon.get("/static/favicon.svg").headers["content-type"].startswith("image/svg+xml")
     with agent.client() as c:  # nothing was deleted by the refused DELETE
         assert c.get(f"/api/conversations/{conv['id']}").status_code == 200
 

@@ -15,8 +15,8 @@ INTRO = """# Chat node API reference
 clawbot.chat.replies.EVENTS. Do not edit by hand. -->
 
 The chat node answers HTTPS on `chat.port` (default 8443) with a certificate from the cluster CA. Every path
-except `/`, `/static/*`, `/healthz`, `/api/login`, `/api/auth/config` and `/auth/oidc/*` needs a credential,
-checked before routing (no credential: `401`, even for a path that does not exist):
+except `/`, `/favicon.ico`, `/static/*`, `/healthz`, `/api/login`, `/api/auth/config` and `/auth/oidc/*` needs a
+credential, checked before routing (no credential: `401`, even for a path that does not exist):
 
 - a session: `POST /api/login` sets an `HttpOnly; Secure; SameSite=Strict` cookie and returns a `csrf_token`;
   every state-changing call made with the cookie sends it back as `X-CSRF-Token`;
