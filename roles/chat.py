@@ -47,17 +47,19 @@ def install_chat_secrets(secret_files: tuple, user: str):
     return ops
 
 
-def ensure_chat_service(prefix: str, user: str, manager: str, changed: list):
-    """The clawbot-chat service, restarted when the agent, clawbot.json or a certificate changed.
+def ensure_chat_service(prefix: str, user: str, manager: str, changed: list, reloaded: list | None = None):
+    """The clawbot-chat service, restarted when the agent, a secret or a certificate changed, reloaded (SIGHUP:
+    conversations streaming meanwhile go on) when clawbot.json changed.
 
     + prefix: where the agent's venv lives (clawbot_prefix)
     + user: the agent's system user (clawbot_user)
     + manager: systemd or supervisor (service_manager already resolved)
     + changed: operations whose change means the agent must restart
+    + reloaded: operations whose change the running agent takes with SIGHUP (clawbot.json)
     """
     service = Service(name="clawbot-chat", description="clawbot agent (chat role)", command=agent_command(prefix, "chat"),
                       user=user, environment=agent_environment(prefix))
-    ensure_service(service, manager, changed=changed)
+    ensure_service(service, manager, changed=changed, reloaded=reloaded)
 
 
 STARTER_DOCUMENTS = Path(__file__).resolve().parent / "files" / "knowledge"

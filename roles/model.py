@@ -29,6 +29,7 @@ from pyinfra.operations import apt, files
 
 from clawbot.model.engines import build as engine_build
 from clawbot.model.engines import engine_for
+from clawbot.model.swap import PREVIOUS_SUFFIX
 from roles.content import BINARY, file_copied
 
 # What a GPU node needs to compile llama-server itself (its nvcc and driver decide the build, so it cannot be
@@ -290,10 +291,14 @@ def model_copied(src: str, dest: str, group: str, mode: str = "640", chunk_bytes
         yield FileUploadCommand(FileSlice(src, start, min(chunk_bytes, size - start), progress), chunk)
         yield f"cat {shlex.quote(chunk)} >> {shlex.quote(partial)} && rm -f {shlex.quote(chunk)}"
     q_partial, q_dest = shlex.quote(partial), shlex.quote(dest)
+    # the file the serving model was loaded from stays as MODEL.previous (a hard link: no second copy), so the
+    # agent's staged swap can measure the new model against it and keep it if the new one fails the gate
+    q_previous = shlex.quote(dest + PREVIOUS_SUFFIX)
+    keep = f"if [ -f {q_dest} ]; then ln -f {q_dest} {q_previous}; fi && " if current else ""
     yield (f'got=$(sha256sum {q_partial} | cut -d" " -f1); if [ "$got" != {sha256} ]; then rm -f {q_partial}; '
            f'echo "{partial}: sha256 $got, but {src} has {sha256}: the partial copy is removed, the next run '
            f'copies the model again" >&2; exit 1; fi; chown root:{group} {q_partial} && chmod {mode} {q_partial} '
-           f"&& mv -f {q_partial} {q_dest}")
+           f"&& {keep}mv -f {q_partial} {q_dest}")
 
 
 @deploy("Ensure the model file and the engine are on the model node")
@@ -319,16 +324,23 @@ def ensure_model(model_file: Path, model_path: str, engine: Path | None, engine_
         return [model]
     binary = file_copied(name=f"Ensure llama-server is installed at {engine_dest}", src=str(engine), dest=engine_dest,
                          note=BINARY, user="root", group="root", mode="755")
+    gate_tool = engine.with_name("llama-perplexity")  # the quality gate's distribution check (a staged swap)
+    if gate_tool.is_file():
+        tool_dest = posixpath.join(posixpath.dirname(engine_dest), gate_tool.name)
+        file_copied(name=f"Ensure llama-perplexity is installed at {tool_dest}", src=str(gate_tool), dest=tool_dest,
+                    note=BINARY, user="root", group="root", mode="755")
     return [model, binary]
 
 
-def ensure_model_service(plan, accelerator: str, manager: str, changed: list):
+def ensure_model_service(plan, accelerator: str, manager: str, changed: list, reloaded: list | None = None):
     """The clawbot-model service: the model-role agent (gateway + supervised model server).
 
     + plan: the node's clawbot.control.planning.NodePlan
     + accelerator: the node's accelerator, `auto` resolved (its unit lets through only that GPU's devices)
     + manager: systemd or supervisor (service_manager already resolved)
-    + changed: operations whose change means the agent must restart (agent, config, certificates, model, engine)
+    + changed: operations whose change means the agent must restart (agent, certificates, engine)
+    + reloaded: operations whose change the running agent takes with SIGHUP (clawbot.json, the model file: a
+      staged swap, clawbot.model.swap)
     """
     from roles.services import WRITABLE, Service, agent_command, agent_environment, ensure_service
 
@@ -338,7 +350,7 @@ def ensure_model_service(plan, accelerator: str, manager: str, changed: list):
     service = Service(name="clawbot-model", description="clawbot agent (model role)",
                       command=agent_command(plan.prefix, "model"), user=plan.user,
                       writable=(*WRITABLE, *plan.writable), environment=environment, accelerator=accelerator)
-    ensure_service(service, manager, changed=changed)
+    return ensure_service(service, manager, changed=changed, reloaded=reloaded)
 
 
 def ensure_engine_and_model(plan, accelerator: str) -> list:

@@ -3,8 +3,10 @@
 Settings: `clawbot_service_manager` (`auto`: systemd when /run/systemd/system exists — systemd is PID 1 —
 else supervisor, e.g. in containers, WSL or minimal VMs; deploy says which it used).
 
-A service is restarted only when something it uses changed (its unit, clawbot.json, certificates, the
-installed agent, the model file), and started whenever it is not running (a stopped agent is repaired).
+A service is restarted only when something it uses changed (its unit, certificates, the installed agent, the
+engine), reloaded (SIGHUP) when only its clawbot.json or model file did (the agents take a new config live; the
+model agent swaps a new model in beside the serving one), and started whenever it is not running (a stopped agent
+is repaired).
 """
 
 from __future__ import annotations
@@ -199,14 +201,18 @@ def supervisor_program_running(program: str):
 
 
 @deploy("Ensure the clawbot agent service runs")
-def ensure_service(service: Service, manager: str, changed: list):
+def ensure_service(service: Service, manager: str, changed: list, reloaded: list | None = None):
     """Install the unit or program for a service and keep it running; restart it when its inputs changed.
 
     + service: what runs, as whom, with which rights (Service)
     + manager: systemd or supervisor (service_manager already resolved)
     + changed: operations (anything with did_change()) whose change means the service must restart; its own
       unit or program file is always one
-    """
+    + reloaded: operations whose change the running service takes with SIGHUP instead (a new clawbot.json; the
+      model agent's model file, which it swaps in without downtime); a restart covers them too
+
+    Returns the (restart, reload) operations (reload None without `reloaded`): deploy's checks after the run ask
+    whether this run restarted or reloaded the service."""
     name = service.name
     if manager == "systemd":
         unit = files.put(
@@ -218,9 +224,14 @@ def ensure_service(service: Service, manager: str, changed: list):
         systemd.daemon_reload(name="Reload systemd units", _if=unit.did_change)
         systemd.service(name=f"Ensure {name} is enabled and running", service=f"{name}.service", running=True,
                         enabled=True)
-        systemd.service(name=f"Restart {name} because its inputs changed", service=f"{name}.service",
-                        restarted=True, _if=_any_changed([unit, *changed]))
-        return
+        restart = _any_changed([unit, *changed])
+        restarted = systemd.service(name=f"Restart {name} because its inputs changed", service=f"{name}.service",
+                                    restarted=True, _if=restart)
+        if not reloaded:
+            return restarted, None
+        return restarted, systemd.service(name=f"Reload {name} (SIGHUP) because its config or model changed",
+                                          service=f"{name}.service", reloaded=True,
+                                          _if=_reload_only(reloaded, restart))
     apt.packages(name="Ensure supervisor is installed (systemd is not PID 1 here)", packages=["supervisor"],
                  no_recommends=True)
     files.directory(name=f"Ensure {service.log_dir} exists", path=service.log_dir, user=service.user,
@@ -236,11 +247,21 @@ def ensure_service(service: Service, manager: str, changed: list):
     server.shell(name="Let supervisor pick up the changed program", commands=["supervisorctl update"],
                  _if=program.did_change)
     restart_needed = _any_changed([program, *changed])
-    server.shell(name=f"Restart {name} because its inputs changed", commands=[f"supervisorctl restart {name}"],
-                 _if=restart_needed)
+    restarted = server.shell(name=f"Restart {name} because its inputs changed",
+                             commands=[f"supervisorctl restart {name}"], _if=restart_needed)
+    reload = server.shell(name=f"Reload {name} (SIGHUP) because its config or model changed",
+                          commands=[f"supervisorctl signal HUP {name}"],
+                          _if=_reload_only(reloaded, restart_needed)) if reloaded else None
     supervisor_program_running(name=f"Ensure {name} is running", program=name)
+    return restarted, reload
 
 
 def _any_changed(ops: list):
     ops = [op for op in ops if op is not None]
     return lambda: any(op.did_change() for op in ops)
+
+
+def _reload_only(ops: list, restart):
+    """Changed, and no restart takes them anyway."""
+    changed = _any_changed(ops)
+    return lambda: changed() and not restart()

@@ -45,9 +45,17 @@ def converge() -> None:
     if plan.is_model:
         # the GPUs preflight read (clawbot.control.rollout.preflight_model_nodes): no second round trip
         accelerator = node_accelerator(plan.accelerator, host.data.clawbot_node.gpus)
-        model = ensure_engine_and_model(plan, accelerator)
-        ensure_model_service(plan, accelerator, manager, changed=agent + model + certificates)
+        model, *engine = ensure_engine_and_model(plan, accelerator)
+        # a new clawbot.json or model file is reloaded (SIGHUP): the agent swaps the model in without downtime
+        # (clawbot.model.swap); a new agent, engine or certificate restarts it
+        installed, config = agent
+        # deploy's swap check after the run (clawbot.control.rollout) asks whether this run restarted or reloaded it
+        host.data.clawbot_model_applied = ensure_model_service(plan, accelerator, manager,
+                                                               changed=[installed, *engine, *certificates],
+                                                               reloaded=[config, model])
     if plan.is_chat:
         secrets = install_chat_secrets(plan.chat_files, plan.user)
         ensure_knowledge_base(*knowledge_base_plan(plan), plan.user)  # the agent rescans: no restart
-        ensure_chat_service(plan.prefix, plan.user, manager, changed=agent + certificates + secrets)
+        installed, config = agent
+        ensure_chat_service(plan.prefix, plan.user, manager, changed=[installed, *certificates, *secrets],
+                            reloaded=[config])

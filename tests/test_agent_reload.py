@@ -218,3 +218,23 @@ def test_schemathesis_never_gets_a_server_error(own_agent):
     assert len(answered) > 150 and 200 in answered and 400 in answered
     assert not failures, failures[:5]
     assert own_agent.get("/readyz").status_code == 200
+
+
+def test_sighup_with_a_moved_listener_exits_for_the_service_manager_to_restart(tmp_path, pki_files, tiny_gguf):  # noqa: F811
+    """Deploy reloads a model agent on a new clawbot.json; a listener can only move with a new process, so the
+    agent exits with EX_TEMPFAIL (75), which systemd's Restart=on-failure and supervisor's autorestart restart."""
+    from clawbot.agentmain import RESTART_EXIT
+    from tests.fixtures_agent import free_port
+
+    agent = start_agent(tmp_path, pki_files, tiny_gguf)
+    try:
+        agent.wait_ready()
+        config = json.loads(agent.config_path.read_text())
+        config["model_gateway"]["endpoint"] = f"https://localhost:{free_port()}"
+        write_config(agent, config)
+        agent.signal(signal.SIGHUP)
+        wait_for(lambda: agent.proc.poll() is not None, 60, 0.1, "the agent to exit")
+        assert agent.proc.returncode == RESTART_EXIT == 75
+        assert "restarting the agent to move the listener" in agent.log()
+    finally:
+        agent.stop()

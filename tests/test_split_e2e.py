@@ -31,8 +31,7 @@ import yaml
 from clawbot.common import pki, sizing
 from tests.fixtures_agent import wait_for
 from tests.fixtures_models import write_model_file
-from tests.nodes import Cluster, HarnessConfig
-from tests.nodes.config import InstanceBusy, shifted_subnet
+from tests.nodes.fixtures import own_cluster
 from tests.test_deploy_e2e import (ADMIN_PASSWORD, VAULT_PASSWORD, changed_ops, config_file, deploy, ssh, state_dir,
                                    vaulted)
 
@@ -53,24 +52,9 @@ CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def split_nodes(request):
+def split_nodes():
     """Three fresh nodes of their own instance, torn down (and checked for leftovers) at the end."""
-    base = HarnessConfig.from_env()
-    cluster = None
-    for slot in range(4):
-        config = HarnessConfig.from_env(instance=f"{base.instance}s{slot}", subnet=shifted_subnet(base.subnet,
-                                                                                                   8 + 2 * slot))
-        cluster = Cluster(config, log=lambda message: print(f"[split nodes] {message}"))
-        try:
-            cluster.up(3)
-            break
-        except InstanceBusy:
-            cluster = None
-            continue
-    if cluster is None:
-        pytest.fail("every split-test harness instance is in use by another live session", pytrace=False)
-    yield cluster.nodes
-    cluster.down()
+    yield from own_cluster(3, "s", 8)
 
 
 def need_bytes(model: Path) -> int:

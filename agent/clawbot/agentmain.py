@@ -95,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(ModelNode(config, args).serve())
 
 
+RESTART_EXIT = 75  # EX_TEMPFAIL: the service manager starts the agent again (not RestartPreventExitStatus)
+
+
 class ModelNode:
     """Wires supervisor, gateway, certificate watcher and uvicorn together; owns SIGHUP."""
 
@@ -111,6 +114,7 @@ class ModelNode:
         from clawbot.common import mtls
         from clawbot.model.gateway import Gateway, create_app
         from clawbot.model.supervisor import Supervisor
+        from clawbot.model.swap import Swapper, kept_model
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tls = self.config["tls"]
@@ -119,10 +123,13 @@ class ModelNode:
         except (ssl.SSLError, OSError, ValueError) as exc:
             print(f"clawbot agent: not starting, the gateway's TLS files do not load: {exc}", file=sys.stderr)
             return EXIT_CONFIG
-        self.supervisor = Supervisor(self.config, self.state_dir)
+        kept, serve_with = kept_model(self.state_dir, self.config)  # the last swap rejected model_path's file
+        supervisor = Supervisor(serve_with, self.state_dir, model_file=kept or None)
         self.watcher = mtls.CertWatcher(context, tls, self.cert_poll_s)
-        self.gateway = Gateway(self.config, self.supervisor, self.watcher,
+        self.gateway = Gateway(self.config, supervisor, self.watcher,
                                agent_info={"config_path": os.path.abspath(self.config_path), "agent_pid": os.getpid()})
+        self.swapper = self.gateway.swap = Swapper(self.gateway, self.state_dir)
+        self.gateway.applied = self._applied()
         app = create_app(self.gateway)
         _, port = gateway_host_port(self.config["model_gateway"]["endpoint"])
         uconfig = uvicorn.Config(
@@ -134,7 +141,8 @@ class ModelNode:
         )
         uconfig.load()
         uconfig.ssl = context  # our own context object, so rotation can reload it in place
-        server = uvicorn.Server(uconfig)
+        server = self.server = uvicorn.Server(uconfig)
+        self.exit_code: int | None = None
 
         # uvicorn re-raises SIGTERM/SIGINT with the handlers it found once it has shut down; handlers that
         # only record the signal let the model server be stopped cleanly below instead of dying mid-cleanup.
@@ -142,17 +150,22 @@ class ModelNode:
             signal.signal(sig, lambda *_: None)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
-        self.supervisor.start()
+        supervisor.start()
         self.watcher.start()
+        if kept:
+            loop.create_task(self._retry_swap(supervisor))
         log.info("model agent: gateway on https://%s:%d, model server on %s", uconfig.host, port,
-                 self.supervisor.base_url)
+                 supervisor.base_url)
         try:
             await server.serve()
         finally:
             loop.remove_signal_handler(signal.SIGHUP)
             await self.watcher.stop()
-            await self.supervisor.stop()
+            await self.swapper.cancel()
+            await self.gateway.supervisor.stop()
             await self.gateway.close()
+        if self.exit_code is not None:
+            return self.exit_code
         return 0 if server.started else 1
 
     async def reload(self) -> None:
@@ -165,11 +178,31 @@ class ModelNode:
         old = self.config
         if (new["model_gateway"]["endpoint"], new["model_gateway"]["bind_address"]) != (
                 old["model_gateway"]["endpoint"], old["model_gateway"]["bind_address"]):
-            log.warning("model_gateway.endpoint/bind_address changed: the listener moves when the agent restarts")
+            # deploy reloads on a new clawbot.json: the listener can only move with a new process, so exit with
+            # EX_TEMPFAIL and let systemd (Restart=on-failure) or supervisor start the agent again
+            log.warning("model_gateway.endpoint/bind_address changed: restarting the agent to move the listener")
+            self.exit_code = RESTART_EXIT
+            self.server.should_exit = True
+            return
         self.config = new
-        restarted = await self.supervisor.apply(new)
+        self.gateway.applied = self._applied()
+        change = await self.swapper.apply(new)
         self.gateway.apply(new)
         self.watcher.set_tls(new["tls"])
         self.watcher.check_now()
-        log.info("config reloaded from %s (%s)", self.config_path,
-                 "model server restarting" if restarted else "gateway limits applied live, model server untouched")
+        what = {"none": "gateway limits applied live, model server untouched",
+                "swap": f"{change.reason}: staged swap, the serving model answers until the new one passed the gate",
+                "restart": f"model server restarting: {change.reason}"}[change.mode]
+        log.info("config reloaded from %s (%s)", self.config_path, what)
+
+    def _applied(self) -> dict:
+        from clawbot.model.supervisor import file_identity
+
+        model = self.config["model_server"]["model_path"]
+        return {"config_path": os.path.abspath(self.config_path), "config": file_identity(self.config_path),
+                "model_path": model, "model": file_identity(model)}
+
+    async def _retry_swap(self, supervisor) -> None:
+        """Started on a kept model (a rejected swap): once it serves, try the configured model again."""
+        if await supervisor.wait_ready(supervisor.config["model_server"]["startup_timeout_s"] + 5):
+            await self.swapper.apply(self.config)

@@ -61,6 +61,28 @@ def _cluster(request: pytest.FixtureRequest, count: int, first_slot: int = 0):
     cluster.down()
 
 
+def own_cluster(count: int, tag: str, first_block: int):
+    """`count` fresh nodes of an instance of their own (`<harness instance><tag><slot>`, subnets from `first_block`
+    blocks past the harness's, beyond those the session and lifecycle clusters use), for one test module that must
+    not disturb the session's nodes; yields the nodes, tears them down (checked for leftovers) at the end."""
+    base = HarnessConfig.from_env()
+    cluster = None
+    for slot in range(MAX_CONCURRENT_SESSIONS):
+        config = HarnessConfig.from_env(instance=f"{base.instance}{tag}{slot}",
+                                        subnet=shifted_subnet(base.subnet, first_block + 2 * slot))
+        cluster = Cluster(config, log=lambda message: print(f"[{tag} nodes] {message}"))
+        try:
+            cluster.up(count)
+            break
+        except InstanceBusy:
+            cluster = None
+            continue
+    if cluster is None:
+        pytest.fail(f"every `{tag}` harness instance is in use by another live session", pytrace=False)
+    yield cluster.nodes
+    cluster.down()
+
+
 @pytest.fixture(scope="session")
 def node_cluster(request: pytest.FixtureRequest) -> Cluster:
     """Two running nodes (node1: chat_nodes, node2: model_nodes), torn down at session end; the teardown

@@ -153,9 +153,14 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
             state["last_reload_error"] = f"{type(exc).__name__}: {exc}"
             log.error("SIGHUP: cannot apply the new config, keeping the running one: %s", exc)
             return
-        for key in ("bind_address", "port"):
-            if new_config["chat"][key] != old.config["chat"][key]:
-                log.warning("SIGHUP: chat.%s changed; it takes effect at the next restart", key)
+        moved = [key for key in ("bind_address", "port") if new_config["chat"][key] != old.config["chat"][key]]
+        if moved and state.get("server") is not None:
+            # deploy reloads on a new clawbot.json; the listener moves only with a new process: exit so that
+            # systemd (Restart=on-failure) or supervisor starts the agent again
+            log.warning("SIGHUP: chat.%s changed; restarting the agent to move the listener", " and chat.".join(moved))
+            state["restart"] = True
+            state["server"].should_exit = True
+            return
         if state["ssl_context"] is not None:
             try:
                 pki.reload_cert_chain(state["ssl_context"], new_config["tls"]["server_cert"], new_config["tls"]["server_key"])
@@ -481,10 +486,14 @@ def serve(config: dict, config_path: str) -> int:
                                timeout_graceful_shutdown=5, lifespan="on")
     uv_config.load()  # builds the SSLContext now, so SIGHUP can swap a rotated certificate into it
     app.state.clawbot["ssl_context"] = uv_config.ssl
-    server = uvicorn.Server(uv_config)
+    server = app.state.clawbot["server"] = uvicorn.Server(uv_config)
     log.info("chat node on https://%s:%d (gateway %s)", chat["bind_address"], chat["port"],
              config["model_gateway"]["endpoint"])
     server.run()
+    if app.state.clawbot.get("restart"):
+        from clawbot.agentmain import RESTART_EXIT
+
+        return RESTART_EXIT
     return 0
 
 

@@ -255,6 +255,80 @@ def health_probe(url: str, python: str, tls: dict, deadline_s: float) -> str:
     return f"{python} -c {shlex.quote(script)}"
 
 
+# how long deploy waits for a staged swap beyond the model's own load: the quality gate (smoke set, two
+# llama-perplexity runs over the shipped text) on a large model on CPU takes minutes
+SWAP_GATE_ALLOWANCE_S = 900
+
+
+def swap_probe(url: str, python: str, tls: dict, deadline_s: float, after: float = 0.0) -> str:
+    """A shell command, run on the node, that waits on the gateway's /readyz until the model swap there has settled
+    (clawbot.model.swap) and prints {"swap": ..., "now": the node's clock}; exit 1 when the swap failed.
+
+    + after: wait for a swap record at least this new (node clock): one started by a reload just sent"""
+    from clawbot.model.swap import ACTIVE_STATES
+
+    script = (
+        "import json,os,ssl,sys,time,urllib.request,urllib.error\n"
+        f"ctx=ssl.create_default_context(cafile={tls['ca_cert']!r})\n"
+        f"ctx.load_cert_chain({tls['client_cert']!r},{tls['client_key']!r})\n"
+        f"end=time.monotonic()+{deadline_s}\nswap={{'state':'unknown','reason':'no answer'}}\n"
+        "while time.monotonic()<end:\n"
+        "    try:\n"
+        f"        body=json.load(urllib.request.urlopen({url!r},context=ctx,timeout=10))\n"
+        "    except urllib.error.HTTPError as e: body=json.loads(e.read() or b'{}')\n"
+        "    except Exception as e: body={'swap':{'state':'unknown','reason':repr(e)}}\n"
+        "    swap=body.get('swap') or {'state':'idle'}\n"
+        "    applied=body.get('applied') or {}\n"
+        "    def ident(p):\n"
+        "        try: st=os.stat(p); return [st.st_dev,st.st_ino,st.st_size,st.st_mtime_ns]\n"
+        "        except OSError: return None\n"
+        "    current=all(applied.get(k)==ident(applied.get(k+'_path','')) for k in ('config','model'))\n"
+        f"    if current and swap.get('state') not in {tuple(ACTIVE_STATES) + ('unknown',)!r} and swap.get('since',0)>={after!r}: break\n"
+        "    time.sleep(1)\n"
+        "print(json.dumps({'swap':swap,'now':time.time()}))\n"
+        "sys.exit(1 if swap.get('state') in ('failed','unknown','cancelled') else 0)\n"
+    )
+    return f"{python} -c {shlex.quote(script)}"
+
+
+def _settle_swap(pyinfra_host, plan: NodePlan, run_shell, log) -> str:
+    """After a healthy model agent: wait for its model swap; a swap that failed in an earlier run is tried again
+    (a reload) once. Removes MODEL.previous once the new model serves. Returns the problem, or ""."""
+    import json
+
+    from clawbot.model.swap import PREVIOUS_SUFFIX
+
+    name = plan.name
+    python = f"{plan.venv}/bin/python"
+    deadline = plan.ready_deadline_s + SWAP_GATE_ALLOWANCE_S
+
+    def probe(after: float = 0.0) -> dict:
+        ok, output = run_shell(swap_probe(plan.model_health_url, python, plan.tls, deadline, after))
+        try:
+            return json.loads(output.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return {"swap": {"state": "unknown", "reason": output.strip()[-400:]}, "now": 0.0}
+
+    found = probe()
+    swap = found["swap"]
+    applied = getattr(pyinfra_host.data, "clawbot_model_applied", ()) or ()
+    if swap.get("state") == "failed" and not any(op is not None and op.did_change() for op in applied):
+        log(f"  {name}: the last model swap failed ({swap.get('reason', '')}); trying it again")
+        manager = getattr(pyinfra_host.data, "clawbot_service_manager_used", "systemd")
+        reload = "supervisorctl signal HUP clawbot-model" if manager == "supervisor" else \
+            "systemctl reload clawbot-model.service"
+        run_shell(reload)
+        swap = probe(after=found.get("now", 0.0))["swap"]
+    state = swap.get("state")
+    if state == "failed" or state == "unknown" or state == "cancelled":
+        log(f"  {name}: model swap NOT done, the old model still serves: {swap.get('reason', '')}")
+        return f"model swap: {swap.get('reason', state)}"
+    if state in ("done", "restarting"):
+        log(f"  {name}: model swap {state}: {swap.get('reason', '')}")
+    run_shell(f"rm -f {shlex.quote(plan.model_path + PREVIOUS_SUFFIX)}")  # the new model serves: the old file goes
+    return ""
+
+
 def reserved_pages(run_shell) -> int:
     """HugePages_Total as the kernel reports it now (deploy.py reads it after the run: asked vs got).
 
@@ -292,6 +366,10 @@ def verify_after_run(state, log) -> dict[str, list[str]]:
                                                 deadline_s=plan.ready_deadline_s))
             if ok:
                 log(f"  {name}: {what} healthy ({url})")
+                if url == plan.model_health_url and plan.is_model:
+                    problem = _settle_swap(pyinfra_host, plan, run_shell, log)
+                    if problem:
+                        problems.setdefault(name, []).append(problem)
             else:
                 problems.setdefault(name, []).append(f"{what}: {output.strip()[-400:]}")
                 log(f"  {name}: {what} NOT healthy: {output.strip()[-400:]}")

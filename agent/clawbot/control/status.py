@@ -114,7 +114,7 @@ def _describe(row: dict) -> tuple[str, str, str, str]:
         return "unreachable", row["error"][:60], "", ""
     if row["role"] == "model":
         model = body.get("model") or {}
-        state = str(model.get("state", "?"))
+        state = f"{model.get('model_name', '?')}: {model.get('state', '?')}"
         pages = model.get("hugepages") or model.get("memory") or {}
         huge = json.dumps(pages)[:40] if pages else "-"
         return "up", state, huge, ""
@@ -124,6 +124,7 @@ def _describe(row: dict) -> tuple[str, str, str, str]:
 def run(args) -> int:
     from clawbot.common.config import check_file
     from clawbot.control import planning
+    from clawbot.model.swap import ACTIVE_STATES
     from clawbot.control.inventory import load_for_command
     from clawbot.control.state import state_directory
 
@@ -166,4 +167,7 @@ def run(args) -> int:
         for row in rows:
             if row.get("hint"):
                 print(f"{row['host']} ({row['role']}): {row['hint']}")
+            swap = (row.get("body") or {}).get("swap") or {}
+            if swap.get("state") in (*ACTIVE_STATES, "failed"):  # in progress, or the old model kept
+                print(f"{row['host']} (model swap {swap['state']}): {swap.get('reason', '')}")
     return 1 if warnings else 0

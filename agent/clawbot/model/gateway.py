@@ -10,6 +10,7 @@ streams the answer through chunk by chunk, and cancels generation upstream when 
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import json
 import logging
@@ -335,8 +336,42 @@ class Gateway:
         self.agent_info = agent_info or {}
         self.started = time.time()
         self.client = self._upstream_client()
+        # requests sent to each model server and not finished yet, by id(supervisor): a staged swap waits for the
+        # old server's to finish before it stops it
+        self.unfinished: collections.Counter[int] = collections.Counter()
+        self.swap = None  # the agent's clawbot.model.swap.Swapper: /status shows a model change in progress
+        # which clawbot.json and model file (path and stat identity) the agent last took: deploy waits until these are
+        # the files on disk before it reads the swap's outcome
+        self.applied: dict = {}
         supervisor.listeners.append(self._on_state)
         self._on_state(supervisor.status.state)
+
+    @property
+    def served(self) -> dict:
+        """model_server as the serving model server was started with it: during a staged swap the reloaded
+        config already names the next model while this one still answers."""
+        return self.supervisor.config["model_server"]
+
+    def switch(self, supervisor) -> tuple:
+        """Send every new request to `supervisor` from now on (a staged swap, clawbot.model.swap). Returns the old
+        (supervisor, client): requests already sent finish on it; `drained` says when none is left."""
+        old = (self.supervisor, self.client)
+        if self._on_state in self.supervisor.listeners:
+            self.supervisor.listeners.remove(self._on_state)
+        self.supervisor = supervisor
+        self.client = self._upstream_client()
+        supervisor.listeners.append(self._on_state)
+        self._on_state(supervisor.status.state)
+        return old
+
+    async def drained(self, supervisor, timeout_s: float) -> bool:
+        """Wait until no request sent to `supervisor` is unfinished (True), or timeout_s passed (False)."""
+        deadline = time.monotonic() + timeout_s
+        while self.unfinished[id(supervisor)] > 0:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     def _limits(self, config: dict) -> dict:
         """model_gateway with max_concurrency as the run plan the model server was started with allows
@@ -369,16 +404,19 @@ class Gateway:
                                  limits=httpx.Limits(max_connections=256, max_keepalive_connections=64,
                                                      keepalive_expiry=2.0))
 
-    async def _send_upstream(self, request: httpx.Request, stream: bool = False) -> httpx.Response:
+    async def _send_upstream(self, request: httpx.Request, stream: bool = False, target=None) -> httpx.Response:
         """Send to the model server; once more on a fresh connection if the first one closed without any
-        answer (a keep-alive close that raced the request: the server never read it, so nothing ran twice)."""
+        answer (a keep-alive close that raced the request: the server never read it, so nothing ran twice).
+
+        + target: the (supervisor, client) the request was admitted for (default: the serving one)"""
+        supervisor, client = target or (self.supervisor, self.client)
         try:
-            return await self.client.send(request, stream=stream)
+            return await client.send(request, stream=stream)
         except httpx.RemoteProtocolError as exc:
-            if not self.supervisor.ready:
+            if not supervisor.ready:
                 raise
             log.info("model server closed the connection without answering (%s); sending once more", exc)
-            return await self.client.send(request, stream=stream)
+            return await client.send(request, stream=stream)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -412,9 +450,9 @@ class Gateway:
 
     def _prepare(self, body: _Sampling, endpoint: str) -> dict:
         cap = self.gw["max_tokens"]
-        if body.model is not None and body.model != self.config["model_server"]["model_name"]:
+        if body.model is not None and body.model != self.served["model_name"]:
             raise GatewayError(404, f"model '{body.model}' does not exist; this gateway serves "
-                               f"'{self.config['model_server']['model_name']}'", code="model_not_found", param="model")
+                               f"'{self.served['model_name']}'", code="model_not_found", param="model")
         payload = body.model_dump(exclude_none=True)
         if isinstance(body, ChatCompletionRequest):
             payload["messages"] = [m.upstream() for m in body.messages]
@@ -431,7 +469,7 @@ class Gateway:
             stops = self.stop_sequences() if endpoint == "chat" else self._end_token_texts()
             if stops:
                 payload["stop"] = chattemplate.merge_stops(payload.get("stop"), stops)
-        payload["model"] = self.config["model_server"]["model_name"]
+        payload["model"] = self.served["model_name"]
         for name in self.supervisor.engine.UNSUPPORTED_FIELDS:
             payload.pop(name, None)
         _check_utf8(payload)
@@ -441,7 +479,7 @@ class Gateway:
 
     def _model_facts(self) -> chattemplate.ModelFacts | None:
         """The served GGUF's chat facts (cached per file version); None when the file cannot be read."""
-        path = self.config["model_server"]["model_path"]
+        path = self.supervisor.model_file
         try:
             return chattemplate.read_model_facts(path)
         except (OSError, ValueError, struct.error) as exc:
@@ -452,7 +490,7 @@ class Gateway:
 
     def stop_sequences(self) -> tuple[str, ...]:
         """What every chat completion stops at (chattemplate.stop_sequences), a request's own `stop` besides."""
-        server = self.config["model_server"]
+        server = self.served
         return chattemplate.stop_sequences(server["chat_template"], self._model_facts(), server["stop_sequences"])
 
     def _end_token_texts(self) -> tuple[str, ...]:
@@ -475,32 +513,40 @@ class Gateway:
 
     async def proxy(self, request: Request, path: str, payload: dict) -> Response:
         record = request_record(request)
-        record["model"] = self.config["model_server"]["model_name"]
         self._require_ready()
         deadline = time.monotonic() + self.gw["request_timeout_s"]
         record["queue_wait_s"] = round(await self._admit(), 4)
         admitted = time.monotonic()
         released = False
+        # the model server this request goes to, chosen once: a staged swap that switches meanwhile lets it finish
+        target = (self.supervisor, self.client)
+        self.unfinished[id(target[0])] += 1
+        record["model"] = target[0].config["model_server"]["model_name"]
+        payload = {**payload, "model": record["model"]}
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
                 self.admission.release(time.monotonic() - admitted)
+                self.unfinished[id(target[0])] -= 1
+                if self.unfinished[id(target[0])] <= 0:
+                    del self.unfinished[id(target[0])]
 
         try:
-            if not self.supervisor.ready:  # it may have died while we queued
+            if not target[0].ready:  # it may have died while we queued
                 self._require_ready()
             if payload.get("stream"):
-                return await self._stream(request, path, payload, deadline, admitted, release)
-            return await self._plain(request, path, payload, deadline, admitted, release)
+                return await self._stream(request, path, payload, deadline, admitted, release, target)
+            return await self._plain(request, path, payload, deadline, admitted, release, target)
         except BaseException:
             release()
             raise
 
-    async def _plain(self, request, path, payload, deadline, admitted, release) -> Response:
+    async def _plain(self, request, path, payload, deadline, admitted, release, target) -> Response:
         try:
-            upstream = asyncio.create_task(self._send_upstream(self.client.build_request("POST", path, json=payload)))
+            upstream = asyncio.create_task(self._send_upstream(
+                target[1].build_request("POST", path, json=payload), target=target))
             watcher = asyncio.create_task(_wait_disconnect(request))
             done, _ = await asyncio.wait({upstream, watcher}, timeout=max(0.0, deadline - time.monotonic()),
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -536,13 +582,14 @@ class Gateway:
         finally:
             release()
 
-    async def _stream(self, request, path, payload, deadline, admitted, release) -> Response:
+    async def _stream(self, request, path, payload, deadline, admitted, release, target) -> Response:
         try:
             # llama-server closes the connection after a streamed answer although its headers say keep-alive;
             # reused, that connection fails the next request about every other time. Connection: close keeps
             # it out of the pool (a new loopback connection costs well under a millisecond).
-            req = self.client.build_request("POST", path, json=payload, headers={"Connection": "close"})
-            resp = await asyncio.wait_for(self._send_upstream(req, stream=True), max(0.1, deadline - time.monotonic()))
+            req = target[1].build_request("POST", path, json=payload, headers={"Connection": "close"})
+            resp = await asyncio.wait_for(self._send_upstream(req, stream=True, target=target),
+                                          max(0.1, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             release()
             raise GatewayError(504, "model server did not start answering within request_timeout_s", "server_error",
@@ -625,7 +672,7 @@ class Gateway:
 
         try:
             tokens = await self.supervisor.engine.tokenize(
-                post, self.config, content=body.content,
+                post, self.supervisor.config, content=body.content,
                 messages=None if body.messages is None else [m.upstream() for m in body.messages],
                 add_special=body.add_special, add_generation_prompt=body.add_generation_prompt)
         except Refused as exc:
@@ -652,6 +699,7 @@ class Gateway:
                 "max_tokens": self.gw["max_tokens"],
             },
             "tls": self.cert_watcher.summary() if self.cert_watcher else {},
+            "swap": self.swap.report() if self.swap is not None else {"state": "idle"},
         }
 
 
@@ -746,10 +794,10 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        name = gateway.config["model_server"]["model_name"]
+        name = gateway.served["model_name"]
         return {"object": "list", "data": [{"id": name, "object": "model", "created": int(gateway.started),
                                             "owned_by": "clawbot",
-                                            "meta": {"context_window": gateway.config["context_window"],
+                                            "meta": {"context_window": gateway.supervisor.config["context_window"],
                                                      "max_tokens": gateway.gw["max_tokens"],
                                                      "state": gateway.supervisor.status.state}}]}
 
@@ -766,7 +814,10 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.get("/readyz", responses={503: {"description": "model not ready"}})
     async def readyz():
         status = gateway.supervisor.status
-        body = {"ready": gateway.supervisor.ready, "state": status.state, "reason": status.reason}
+        body = {"ready": gateway.supervisor.ready, "state": status.state, "reason": status.reason,
+                # deploy waits here for a staged swap it started (any certificate of the cluster CA may ask)
+                "swap": gateway.swap.summary() if gateway.swap is not None else {"state": "idle"},
+                "applied": gateway.applied}
         return JSONResponse(body, status_code=200 if gateway.supervisor.ready else 503)
 
     @app.get("/status")

@@ -156,17 +156,22 @@ def _reusable(record: StagedModel | None, source: Path, st: os.stat_result, sha:
     return staged.parent == mount and sst.st_ino == record.staged_ino and sst.st_size == record.staged_size
 
 
-def release(state_dir: str | Path, mount: str | Path | None = None) -> list[str]:
+def release(state_dir: str | Path, mount: str | Path | None = None, keep: tuple[str, ...] = ()) -> list[str]:
     """Remove the staged copy (its pages go back to the pool once no process maps it) and the sidecar.
 
-    Also removes leftovers of an interrupted copy in `mount`: the mount belongs to clawbot alone."""
+    Also removes leftovers of an interrupted copy in `mount`: the mount belongs to clawbot alone.
+
+    + keep: staged copies another model server still serves (a staged swap runs two): never removed"""
     state_dir = Path(state_dir)
     removed: list[str] = []
     record = _read_sidecar(state_dir)
     candidates = [Path(record.path)] if record else []
     if mount is not None and is_hugetlbfs(mount):
         candidates += [p for p in Path(mount).iterdir() if p.suffix in (".gguf", ".partial")]
+    kept = {str(Path(k)) for k in keep if k}
     for path in dict.fromkeys(candidates):
+        if str(path) in kept:
+            continue
         try:
             path.unlink()
             removed.append(str(path))
@@ -180,7 +185,8 @@ def release(state_dir: str | Path, mount: str | Path | None = None) -> list[str]
     return removed
 
 
-def stage(source: str | Path, mount: str | Path, state_dir: str | Path, source_sha256: str) -> StagedModel:
+def stage(source: str | Path, mount: str | Path, state_dir: str | Path, source_sha256: str,
+          keep: tuple[str, ...] = ()) -> StagedModel:
     """Copy `source` into the hugetlbfs `mount` (or reuse an identical staged copy) and return its record.
 
     `source_sha256` is the source's hash (cached by the caller); the copy is hashed as it lands in the
@@ -196,7 +202,7 @@ def stage(source: str | Path, mount: str | Path, state_dir: str | Path, source_s
         record.reused = True
         log.info("reusing staged copy %s of %s (same size, mtime and sha256)", record.path, source)
         return record
-    release(state_dir, mount)  # a copy of another (or changed) model: free its pages first
+    release(state_dir, mount, keep)  # a copy of another (or changed) model: free its pages first
 
     pages = pages_needed(st.st_size, page_bytes)
     info = read_meminfo()

@@ -107,6 +107,15 @@ def check_model_file(path: str, sha256: str = "", state_dir: Path | None = None)
             raise ModelFileError(f"model file {path} has sha256 {actual}, but model_server.model_sha256 is {sha256}")
 
 
+def file_identity(path: str) -> tuple | None:
+    """(device, inode, size, mtime_ns): tells a replaced file from the one a server loaded without hashing it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 # --------------------------------------------------------------------------- memory evidence
 
 
@@ -240,9 +249,16 @@ class SupervisorStatus:
 class Supervisor:
     """Runs one model server and keeps it running. All methods run on the agent's event loop."""
 
-    def __init__(self, config: dict, state_dir: Path, *, find_engine=None):
+    def __init__(self, config: dict, state_dir: Path, *, find_engine=None, port: int | None = None,
+                 model_file: str | None = None):
+        """+ port: listen here instead of model_server.port (a staged swap's second server beside the first)
+        + model_file: serve this file instead of model_server.model_path (the model a rejected swap kept)"""
         self.config = config
         self.state_dir = Path(state_dir)
+        self.port_override = port
+        self.model_file_override = model_file
+        self.identity: tuple | None = None  # (device, inode, size, mtime_ns) of the model file this server loaded
+        self.keep_staged: tuple[str, ...] = ()  # staged copies another server serves (a swap): never released here
         self.status = SupervisorStatus()
         self.logs: collections.deque[str] = collections.deque(maxlen=LOG_LINES_KEPT)
         self.process: asyncio.subprocess.Process | None = None
@@ -271,8 +287,24 @@ class Supervisor:
     # -- public ---------------------------------------------------------------------------------
 
     @property
+    def port(self) -> int:
+        return self.port_override or self.config["model_server"]["port"]
+
+    @property
+    def model_file(self) -> str:
+        """The model file this supervisor serves: model_server.model_path unless it was given another one."""
+        return self.model_file_override or self.config["model_server"]["model_path"]
+
+    @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.config['model_server']['port']}"
+        return f"http://127.0.0.1:{self.port}"
+
+    def launch_config(self) -> dict:
+        """The config the engine's command line is built from: the port and the model file this supervisor uses."""
+        server = self.config["model_server"]
+        if self.port == server["port"] and self.model_file == server["model_path"]:
+            return self.config
+        return {**self.config, "model_server": {**server, "port": self.port, "model_path": self.model_file}}
 
     @property
     def auth_headers(self) -> dict[str, str]:
@@ -294,7 +326,7 @@ class Supervisor:
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name="model-supervisor")
 
-    async def stop(self) -> None:
+    async def stop(self, reason: str = "agent stopping") -> None:
         self._stopping = True
         self._wake.set()
         await self._kill()
@@ -305,15 +337,17 @@ class Supervisor:
             except (asyncio.CancelledError, Exception):
                 pass
         await asyncio.to_thread(self._release_staging)
-        self._set_state("stopped", "agent stopping")
+        self._set_state("stopped", reason)
 
-    async def apply(self, config: dict) -> bool:
-        """Take a new config; restart the model server only if what it was started with changed."""
+    async def apply(self, config: dict, force: bool = False) -> bool:
+        """Take a new config; restart the model server only if what it was started with changed (or `force`: the
+        file at model_path was replaced under the same settings)."""
         old = (self.config["model_server"], self.config["context_window"])
         self.config = config
-        if old == (config["model_server"], config["context_window"]):
+        if old == (config["model_server"], config["context_window"]) and not force:
             return False
         log.info("model_server settings changed: restarting the model server")
+        self.model_file_override = None
         self.restarts_reset()
         await self._kill()  # the run loop sees the exit and starts the new command at once
         self._wake.set()
@@ -332,7 +366,7 @@ class Supervisor:
     def snapshot(self) -> dict:
         """JSON-ready state for /status."""
         server = self.config["model_server"]
-        in_use = self.serving_path or server["model_path"]
+        in_use = self.serving_path or self.model_file
         if self.ready and self.pid:
             self.evidence = memory_evidence(self.pid, in_use)
         return {
@@ -341,7 +375,9 @@ class Supervisor:
             "since": self.status.since,
             "engine": server["engine"],
             "model_path": server["model_path"],
+            "model_file": self.model_file,
             "model_file_in_use": in_use,
+            "port": self.port,
             "model_name": server["model_name"],
             "pid": self.pid,
             "restarts": self.restarts,
@@ -376,16 +412,17 @@ class Supervisor:
         """Stage the model into huge pages when the plan says so; on any failure serve the disk file.
         Returns the path to serve."""
         server = self.config["model_server"]
-        path, mount = server["model_path"], server["hugepages_mount"]
+        path, mount = self.model_file, server["hugepages_mount"]
         self.staging = {"setting": server["hugepages"], "wanted": staging_decision.value, "why": staging_decision.reason,
                         "mount": mount, "staged": False, "fallback_reason": None}
         if not staging_decision.value:
-            staging.release(self.state_dir)  # a copy from an earlier config gives its pages back
+            staging.release(self.state_dir, keep=self.keep_staged)  # a copy from an earlier config gives its pages back
             return path
         try:
             if self._mounted is None and staging.ensure_mount(mount):
                 self._mounted = mount
-            record = staging.stage(path, mount, self.state_dir, file_sha256(Path(path), self.state_dir))
+            record = staging.stage(path, mount, self.state_dir, file_sha256(Path(path), self.state_dir),
+                                   self.keep_staged)
         except (staging.StagingError, OSError) as exc:
             reason = str(exc)
             log.warning("hugepages: serving the on-disk file %s, staging failed: %s", path, reason)
@@ -399,7 +436,7 @@ class Supervisor:
     def _release_staging(self) -> None:
         """On stop: free the staged copy's pages and unmount what this agent mounted itself."""
         try:
-            staging.release(self.state_dir, self._mounted)
+            staging.release(self.state_dir, self._mounted, self.keep_staged)
         except OSError as exc:
             log.warning("cannot release the staged model: %s", exc)
         if self._mounted:
@@ -425,30 +462,31 @@ class Supervisor:
         before the process starts. Returns its command line. Runs in a thread (nvidia-smi, copying gigabytes)."""
         server = self.config["model_server"]
         engine = self.engine
-        node = preflight.read_node(server["model_path"], gpus=uses_nvidia_gpus(server["accelerator"]))
+        node = preflight.read_node(self.model_file, gpus=uses_nvidia_gpus(server["accelerator"]))
         builds = engine.builds(self._find_engine, node_accelerator(server["accelerator"], node.gpus))
         facts = preflight.host_facts(node, engine_builds=None if builds is None else frozenset(builds))
         facts = replace(facts, rpc_free_bytes=self._rpc_free)
         try:
-            info = sizing.read_model_info(server["model_path"])
+            info = sizing.read_model_info(self.model_file)
         except (OSError, ValueError) as exc:
             log.warning("cannot size %s (%s): the run plan falls back to max_concurrency and all layers",
-                        server["model_path"], exc)
+                        self.model_file, exc)
             info = None
         plan = RunPlan.resolve(self.config, facts, info)
         binary = builds.get(plan.accelerator.value, "") if builds is not None else ""
         if builds is not None and not binary:
             raise ModelFileError(f"no {engine.NAME} binary found: run `clawbot build-engine` on this node")
         self.serving_path = self._prepare_weights(plan.staging)
-        if self.serving_path != server["model_path"]:
+        if self.serving_path != self.model_file:
             # staged weights sit in huge pages outside MemAvailable: a fact known only now
             plan = RunPlan.resolve(self.config, replace(facts, weights_staged=True), info)
         self.plan = plan
         log.info("run plan: %s", json.dumps(plan.to_json()))
         paths = Paths(model=self.serving_path, binary=binary, state_dir=self.state_dir)
-        for path, text in engine.private_files(plan, self.config, paths, self.api_key).items():
+        launch = self.launch_config()
+        for path, text in engine.private_files(plan, launch, paths, self.api_key).items():
             _write_private(path, text)
-        return engine.command(plan, self.config, paths)
+        return engine.command(plan, launch, paths)
 
     async def _run(self) -> None:
         first, longest = self.config["model_server"]["restart_backoff_s"]
@@ -491,14 +529,17 @@ class Supervisor:
         self.evidence = {}
         self.serving_path = ""
         self._rpc_lost = ""
-        self._set_state("loading", f"checking {server['model_path']}")
+        self._set_state("loading", f"checking {self.model_file}")
         try:
-            await asyncio.to_thread(check_model_file, server["model_path"], server["model_sha256"], self.state_dir)
+            # model_sha256 names model_path's content; a kept older model (model_file) was checked when it served
+            sha256 = server["model_sha256"] if self.model_file == server["model_path"] else ""
+            await asyncio.to_thread(check_model_file, self.model_file, sha256, self.state_dir)
+            self.identity = file_identity(self.model_file)
             if rpc.workers_of(self.config):
                 waited = await self._await_rpc_workers(config_seen)
                 if waited:
                     return waited
-            self._set_state("loading", f"preparing {server['model_path']} (hugepages: {server['hugepages']})")
+            self._set_state("loading", f"preparing {self.model_file} (hugepages: {server['hugepages']})")
             self.command = await asyncio.to_thread(self._prepare_start)
         except ModelFileError as exc:
             self.logs.append(f"[clawbot] {exc}")
