@@ -38,3 +38,20 @@ def truncated_copy(source: Path, dest: Path, fraction: float = 0.5) -> Path:
     with open(source, "rb") as src, open(dest, "wb") as out:
         out.write(src.read(int(source.stat().st_size * fraction)))
     return dest
+
+
+def swap_models(where: Path) -> dict[str, Path]:
+    """Three versions of one model for the staged-swap tests: modelgen's tiny preset in F16 (seed 1), its Q8_0 made
+    by the vendored llama-quantize (the ordinary re-quantization the gate accepts) and a block-shuffled copy of that
+    Q8_0 (random weights of the same shape, which it rejects)."""
+    import subprocess
+    import sys
+
+    from tests.fixtures_models import write_model_file
+
+    f16 = write_model_file(where, "tiny", "F16")
+    q8 = where / "tiny-Q8_0.gguf"
+    done = subprocess.run([sys.executable, "-m", "clawbot", "quantize", str(f16), "--type", "Q8_0", str(q8)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return {"f16": f16, "q8": q8, "scrambled": scrambled_copy(q8, where / "tiny-Q8_0-scrambled.gguf")}

@@ -14,8 +14,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -24,8 +22,7 @@ import pytest
 
 from clawbot.model import swap
 from clawbot.model.engines import build as engine
-from fixtures_models import models_dir, write_model_file  # noqa: F401
-from fixtures_quality import scrambled_copy
+from fixtures_quality import swap_models
 from tests.fixtures_agent import Agent, llama_server_binary, pki_files, start_agent, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -37,13 +34,7 @@ GATE = {"min_smoke_pass_rate": 0.0}
 def models(tmp_path_factory, llama_server_binary):  # noqa: F811
     for tool in ("llama-quantize", "llama-perplexity"):
         assert engine.find_tool(tool), f"{tool} is built with the engine (clawbot build-engine)"
-    where = tmp_path_factory.mktemp("swap-models")
-    f16 = write_model_file(where, "tiny", "F16")
-    q8 = where / "tiny-Q8_0.gguf"
-    done = subprocess.run([sys.executable, "-m", "clawbot", "quantize", str(f16), "--type", "Q8_0", str(q8)],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return {"f16": f16, "q8": q8, "scrambled": scrambled_copy(q8, where / "tiny-Q8_0-scrambled.gguf")}
+    return swap_models(tmp_path_factory.mktemp("swap-models"))
 
 
 def put_model(source: Path, model_path: Path) -> None:

@@ -15,16 +15,14 @@ from __future__ import annotations
 import json
 import shutil
 import ssl
-import subprocess
-import sys
 import threading
 
 import httpx
 import pytest
 import yaml
 
-from tests.fixtures_models import write_model_file
-from tests.fixtures_quality import scrambled_copy
+from tests.fixtures_agent import llama_server_binary  # noqa: F401
+from tests.fixtures_quality import swap_models
 from tests.nodes.fixtures import own_cluster
 from tests.test_deploy_e2e import ADMIN_PASSWORD, config_file, deploy, ssh, state_dir
 
@@ -48,14 +46,8 @@ def swap_nodes():
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    where = tmp_path_factory.mktemp("swap-e2e-models")
-    f16 = write_model_file(where, "tiny", "F16")
-    q8 = where / "tiny-Q8_0.gguf"
-    done = subprocess.run([sys.executable, "-m", "clawbot", "quantize", str(f16), "--type", "Q8_0", str(q8)],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return {"f16": f16, "q8": q8, "scrambled": scrambled_copy(q8, where / "tiny-broken.gguf")}
+def models(tmp_path_factory, llama_server_binary):  # noqa: F811  (the engine build brings llama-quantize)
+    return swap_models(tmp_path_factory.mktemp("swap-e2e-models"))
 
 
 def set_model(inventory, nodes, model, name: str) -> None:
