@@ -156,7 +156,8 @@ def _gateway(config: dict):
     from clawbot.model.gateway import Gateway
 
     fake = types.SimpleNamespace(plan=None, listeners=[], status=types.SimpleNamespace(state="ready", reason=""),
-                                 base_url="http://127.0.0.1:9", auth_headers={}, ready=True,
+                                 base_url="http://127.0.0.1:9", auth_headers={}, ready=True, config=config,
+                                 model_file=config["model_server"]["model_path"],
                                  engine=engine_for(config["model_server"]["engine"]),
                                  snapshot=lambda: {"state": "ready", "restarts": 0, "model_path": "",
                                                    "hugepages": {}, "memory": {}})

@@ -116,7 +116,7 @@ def test_a_json_item_needs_an_object_with_the_value(answer, passed):
 
 def test_quality_gate_is_in_the_schema_and_validate_refuses_bad_thresholds_at_their_position(tmp_path):
     gate = defaults()["quality_gate"]
-    assert set(gate) == set(evaluate.GATE_KEYS)
+    assert set(gate) == {*evaluate.GATE_KEYS, "compare_on_swap"}  # the thresholds, and the swap's own switch
     config = tmp_path / "clawbot.json"
     config.write_text('{\n  "quality_gate": {\n    "max_mean_kld": -0.1,\n    "min_top1_agreement": 2\n  }\n}\n')
     done = run_clawbot("validate", config)

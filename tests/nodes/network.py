@@ -25,8 +25,12 @@ def link_exists(name: str) -> bool:
 
 
 def delete_link(name: str) -> None:
+    """Delete a link; one that is gone already is fine (a veth goes with its peer when the peer's namespace ends,
+    which can happen between the check and the delete)."""
     if link_exists(name):
-        run(["ip", "link", "delete", "dev", name])
+        result = run(["ip", "link", "delete", "dev", name], check=False)
+        if result.returncode != 0 and link_exists(name):
+            raise HarnessError(f"ip link delete dev {name} failed (exit {result.returncode}): {result.stderr.strip()}")
 
 
 def check_subnet_is_free(config: HarnessConfig) -> None:
