@@ -191,11 +191,47 @@ class NodeCollector:
     Every value comes from Gateway.status() (the supervisor's snapshot, the certificate watcher): /status and
     /metrics cannot disagree."""
 
-    def __init__(self, gateway: "Gateway"):
+    def __init__(self, gateway: "Gateway", sensors=None):
         self.gateway = gateway
+        self._sensors = sensors  # clawbot.model.power.Sensors, opened at the first scrape
+        self._energy = None  # its EnergyMeter: monotonic joules from counters that wrap (RAPL)
 
     def describe(self):
         return []  # collected only at scrape time: nothing to check for clashes at registration
+
+    def _power(self):
+        """This node's power and energy sensors (clawbot.model.power): none here, then no series but the count 0."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from clawbot.model import power
+
+        if self._sensors is None:
+            self._sensors = power.Sensors()
+        if self._energy is None:
+            self._energy = power.EnergyMeter()
+        try:
+            readings = self._sensors.read()
+        except Exception:  # a sensor must never break /metrics
+            log.exception("reading the power sensors failed")
+            readings = []
+        totals = self._energy.update(readings)
+        labels = ["sensor", "kind", "label"]
+        watts = GaugeMetricFamily("clawbot_node_power_watts", "Power a sensor of this node reports now (NVIDIA GPU "
+                                  "power draw, hwmon power); absent when no sensor reports power", labels=labels)
+        joules = CounterMetricFamily("clawbot_node_energy_joules", "Energy a sensor's counter measured since the "
+                                     "agent first read it (NVIDIA total energy, RAPL energy_uj with its wrap-around, "
+                                     "hwmon energy); absent when no sensor has a counter", labels=labels + ["counted"])
+        for r in readings:
+            if r.power_w is not None:
+                watts.add_metric([r.sensor, r.kind, r.label], r.power_w)
+            if r.sensor in totals:
+                joules.add_metric([r.sensor, r.kind, r.label, "true" if r.counted else "false"], totals[r.sensor])
+        yield watts
+        yield joules
+        family = GaugeMetricFamily("clawbot_node_power_sensors", "Power and energy sensors this agent can read (0: "
+                                   "power and energy not available on this node)")
+        family.add_metric([], len(readings))
+        yield family
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -247,6 +283,7 @@ class NodeCollector:
         huge = memory.get("model_hugetlb_rss_kib")
         yield gauge("clawbot_model_weights_hugetlb_bytes", "Bytes of the weights' mapping held in huge pages",
                     None if huge is None else huge * 1024)
+        yield from self._power()
 
 
 def _timestamp(iso: str) -> float:

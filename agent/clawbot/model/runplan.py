@@ -84,6 +84,8 @@ class RunPlan:
     staging: Decision[bool]  # copy the weights into huge pages before the start
     # model_server.split: the layers cut between this node and its RPC workers (-ngl, --tensor-split); None: no split
     split: Decision[sizing.LayerSplit | None] = Decision(None, "model_server.split.workers is empty: no split")
+    # model_server.speculative: off, ngram, or the path of a draft GGUF
+    speculative: Decision[str] = Decision("off", "model_server.speculative is off")
 
     def gateway_concurrency(self, max_concurrency: int) -> int:
         """Requests the gateway passes on at once: a request beyond the slots would wait inside the model
@@ -128,6 +130,8 @@ class RunPlan:
             staging=_split_staging() if split_workers(config) else _staging(server["hugepages"], gpu_layers.value,
                                                                            model_info),
             split=split,
+            speculative=_speculative(server.get("speculative", "off"), accelerator.value, engine,
+                                     bool(split_workers(config))),
         )
 
 
@@ -264,13 +268,53 @@ def _threads(configured: int, usable_cores: int | None) -> Decision[int]:
     """0 means: every core this process may use but one, which the gateway keeps.
 
     Measured on 2 cores: llama.cpp with -t 2 next to a busy gateway made 11-20 tok/s, with -t 1 108-123 tok/s
-    (its threads spin-wait for each other, so one preempted thread stalls all of them)."""
+    (its threads spin-wait for each other, so one preempted thread stalls all of them). On 16 cores (the H200 host,
+    Llama-3-8B Q4_0 on the CPU, benchmarks/results/gpu-h200-cpu.md): llama-bench alone decodes fastest at 16 threads
+    (25.1 tok/s, 15: 22.1), but llama-server behind the gateway decoded one stream at 22.1 tok/s with -t 15 and 17.8
+    with -t 16, and raw llama-server at -t 16 made 17.9 (its own HTTP thread and the client take cores from the
+    spinning workers); 4 streams made 18.9 vs 21.1 tok/s (one round). So the one core stays free."""
     if configured > 0:
         return Decision(configured, "model_server.threads")
     if usable_cores is None:
         return Decision(0, "model_server.threads 0: every usable core but one, counted on the node")
     return Decision(max(1, usable_cores - 1), f"model_server.threads 0: {usable_cores} usable cores but the "
                                               "one the gateway keeps")
+
+
+# What `speculative: auto` turns on, per accelerator, and the measurement behind it (benchmarks/results/
+# gpu-h200-speculative.md). A value here must be what a measurement on that accelerator supports.
+AUTO_SPECULATIVE: dict[str, tuple[str, str]] = {
+    "cuda": ("off", "auto: off on GPUs: measured on an H200 (benchmarks/results/gpu-h200-speculative.md), n-gram "
+                    "lookup paid only on replies that repeat themselves (random weights), ngram-simple found no drafts "
+                    "and cost 1.4 %, a draft model that predicts badly made decoding 7x slower: nothing measured "
+                    "supports it for every reply"),
+    "cpu": ("off", "auto: off on CPUs: measured on 16 cores (the H200 host) and on 2 cores with Gemma 3 270M "
+                   "(benchmarks/results/gpu-h200-speculative.md), n-gram lookup paid only where the reply repeats "
+                   "its prompt or itself: nothing measured supports it for every reply"),
+}
+AUTO_SPECULATIVE_UNMEASURED = "auto: off, speculative decoding was not measured on {accelerator}"
+
+
+def _speculative(configured: str, accelerator: str, engine: Engine, split: bool) -> Decision[str]:
+    """model_server.speculative: `off`; `ngram` (lookup in the conversation's own tokens); a draft GGUF's path;
+    `auto`: AUTO_SPECULATIVE for this accelerator, which holds only what a measurement supports."""
+    if configured == "off":
+        return Decision("off", "model_server.speculative is off")
+    if not getattr(engine, "SPECULATIVE", False):
+        return Decision("off", f"model_server.speculative is {configured}, but {engine.NAME} is not started with "
+                               "speculative decoding (llama-server engine only)")
+    if configured == "auto":
+        value, why = AUTO_SPECULATIVE.get(accelerator, ("off", AUTO_SPECULATIVE_UNMEASURED.format(
+            accelerator=accelerator)))
+        return Decision(value, why)
+    if configured == "ngram":
+        return Decision("ngram", "model_server.speculative is ngram: n-gram lookup in the conversation's tokens")
+    if split:
+        return Decision("off", f"model_server.speculative names a draft model ({configured}), but with "
+                               "model_server.split its layers would go to the RPC workers, which sizing does not "
+                               "count: off")
+    return Decision(configured, f"model_server.speculative: draft model {configured} "
+                                f"({'on the GPU' if accelerator != 'cpu' else 'on the CPU'})")
 
 
 def _load_mode(configured: str, model_bytes: int, facts: HostFacts) -> Decision[str]:

@@ -38,6 +38,9 @@ STOP_GRACE_S = 10.0
 PROBE_INTERVAL_S = 0.2
 # Backoff goes back to its first delay once a server has stayed ready this long.
 STABLE_AFTER_S = 60.0
+# model_server.crash_loop_after: while given up on a crash loop, how often the run loop looks whether a reload
+# (SIGHUP: a new config object, even with the same settings) or a config change asks it to try again
+CRASH_LOOP_POLL_S = 0.5
 # model_server.split: how often the model server's sessions to its RPC workers are checked while it runs, and how
 # often a worker that does not answer is asked again before a start
 RPC_WATCH_S = 1.0
@@ -491,6 +494,7 @@ class Supervisor:
     async def _run(self) -> None:
         first, longest = self.config["model_server"]["restart_backoff_s"]
         self._backoff = None
+        self.load_crashes = 0  # starts in a row that exited during load, none reaching ready in between
         while not self._stopping:
             first, longest = self.config["model_server"]["restart_backoff_s"]
             try:
@@ -500,6 +504,8 @@ class Supervisor:
                 failure = f"failed:cannot start the model server: {exc}"
             if self._stopping:
                 break
+            if failure != "config-changed" and await self._crash_loop(failure):
+                continue
             if self._backoff is None:
                 delay = first
             else:
@@ -520,6 +526,39 @@ class Supervisor:
                 self._backoff = None  # woken by a config change: start at once, fresh backoff
             except asyncio.TimeoutError:
                 pass
+
+    async def _crash_loop(self, failure: str) -> bool:
+        """Count a start that exited during load (`Attempt.exit_code` set, never ready); after
+        model_server.crash_loop_after of them in a row, end in `failed` with a reason starting `crash loop:` (the
+        exit's signal or code; /status keeps the log tail) and start nothing until the config changes or the agent
+        reloads (SIGHUP). True when it gave up and was then asked to try again (the caller starts at once)."""
+        if self.attempt.ready_at is not None:
+            self.load_crashes = 0
+            return False
+        if self.attempt.exit_code is None:  # not an exit during load (a timeout, a missing model file, ...)
+            return False
+        self.load_crashes += 1
+        limit = self.config["model_server"].get("crash_loop_after", 0)  # the schema fills it in; 0: never give up
+        if not limit or self.load_crashes < limit:
+            return False
+        seen = self.config
+        reason = (f"crash loop: {failure.removeprefix('failed:')}, {self.load_crashes} starts in a row (none reached "
+                  "ready); not started again until the config changes or the agent reloads (SIGHUP); log_tail has "
+                  "its last lines")
+        self.logs.append(f"[clawbot] {reason}")
+        log.error("model server %s", reason)
+        self._set_state("failed", reason)
+        while not self._stopping and self.config is seen:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), CRASH_LOOP_POLL_S)
+            except asyncio.TimeoutError:
+                pass
+        if not self._stopping:
+            log.info("model server: a reload after the crash loop, starting it again")
+        self.load_crashes = 0
+        self._backoff = None
+        return True
 
     async def _one_attempt(self) -> str:
         """Start, wait for readiness, wait for exit. Returns why it ended."""
@@ -580,6 +619,7 @@ class Supervisor:
                 return f"failed:{why}"
             if self.config is not config_seen and not self._stopping:
                 return "config-changed"
+            self.attempt.exit_code = proc.returncode  # an exit during load: _crash_loop counts it
             return (f"model server exited during load with {_describe_exit(proc.returncode)}"
                     f"{await self._rpc_after_exit(config_seen)}")
         finally:

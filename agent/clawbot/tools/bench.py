@@ -4,8 +4,19 @@ a chat node driven the way people use it.
 Fixed concurrency (the default). Definitions follow vLLM's benchmark_serving so numbers compare with published
 ones: TTFT = request sent → first content token; ITL = gaps between consecutive content tokens; E2E = request
 sent → last byte; output throughput = total output tokens / wall time of the level; request throughput =
-completed requests / wall time. Works against the mTLS gateway (--cacert/--cert/--key) and against a plain
-llama-server or llama_cpp.server (http://), which is how the gateway's overhead is measured.
+completed requests / wall time (it includes each request's wait for its first token); TPOT = (E2E - TTFT) /
+(output tokens - 1), the time per output token once the first is out, and decode/s = 1 / TPOT per stream: these two
+compare with llama-bench's tg figures, output throughput does not. Works against the mTLS gateway
+(--cacert/--cert/--key) and against a plain llama-server or llama_cpp.server (http://), which is how the gateway's
+overhead is measured. From llama-server's `timings` in the last event: its own decode rate and, with speculative
+decoding, drafted and accepted tokens (the acceptance rate).
+
+Energy (`--energy`): power sampled in a thread every --sample-interval seconds from this machine's sensors
+(clawbot.model.power: NVML / nvidia-smi, RAPL, hwmon) or from the gateway's /metrics; each level reports its joules
+(energy counters where the sensors have them, else power integrated), per output token and per request, with the
+number of samples and their real interval, and the idle power measured for 1 s before the first level; one stream at
+a time, prefill and decode apart where the sensor's counter updates at least twice per first-token time. No sensor:
+`not available`, never an estimate.
 
 People (`--users N --duration S --keys FILE`): N simulated people, each with its own account's API key, use the
 chat node's conversation API (`POST /api/conversations`, then `POST /api/conversations/{id}/messages`, reading
@@ -52,6 +63,11 @@ class RequestResult:
     output_tokens: int = 0
     error: str = ""
     retried: bool = False
+    sent_at: float | None = None  # perf_counter at send, first content token, last byte (energy windows)
+    first_at: float | None = None
+    end_at: float | None = None
+    timings: dict | None = None  # llama-server's `timings` of the last event (draft_n / draft_n_accepted with
+    # speculative decoding, predicted_per_second: its own decode rate)
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -73,6 +89,18 @@ def summarize(results: list[RequestResult], concurrency: int, wall_s: float) -> 
     def ms(v):
         return None if v is None else round(v * 1000, 2)
 
+    # time per output token after the first (vLLM's TPOT) and the decode rate it makes, per request: the first
+    # token's wait (prompt evaluation) is in ttft_ms only
+    tpot = [(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in ok
+            if r.e2e_s is not None and r.ttft_s is not None and r.output_tokens > 1]
+    server_rate = [r.timings["predicted_per_second"] for r in ok
+                   if r.timings and isinstance(r.timings.get("predicted_per_second"), (int, float))]
+    drafted = [r.timings for r in ok if r.timings and "draft_n" in r.timings]
+    speculative = None
+    if drafted:
+        n, accepted = sum(t["draft_n"] for t in drafted), sum(t.get("draft_n_accepted", 0) for t in drafted)
+        speculative = {"requests_with_drafts": len(drafted), "draft_n": n, "draft_n_accepted": accepted,
+                       "acceptance_rate": round(accepted / n, 4) if n else None}
     return {
         "concurrency": concurrency,
         "requests": len(results),
@@ -90,16 +118,22 @@ def summarize(results: list[RequestResult], concurrency: int, wall_s: float) -> 
                    "p90": ms(percentile(itl, 90)), "p99": ms(percentile(itl, 99))},
         "e2e_ms": {"mean": ms(statistics.fmean(e2e)) if e2e else None, "p50": ms(percentile(e2e, 50)),
                    "p90": ms(percentile(e2e, 90))},
+        "tpot_ms": {"mean": ms(statistics.fmean(tpot)) if tpot else None, "p50": ms(percentile(tpot, 50)),
+                    "p90": ms(percentile(tpot, 90))},
+        # one stream's decode rate once its first token is out (1 / TPOT), median over requests
+        "decode_tok_s_per_stream": round(1 / percentile(tpot, 50), 2) if tpot else None,
+        "server_decode_tok_s_p50": round(percentile(server_rate, 50), 2) if server_rate else None,
+        "speculative": speculative,
     }
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, model: str | None,
-                      ignore_eos: bool) -> RequestResult:
+                      ignore_eos: bool, temperature: float = 0.7) -> RequestResult:
     # a unique first word per request: no request reuses another's KV cache prefix (llama-server caches
     # prompts per slot), so TTFT always includes the whole prompt's evaluation, as in vLLM's benchmark
     prompt = f"{uuid.uuid4().hex[:8]} {prompt}"
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "stream": True,
-            "temperature": 0.7, "stream_options": {"include_usage": True}}
+            "temperature": temperature, "stream_options": {"include_usage": True}}
     if model:
         body["model"] = model
     if ignore_eos:
@@ -129,6 +163,8 @@ async def _attempt(client: httpx.AsyncClient, url: str, body: dict, start: float
             async for obj in sse_events(resp):
                 if isinstance(obj.get("usage"), dict) and obj["usage"].get("completion_tokens") is not None:
                     usage_tokens = obj["usage"]["completion_tokens"]
+                if isinstance(obj.get("timings"), dict):
+                    result.timings = obj["timings"]
                 if "error" in obj:
                     result.error = str(obj["error"].get("message", obj["error"]))[:200]
                     return result
@@ -137,13 +173,16 @@ async def _attempt(client: httpx.AsyncClient, url: str, body: dict, start: float
                         now = time.perf_counter()
                         if last is None:
                             result.ttft_s = now - start
+                            result.first_at = now
                         else:
                             result.itl_s.append(now - last)
                         last = now
                         result.output_tokens += 1
         if usage_tokens is not None:  # events can merge tokens (partial UTF-8): the server's count is exact
             result.output_tokens = usage_tokens
-        result.e2e_s = time.perf_counter() - start
+        result.end_at = time.perf_counter()
+        result.e2e_s = result.end_at - start
+        result.sent_at = start
         result.ok = result.output_tokens > 0
         if not result.ok:
             result.error = "no tokens"
@@ -152,23 +191,131 @@ async def _attempt(client: httpx.AsyncClient, url: str, body: dict, start: float
     return result
 
 
-async def run_level(client, url, prompt, max_tokens, model, concurrency, n_requests, ignore_eos) -> dict:
+async def run_level(client, url, prompt, max_tokens, model, concurrency, n_requests, ignore_eos,
+                    sampler=None, temperature: float = 0.7) -> dict:
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n_requests):
         queue.put_nowait(i)
     results: list[RequestResult] = []
 
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+
     async def worker():
         while True:
             try:
-                queue.get_nowait()
+                i = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            results.append(await one_request(client, url, prompt, max_tokens, model, ignore_eos))
+            results.append(await one_request(client, url, prompts[i % len(prompts)], max_tokens, model, ignore_eos,
+                                             temperature))
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return summarize(results, concurrency, time.perf_counter() - start)
+    end = time.perf_counter()
+    level = summarize(results, concurrency, end - start)
+    if sampler is not None:
+        level["energy"] = await asyncio.to_thread(energy_of_level, sampler, level, results, start, end)
+    return level
+
+
+# ---------------------------------------------------------------------------------------------- energy
+
+ENERGY_SAMPLE_INTERVAL_S = 0.1
+IDLE_SAMPLE_S = 1.0
+
+
+def energy_of_level(sampler, level: dict, results: list[RequestResult], start: float, end: float) -> dict:
+    """Joules per output token and per request over the level's wall time, from the sampler's sensors (energy
+    counters where they have them, else power samples integrated), with the sample count and interval. One stream
+    at a time: prefill (send → first token) and decode (first → last token) apart, when the sensor's counter changes
+    at least twice per first-token time; else said why not."""
+    time.sleep(min(0.3, 3 * sampler.interval_s))  # one more sample after the end: the window's edge is bracketed
+    window = sampler.window(start, end)
+    if not window.get("available"):
+        return window
+    joules = window.get("energy_j")
+    out = dict(window)
+    tokens, completed = level["output_tokens"], level["completed"]
+    out["joules_per_output_token"] = round(joules / tokens, 4) if joules is not None and tokens else None
+    out["joules_per_request"] = round(joules / completed, 3) if joules is not None and completed else None
+    idle = getattr(sampler, "idle_power_w", None)
+    if joules is not None and idle is not None and tokens:
+        above = joules - idle * (end - start)
+        out["joules_per_output_token_above_idle"] = round(above / tokens, 4)
+    if level["concurrency"] == 1:
+        out["prefill_decode"] = _prefill_decode(sampler, results, level)
+    return out
+
+
+def _prefill_decode(sampler, results: list[RequestResult], level: dict) -> dict:
+    ok = [r for r in results if r.ok and r.sent_at and r.first_at and r.end_at]
+    update_s = sampler.counter_update_s() if hasattr(sampler, "counter_update_s") else None
+    ttft_s = (level["ttft_ms"]["p50"] or 0) / 1000
+    if not ok or update_s is None or update_s > ttft_s / 2:
+        return {"resolved": False,
+                "why": (f"the first token takes {ttft_s * 1000:.1f} ms and the sensor's energy changes every "
+                        f"{update_s * 1000:.0f} ms: prefill and decode cannot be told apart" if update_s is not None
+                        else "no energy counter to split at the first token")}
+    prefill = sum(sampler.window(r.sent_at, r.first_at).get("energy_j") or 0 for r in ok)
+    decode = sum(sampler.window(r.first_at, r.end_at).get("energy_j") or 0 for r in ok)
+    decode_tokens = sum(r.output_tokens - 1 for r in ok)
+    prompt_tokens = sum((r.timings or {}).get("prompt_n", 0) for r in ok)
+    return {"resolved": True, "counter_update_s": round(update_s, 4),
+            "prefill_joules_per_request": round(prefill / len(ok), 3),
+            "prefill_joules_per_prompt_token": round(prefill / prompt_tokens, 5) if prompt_tokens else None,
+            "decode_joules_per_token": round(decode / decode_tokens, 4) if decode_tokens else None}
+
+
+def metrics_reader(url: str, verify, headers=None):
+    """Power and energy as a gateway's /metrics exports them (clawbot_node_power_watts,
+    clawbot_node_energy_joules_total): the model node's sensors, read from wherever the benchmark runs."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from clawbot.model.power import Reading
+
+    client = httpx.Client(verify=verify, headers=headers, timeout=10)
+
+    def read() -> list[Reading]:
+        text = client.get(url.rstrip("/") + "/metrics").text
+        found: dict[str, dict] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                sensor = sample.labels.get("sensor")
+                if not sensor:
+                    continue
+                entry = found.setdefault(sensor, {"kind": sample.labels.get("kind", ""),
+                                                  "label": sample.labels.get("label", ""), "counted": True})
+                if sample.name == "clawbot_node_power_watts":
+                    entry["power"] = sample.value
+                elif sample.name == "clawbot_node_energy_joules_total":
+                    entry["energy"] = sample.value
+                    entry["counted"] = sample.labels.get("counted", "true") == "true"
+        return [Reading(sensor=s, kind=e["kind"], label=e["label"], energy_j=e.get("energy"), power_w=e.get("power"),
+                        counted=e["counted"]) for s, e in found.items()]
+    return read
+
+
+def open_sampler(energy: str, url: str, verify, headers, interval_s: float):
+    """`--energy local|metrics|off`, or auto: this machine's sensors when it has any, else the gateway's /metrics
+    (an https URL), else none. Returns (sampler or None, how)."""
+    from clawbot.model import power
+
+    if energy == "off":
+        return None, "off"
+    if energy in ("auto", "local"):
+        sensors = power.Sensors()
+        if sensors.read() or energy == "local":
+            return power.Sampler(sensors, interval_s=interval_s).start(), f"local sensors ({sensors.nvidia_via} for NVIDIA)"
+    if energy in ("auto", "metrics") and url.startswith("https://"):
+        read = metrics_reader(url, verify, headers)
+        try:
+            has = bool(read())
+        except (httpx.HTTPError, ValueError):
+            has = False
+        if has:
+            # each read is a scrape of the gateway, which reads its sensors then: no faster than every 0.25 s
+            return power.Sampler(read=read, interval_s=max(interval_s, 0.25)).start(), f"{url}/metrics"
+    return None, "not available"
 
 
 async def make_prompt(client: httpx.AsyncClient, url: str, n_tokens: int) -> str:
@@ -189,7 +336,13 @@ async def make_prompt(client: httpx.AsyncClient, url: str, n_tokens: int) -> str
 
 async def bench(url: str, *, concurrency: list[int], requests: int, prompt_tokens: int, max_tokens: int,
                 model: str | None = None, cacert: str | None = None, cert: str | None = None, key: str | None = None,
-                ignore_eos: bool = True, warmup: int = 1, api_key: str | None = None) -> dict:
+                ignore_eos: bool = True, warmup: int = 1, api_key: str | None = None, energy: str = "auto",
+                sample_interval_s: float = ENERGY_SAMPLE_INTERVAL_S, prompt: str | list[str] | None = None,
+                temperature: float = 0.7) -> dict:
+    """+ energy: auto | local | metrics | off (see open_sampler)
+    + prompt: the text to send instead of the calibrated filler, or a list: request i sends prompt[i % len]
+      (speculative decoding needs text that repeats, and n-gram pools shared between requests need different texts)
+    + temperature: instead of 0.7 (0: greedy)"""
     import ssl
 
     verify: ssl.SSLContext | bool = True
@@ -199,31 +352,71 @@ async def bench(url: str, *, concurrency: list[int], requests: int, prompt_token
             verify.load_cert_chain(cert, key)
     url = url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    async with httpx.AsyncClient(verify=verify, headers=headers,
-                                 timeout=httpx.Timeout(600, connect=10),
-                                 limits=httpx.Limits(max_connections=max(concurrency) + 4)) as client:
-        prompt = await make_prompt(client, url, prompt_tokens)
-        for _ in range(warmup):
-            await one_request(client, url, prompt, min(8, max_tokens), model, ignore_eos)
-        levels = []
-        for c in concurrency:
-            levels.append(await run_level(client, url, prompt, max_tokens, model, c, max(requests, c), ignore_eos))
-    return {"url": url, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "requests_per_level": requests,
-            "levels": levels}
+    sampler, energy_source = await asyncio.to_thread(open_sampler, energy, url, verify, headers, sample_interval_s)
+    try:
+        async with httpx.AsyncClient(verify=verify, headers=headers,
+                                     timeout=httpx.Timeout(600, connect=10),
+                                     limits=httpx.Limits(max_connections=max(concurrency) + 4)) as client:
+            text = prompt if prompt is not None else await make_prompt(client, url, prompt_tokens)
+            for _ in range(warmup):
+                await one_request(client, url, text if isinstance(text, str) else text[-1], min(8, max_tokens),
+                                  model, ignore_eos, temperature)
+            idle = None
+            if sampler is not None:
+                t0 = time.perf_counter()
+                await asyncio.sleep(IDLE_SAMPLE_S)
+                await asyncio.sleep(min(0.3, 3 * sampler.interval_s))
+                idle = sampler.window(t0, t0 + IDLE_SAMPLE_S)
+                sampler.idle_power_w = (idle["energy_j"] / IDLE_SAMPLE_S) if idle.get("energy_j") is not None \
+                    else idle.get("mean_power_w")
+            levels = []
+            for c in concurrency:
+                levels.append(await run_level(client, url, text, max_tokens, model, c, max(requests, c), ignore_eos,
+                                              sampler, temperature))
+    finally:
+        if sampler is not None:
+            sampler.stop()
+    report = {"url": url, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "requests_per_level": requests,
+              "levels": levels, "energy_source": energy_source}
+    if sampler is not None:
+        report["power_sensors"] = sampler.sensors_json()
+        report["idle"] = {"power_w": None if sampler.idle_power_w is None else round(sampler.idle_power_w, 2),
+                          "samples": idle.get("samples") if idle else None, "window_s": IDLE_SAMPLE_S}
+    return report
 
 
 def format_table(report: dict) -> str:
-    head = f"{'conc':>4} {'ok':>4} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p90':>9} {'ITL p50':>8} {'ITL p90':>8} {'E2E p50':>9}"
+    head = (f"{'conc':>4} {'ok':>4} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p90':>9} {'ITL p50':>8} "
+            f"{'ITL p90':>8} {'TPOT p50':>9} {'decode/s':>9} {'E2E p50':>9} {'J/tok':>7} {'J/req':>7}")
     lines = [f"{report['url']}  prompt≈{report['prompt_tokens']} tok  max_tokens={report['max_tokens']}", head]
+    notes = []
     for lv in report["levels"]:
-        def f(v):
-            return "-" if v is None else f"{v:.1f}"
+        def f(v, digits=1):
+            return "-" if v is None else f"{v:.{digits}f}"
+        energy = lv.get("energy") or {}
         lines.append(f"{lv['concurrency']:>4} {lv['completed']:>4} {f(lv['request_throughput_rps']):>7} "
                      f"{f(lv['output_throughput_tok_s']):>10} {f(lv['ttft_ms']['p50']):>9} {f(lv['ttft_ms']['p90']):>9} "
-                     f"{f(lv['itl_ms']['p50']):>8} {f(lv['itl_ms']['p90']):>8} {f(lv['e2e_ms']['p50']):>9}")
+                     f"{f(lv['itl_ms']['p50']):>8} {f(lv['itl_ms']['p90']):>8} {f(lv['tpot_ms']['p50'], 2):>9} "
+                     f"{f(lv['decode_tok_s_per_stream']):>9} {f(lv['e2e_ms']['p50']):>9} "
+                     f"{f(energy.get('joules_per_output_token'), 3):>7} {f(energy.get('joules_per_request'), 2):>7}")
         if lv["errors"]:
             lines.append(f"     errors: {'; '.join(lv['errors'])}")
-    lines.append("(latencies in ms)")
+        if energy.get("available"):
+            notes.append(f"  c={lv['concurrency']}: {f(energy.get('energy_j'), 1)} J over {energy['window_s']:.2f} s "
+                         f"({energy['method']}; {energy['samples']} power samples every "
+                         f"{f(energy.get('interval_s'), 3)} s, mean {f(energy.get('mean_power_w'))} W)")
+        spec = lv.get("speculative")
+        if spec:
+            notes.append(f"  c={lv['concurrency']}: speculative decoding accepted {spec['draft_n_accepted']} of "
+                         f"{spec['draft_n']} drafted tokens ({spec['acceptance_rate']:.1%})")
+    lines.append("(latencies in ms; TPOT = time per output token after the first, decode/s = 1 / TPOT per stream: "
+                 "out tok/s includes the first token's wait)")
+    source = report.get("energy_source")
+    if source and source != "off":
+        lines.append(f"energy: {source}" + ("" if source != "not available" else
+                                             " (no NVIDIA GPU, RAPL or hwmon power sensor readable here or in the "
+                                             "gateway's /metrics)"))
+    lines += notes
     return "\n".join(lines)
 
 
@@ -615,6 +808,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fixed.add_argument("--key", help="the client certificate's private key")
     fixed.add_argument("--api-key-file", help="bearer key for a model server measured directly (the agent "
                        "writes it to STATE_DIR/model-server.key)")
+    fixed.add_argument("--energy", choices=["auto", "local", "metrics", "off"], default="auto",
+                       help="joules per token from this machine's sensors (local: NVIDIA GPUs, RAPL, hwmon) or the "
+                            "gateway's /metrics (metrics); auto: local when this machine has a sensor, else the "
+                            "gateway's; none: 'not available' (default auto)")
+    fixed.add_argument("--sample-interval", type=float, default=ENERGY_SAMPLE_INTERVAL_S, metavar="S",
+                       help=f"seconds between power samples (default {ENERGY_SAMPLE_INTERVAL_S})")
     people = parser.add_argument_group("people (--users): the chat node's conversation API, as people use it")
     people.add_argument("--users", type=int, metavar="N", help="simulated people; switches to this mode")
     people.add_argument("--duration", type=float, default=60.0, metavar="S",
@@ -644,7 +843,8 @@ def run(args: argparse.Namespace) -> int:
     report = asyncio.run(bench(args.url, concurrency=levels, requests=args.requests, prompt_tokens=args.prompt_tokens,
                                max_tokens=args.max_tokens, model=args.model, cacert=args.cacert, cert=args.cert,
                                key=args.key, ignore_eos=not args.no_ignore_eos,
-                               api_key=open(args.api_key_file).read().strip() if args.api_key_file else None))
+                               api_key=open(args.api_key_file).read().strip() if args.api_key_file else None,
+                               energy=args.energy, sample_interval_s=args.sample_interval))
     print(format_table(report))
     if args.json_out:
         with open(args.json_out, "w") as handle:

@@ -49,6 +49,7 @@ class Engine(Protocol):
     AUTO_FLASH_ATTENTION: tuple[str, str]  # (value, why) for flash_attention `auto` off CUDA
     UNSUPPORTED_FIELDS: frozenset[str]  # request fields the gateway drops before forwarding
     RPC_SPLIT: bool  # can hand layers to RPC workers (model_server.split)
+    SPECULATIVE: bool  # started with speculative decoding when the run plan says so (model_server.speculative)
 
     def builds(self, find: Callable[[str], Path | None], wanted: str) -> dict[str, str] | None:
         """{accelerator: binary} of this node's builds for `wanted` and the CPU (its fallback); None: the engine

@@ -24,6 +24,7 @@ MAX_SLOTS_WHY = "llama_cpp.server serves one request at a time"
 AUTO_FLASH_ATTENTION = ("off", "llama_cpp.server takes only on or off, and off is its default")
 UNSUPPORTED_FIELDS = frozenset({"ignore_eos"})
 RPC_SPLIT = False  # the wheel is built without GGML_RPC, and its server has no --rpc
+SPECULATIVE = False  # its prompt-lookup decoding (draft_model) was not measured here: the run plan says off
 SETTINGS_FILE = "llama-cpp-python.json"
 # llama.cpp / ggml type ids for type_k/type_v (ggml.h enum ggml_type).
 GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}

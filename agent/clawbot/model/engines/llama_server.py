@@ -29,6 +29,13 @@ MAX_SLOTS_WHY = ""
 AUTO_FLASH_ATTENTION = ("auto", "llama.cpp decides per backend (it turns it on where the backend has the op)")
 UNSUPPORTED_FIELDS: frozenset[str] = frozenset()
 RPC_SPLIT = True  # built with GGML_RPC: --rpc hands layers to ggml-rpc-server on other nodes
+SPECULATIVE = True  # --spec-type (n-gram lookup, a draft model)
+# model_server.speculative `ngram`: llama.cpp's ngram-mod (a rolling hash of the last n_match tokens, constant
+# memory, one pool for all slots) with the lengths of its own --spec-default; shorter drafts (12/4/16) were no better on
+# an H200 or on CPUs (benchmarks/results/gpu-h200-speculative.md)
+NGRAM_ARGS = ("--spec-type", "ngram-mod", "--spec-ngram-mod-n-match", "24", "--spec-ngram-mod-n-min", "48",
+              "--spec-ngram-mod-n-max", "64")
+DRAFT_MAX = 8  # tokens a draft model proposes per step (llama.cpp's default is 3)
 API_KEY_FILE = "model-server.key"
 MIN_BATCH = 2048  # llama.cpp's default -b
 
@@ -81,6 +88,16 @@ def _rpc_devices(i: Inputs) -> list[str]:
 def _tensor_split(i: Inputs) -> list[str]:
     cut = i.plan.split.value
     return ["-ts", ",".join(str(n) for n in cut.tensor_split)] if cut is not None else []
+
+
+def _speculative(i: Inputs) -> list[str]:
+    value = i.plan.speculative.value
+    if value == "off":
+        return []
+    if value == "ngram":
+        return list(NGRAM_ARGS)
+    return ["--spec-type", "draft-simple", "-md", value, "-ngld", "0" if i.plan.gpu_layers.value == "0" else "all",
+            "--spec-draft-n-max", str(DRAFT_MAX)]
 
 
 def _chat_template(i: Inputs) -> list[str]:
@@ -145,6 +162,12 @@ FLAGS: tuple[Flag, ...] = (
          "model, else mmap", "this llama.cpp replaced --mlock and --no-mmap by --load-mode"),
     Flag("--alias", lambda i: ["--alias", i.server["model_name"]], "`model_server.model_name`",
          "the model id /v1/models shows and requests name"),
+    Flag("--spec-type, -md, -ngld, --spec-*", _speculative,
+         "`RunPlan.speculative`: `model_server.speculative`; `ngram`: `" + " ".join(NGRAM_ARGS) + "`; a draft "
+         f"GGUF: `--spec-type draft-simple -md PATH -ngld all` (`0` on the CPU build) `--spec-draft-n-max {DRAFT_MAX}`; "
+         "left out when off (`auto` resolves to off where nothing measured supports it)",
+         "n-gram lookup needs no second model and pays where replies repeat text; a draft model pays only when it "
+         "predicts the main model well. llama-server reports drafted and accepted tokens per reply in `timings`"),
     _fixed("--metrics", why="llama-server's own counters (`llamacpp:*`) on loopback, behind the API key, for "
                             "debugging on the node; the agent does not read them (its gateway has its own /metrics)"),
     _fixed("--no-slots", why="GET /slots would show every slot's prompt"),
