@@ -9,6 +9,9 @@ Sending a message: clawbot.chat.replies streams the reply; while every model slo
 in the chat node's fair line (clawbot.chat.queueing) with its place shown. When the gateway is down (unreachable,
 not ready, failing) or the wait passes chat.queue.max_wait_s, the configured fallbacks answer instead; every
 reply records its source (model, knowledge_base, web_search, none).
+
+Memory: clawbot.chat.memory freezes the loaded app after startup and collects every few seconds what closed
+connections leave in reference cycles, so RSS stays flat under load.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clawbot import __version__
-from clawbot.chat import access, openai_api
+from clawbot.chat import access, memory, openai_api
 from clawbot.chat.access import Admin, Caller
 from clawbot.chat.accounts import Accounts, LimitReached
 from clawbot.chat.metrics import ChatMetrics
@@ -187,8 +190,12 @@ def create_app(config: dict, config_path: str | None = None) -> FastAPI:
         except Exception as exc:  # a broken KB must not stop the chat node
             log.warning("knowledge base not indexed at start: %s", exc)
         watcher = asyncio.ensure_future(watch_gateway(rt))
+        memory.freeze()  # the loaded app is not garbage: full collections walk only what requests make
+        housekeeper = asyncio.ensure_future(memory.keep_flat())  # closed connections freed within seconds
         yield
         watcher.cancel()
+        housekeeper.cancel()
+        memory.unfreeze()
         try:
             loop.remove_signal_handler(signal.SIGHUP)
         except (NotImplementedError, RuntimeError, ValueError):
