@@ -220,7 +220,7 @@ class Swapper:
         return self._task is not None and not self._task.done()
 
     async def apply(self, new_config: dict) -> Change:
-        """Take a reloaded config: swap, restart or nothing. A swap runs in the background (`wait` awaits it)."""
+        """Take a reloaded config: swap, restart or nothing. A swap runs in the background."""
         await self.cancel()
         serving = self.gateway.supervisor
         change = plan_change(serving, new_config)
@@ -235,14 +235,6 @@ class Swapper:
             return change
         self._task = asyncio.create_task(self._swap(serving, new_config, change), name="model-swap")
         return change
-
-    async def wait(self) -> dict:
-        if self._task is not None:
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        return self.record
 
     async def cancel(self) -> None:
         """A newer config while a swap runs: stop the server being started (the serving one stays)."""
